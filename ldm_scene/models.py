@@ -1,0 +1,174 @@
+"""Load a Stable-Diffusion-compatible pipeline: a Hub id, a local directory, the toy or tiny model.
+
+Every model ldm-scene works with is a diffusers ``StableDiffusionPipeline`` (unet, vae,
+text_encoder, tokenizer, scheduler). :class:`Model` wraps one with what the rest of the package
+asks of it: its id, device, dtype, image size and site table. Nothing here branches on which
+model it is; sizes come from the configs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .sites import SITE_KEYS, SiteInfo, site_table
+
+#: The embedded toy model shipped with the repository.
+TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy-scenes"
+SD14_ID = "CompVis/stable-diffusion-v1-4"
+#: Short names accepted wherever a model name is.
+ALIASES = {"toy": str(TOY_MODEL_DIR), "sd14": SD14_ID}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Model:
+    """A loaded pipeline plus the facts about it that probes and the app rely on."""
+
+    pipe: StableDiffusionPipeline
+    model_id: str
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Default (height, width) in pixels: the UNet's sample size times the VAE factor."""
+        side = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+        return side, side
+
+    def sites(self, image_size: tuple[int, int] | None = None, keys: Sequence[str] = SITE_KEYS) -> list[SiteInfo]:
+        """The site table for this model at ``image_size`` (default: the model's own)."""
+        return site_table(self.pipe.unet.config, image_size or self.image_size, self.vae_scale_factor, keys)
+
+    def site(self, key: str, image_size: tuple[int, int] | None = None) -> SiteInfo:
+        return self.sites(image_size, (key,))[0]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA (as SD v1.4 is usually run), float32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Model:
+    """Load a pipeline by Hub id, local ``from_pretrained`` directory, or alias.
+
+    Aliases: ``"toy"`` (the embedded toy model), ``"sd14"`` (SD v1.4 on the Hub) and ``"tiny"``
+    (random weights from :mod:`ldm_scene.testing`, for tests). CPU runs in float32 and CUDA in
+    float16 unless ``dtype`` says otherwise. No safety checker is loaded. When the weights are
+    not on disk and cannot be downloaded, raises :class:`ModelLoadError` saying how to get them.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelLoadError("model name is empty: give a Hub id, a local directory, 'toy' or 'tiny'")
+    name = ALIASES.get(name_or_path, name_or_path)
+    if name == "tiny":
+        from .testing import tiny_pipeline
+
+        pipe = tiny_pipeline()
+    else:
+        pipe = _from_pretrained(name, dtype)
+    pipe = pipe.to(device=device)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    model_id = name if name == "tiny" or not Path(name).is_dir() else _local_id(Path(name))
+    return Model(pipe, model_id)
+
+
+def _local_id(path: Path) -> str:
+    """A stable id for a local model: its directory name (toy-scenes), independent of the checkout."""
+    return path.resolve().name
+
+
+def _from_pretrained(name: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    path = Path(name)
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {name!r} does not exist or is not a directory")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{name!r} is not a diffusers model directory (no model_index.json); "
+                "expected unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
+            )
+        try:
+            json.loads((path / "model_index.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON: {err}") from err
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        return StableDiffusionPipeline.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        if looks_local:
+            raise ModelLoadError(f"could not load the model in {name!r}: {err}") from err
+        how = (
+            "the network is disabled (HF_HUB_OFFLINE=1)"
+            if _is_offline()
+            else "they could not be downloaded (no network, or the id is wrong)"
+        )
+        raise ModelLoadError(
+            f"weights for {name!r} are not in the local Hugging Face cache and {how}. On a machine with "
+            f"network, run `huggingface-cli download {name}` (accept the model's licence on the Hub "
+            "first), or pass a local directory. Without them, use the embedded toy model: "
+            f"--model toy ({TOY_MODEL_DIR})."
+        ) from err
+
+
+def word_tokenizer(words: Sequence[str], max_length: int):
+    """Build a CLIP tokenizer, offline, whose BPE merges make each of ``words`` one token.
+
+    The vocabulary also holds every lowercase letter and digit, so any prompt tokenizes (unknown
+    words fall apart into letters). Used by the tiny test models and the toy model's text encoder.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False,
+        initial_alphabet=alphabet, special_tokens=[],
+    )
+    bpe.train_from_iterator([" ".join(sorted(set(w.lower() for w in words)))], trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in list(trained["vocab"]) + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in trained["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)

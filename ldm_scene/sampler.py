@@ -1,0 +1,212 @@
+"""The denoising loop as a generator of per-step states.
+
+:func:`sample` reproduces ``diffusers.StableDiffusionPipeline.__call__`` for one prompt
+(classifier-free guidance with an empty negative prompt, the pipeline's own ``encode_prompt``),
+but yields after every step: the step index, the scheduler timestep, the latent, the model's x0
+prediction, optional decoded previews, and what attached readers produced. Readers and editors
+hook the UNet through :mod:`ldm_scene.capture` for the lifetime of the generator only: closing it
+early (a cancelled stream) removes every hook.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Collection, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .capture import hook_sites
+from .models import Model
+
+#: The paper's generation settings (Chen et al. 2023): LMS, 15 steps, guidance 7.5.
+DEFAULT_STEPS = 15
+DEFAULT_GUIDANCE = 7.5
+MAX_STEPS = 200
+MAX_SEED = 2**63 - 1
+
+
+class GenerationError(ValueError):
+    """Bad generation input; the message says which value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One generation request, validated on construction."""
+
+    prompt: str
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise GenerationError(f"prompt must be text, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise GenerationError("prompt is empty: describe the image to generate")
+        for name, value in (("seed", self.seed), ("steps", self.steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise GenerationError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise GenerationError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise GenerationError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float, np.floating)):
+            raise GenerationError(f"guidance must be a number, got {self.guidance!r}")
+        if not (0.0 <= float(self.guidance) <= 30.0) or not np.isfinite(self.guidance):
+            raise GenerationError(f"guidance must be between 0 and 30, got {self.guidance}")
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether classifier-free guidance doubles the batch (as diffusers decides: scale > 1)."""
+        return float(self.guidance) > 1.0
+
+
+class Reader(Protocol):
+    """Reads site activations during a step and reports once the step is done."""
+
+    name: str
+    sites: Sequence[str]
+    steps: Collection[int] | None
+
+    def read(self, site: str, step: int, activation: torch.Tensor) -> None: ...
+
+    def collect(self, step: int) -> Any: ...
+
+
+class Editor(Protocol):
+    """Replaces site activations during chosen steps."""
+
+    sites: Sequence[str]
+    steps: Collection[int] | None
+
+    def edit(self, site: str, step: int, activation: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class StepState:
+    """What the sampler knows after one denoising step."""
+
+    step: int
+    num_steps: int
+    timestep: float
+    latent: torch.Tensor
+    x0: torch.Tensor
+    readouts: dict[str, Any] = field(default_factory=dict)
+    preview: Image.Image | None = None
+    image: Image.Image | None = None  # the final decoded image, on the last step only
+
+    @property
+    def is_last(self) -> bool:
+        return self.step == self.num_steps - 1
+
+
+def check_prompt(model: Model, prompt: str) -> None:
+    """Refuse a prompt longer than the text encoder's context instead of truncating it silently."""
+    tok = model.pipe.tokenizer
+    n = len(tok(prompt, truncation=False).input_ids)
+    if n > tok.model_max_length:
+        raise GenerationError(
+            f"prompt is too long: {n} tokens, this model reads at most {tok.model_max_length} "
+            "(including start and end tokens)"
+        )
+
+
+def fresh_scheduler(model: Model, scheduler: Any = None) -> Any:
+    """A private scheduler instance, so concurrent runs never share mutable scheduler state."""
+    source = scheduler if scheduler is not None else model.pipe.scheduler
+    return type(source).from_config(source.config)
+
+
+def initial_latent(model: Model, seed: int, batch: int = 1) -> torch.Tensor:
+    """The seed's starting noise, drawn on the CPU as diffusers users expect (same on any device)."""
+    h, w = model.image_size
+    f = model.vae_scale_factor
+    shape = (batch, model.unet.config.in_channels, h // f, w // f)
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, dtype=model.dtype).to(model.device)
+
+
+@torch.no_grad()
+def decode(model: Model, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode a batch of latents ``[N, 4, h, w]`` into PIL images in one VAE call."""
+    vae = model.pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return model.pipe.image_processor.postprocess(images, output_type="pil")
+
+
+def _x0_prediction(scheduler: Any, out: Any, latent: torch.Tensor, eps: torch.Tensor, t: Any) -> torch.Tensor:
+    x0 = getattr(out, "pred_original_sample", None)
+    if x0 is not None:
+        return x0
+    if hasattr(scheduler, "sigmas") and getattr(scheduler, "step_index", None) is not None:
+        # Sigma-parameterised schedulers keep the latent unscaled: x = x0 + sigma * eps.
+        sigma = scheduler.sigmas[scheduler.step_index - 1].to(latent.device, latent.dtype)
+        return latent - sigma * eps
+    ab = scheduler.alphas_cumprod[int(t)].to(latent.device, latent.dtype)
+    return (latent - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+@torch.no_grad()
+def sample(
+    model: Model,
+    config: GenerationConfig,
+    readers: Sequence[Reader] = (),
+    editors: Sequence[Editor] = (),
+    scheduler: Any = None,
+    previews: bool = False,
+    decode_final: bool = True,
+) -> Iterator[StepState]:
+    """Denoise ``config.prompt`` from ``config.seed``, yielding a :class:`StepState` per step.
+
+    ``scheduler`` (any diffusers scheduler; default the model's own) is copied so the model's is
+    never mutated. ``previews`` decodes each step's x0 prediction. Readers see, and editors
+    replace, the conditional half of their sites' activations; their hooks live exactly as long
+    as the generator, so closing it early (a cancelled stream) removes them.
+    """
+    check_prompt(model, config.prompt)
+    pipe = model.pipe
+    sched = fresh_scheduler(model, scheduler)
+    guided = config.uses_guidance
+    cond, uncond = pipe.encode_prompt(config.prompt, model.device, 1, guided, None)
+    embeds = torch.cat([uncond, cond]) if guided else cond
+    sched.set_timesteps(config.steps, device=model.device)
+    latent = initial_latent(model, config.seed) * sched.init_noise_sigma
+    num_steps = len(sched.timesteps)
+
+    with ExitStack() as stack:
+        for reader in readers:
+            stack.enter_context(hook_sites(pipe.unet, reader.sites, _reading(reader), reader.steps, guided))
+        for editor in editors:
+            stack.enter_context(hook_sites(pipe.unet, editor.sites, editor.edit, editor.steps, guided))
+        for step, t in enumerate(sched.timesteps):
+            model_in = torch.cat([latent] * 2) if guided else latent
+            model_in = sched.scale_model_input(model_in, t)
+            eps = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if guided:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)
+            out = sched.step(eps, t, latent, return_dict=True)
+            x0 = _x0_prediction(sched, out, latent, eps, t)
+            latent = out.prev_sample
+            state = StepState(step, num_steps, float(t), latent, x0)
+            state.readouts = {r.name: r.collect(step) for r in readers}
+            if previews:
+                state.preview = decode(model, x0)[0]
+            if step == num_steps - 1 and decode_final:
+                state.image = decode(model, latent)[0]
+            yield state
+
+
+def _reading(reader: Reader):
+    def fn(site: str, step: int, act: torch.Tensor) -> None:
+        reader.read(site, step, act)
+        return None
+
+    return fn
+
+
+def generate(model: Model, config: GenerationConfig, **kwargs: Any) -> list[StepState]:
+    """Run :func:`sample` to the end and return every step's state."""
+    return list(sample(model, config, **kwargs))
