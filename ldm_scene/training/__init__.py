@@ -1,0 +1,8 @@
+"""Making probes: training data, labelers, probe fitting, evaluation, and the command line over them.
+
+Only this subpackage (and ``ldm_scene.toy``) knows about datasets. Probes are fit without storing
+activations: generation streams each (site, step) activation into per-probe sufficient statistics
+(:class:`ldm_scene.training.fit.RidgeStats`) that give closed-form ridge probes in one pass, and a
+second, seeded pass evaluates them. :func:`ldm_scene.training.fit.train_adam` is the paper's
+trainer (Adam on a bias-free linear map) for comparison on data small enough to hold in memory.
+"""
