@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,8 @@ class Model:
 
     pipe: StableDiffusionPipeline
     model_id: str
+    #: The local directory the model was loaded from (None for Hub ids and built models).
+    directory: Path | None = None
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -61,6 +64,11 @@ class Model:
     def sites(self, image_size: tuple[int, int] | None = None, keys: Sequence[str] = SITE_KEYS) -> list[SiteInfo]:
         """The site table for this model at ``image_size`` (default: the model's own)."""
         return site_table(self.pipe.unet.config, image_size or self.image_size, self.vae_scale_factor, keys)
+
+    def extra_dir(self, name: str) -> Path | None:
+        """A folder shipped beside the model (``probes``, ``labelers``), if the model is local and has it."""
+        path = self.directory / name if self.directory else None
+        return path if path is not None and path.is_dir() else None
 
     def site(self, key: str, image_size: tuple[int, int] | None = None) -> SiteInfo:
         return self.sites(image_size, (key,))[0]
@@ -106,8 +114,8 @@ def load_model(
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    model_id = name if name == "tiny" or not Path(name).is_dir() else _local_id(Path(name))
-    return Model(pipe, model_id)
+    directory = Path(name).resolve() if name != "tiny" and Path(name).is_dir() else None
+    return Model(pipe, _local_id(directory) if directory else name, directory)
 
 
 def _local_id(path: Path) -> str:
@@ -143,7 +151,7 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> StableDiffusionPipeline:
         )
         raise ModelLoadError(
             f"weights for {name!r} are not in the local Hugging Face cache and {how}. On a machine with "
-            f"network, run `huggingface-cli download {name}` (accept the model's licence on the Hub "
+            f"network, run `hf download {name}` (accept the model's licence on the Hub "
             "first), or pass a local directory. Without them, use the embedded toy model: "
             f"--model toy ({TOY_MODEL_DIR})."
         ) from err
@@ -154,21 +162,38 @@ def word_tokenizer(words: Sequence[str], max_length: int):
 
     The vocabulary also holds every lowercase letter and digit, so any prompt tokenizes (unknown
     words fall apart into letters). Used by the tiny test models and the toy model's text encoder.
+    The same words always give the same ids and merges, in any process: a text encoder trained
+    with one build must read the same ids from the next.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False,
-        initial_alphabet=alphabet, special_tokens=[],
-    )
-    bpe.train_from_iterator([" ".join(sorted(set(w.lower() for w in words)))], trainer)
-    trained = json.loads(bpe.to_str())["model"]
+    # Plain BPE over the word list with ties broken by the pair itself. (tokenizers' BpeTrainer
+    # breaks ties in hash order, so its ids and merge order changed from one call to the next.)
+    # Merges learned in this order re-segment every training word into the single token it became.
+    words = sorted(set(w.lower() for w in words))
+    segments = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for seg in segments for pair in zip(seg, seg[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        segments = [_merge_pair(seg, best) for seg in segments]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789").union(*words))
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in list(trained["vocab"]) + [c + "</w>" for c in alphabet]:
+    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]:
         vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in trained["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _merge_pair(seg: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(seg):
+        if i + 1 < len(seg) and (seg[i], seg[i + 1]) == pair:
+            out.append(seg[i] + seg[i + 1])
+            i += 2
+        else:
+            out.append(seg[i])
+            i += 1
+    return tuple(out)

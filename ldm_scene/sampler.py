@@ -9,6 +9,7 @@ early (a cancelled stream) removes every hook.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator, Protocol, Sequence
@@ -114,17 +115,33 @@ def check_prompt(model: Model, prompt: str) -> None:
 
 
 def fresh_scheduler(model: Model, scheduler: Any = None) -> Any:
-    """A private scheduler instance, so concurrent runs never share mutable scheduler state."""
+    """A private scheduler instance, so concurrent runs never share mutable scheduler state.
+
+    Applies the two config corrections ``StableDiffusionPipeline.__init__`` makes to any scheduler
+    it is given (``steps_offset=1``, ``clip_sample=False``), so that e.g. a DDIM scheduler built from
+    the LMS config behaves here as it would in the pipeline instead of clipping x0 to [-1, 1].
+    """
     source = scheduler if scheduler is not None else model.pipe.scheduler
-    return type(source).from_config(source.config)
+    fixes: dict[str, Any] = {}
+    if getattr(source.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if getattr(source.config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    return type(source).from_config(source.config, **fixes)
 
 
-def initial_latent(model: Model, seed: int, batch: int = 1) -> torch.Tensor:
-    """The seed's starting noise, drawn on the CPU as diffusers users expect (same on any device)."""
+def initial_latent(
+    model: Model, seed: int, batch: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The seed's starting noise, drawn on the CPU as diffusers users expect (same on any device).
+
+    ``generator`` (a CPU generator already seeded with ``seed``) lets the caller keep drawing from
+    the same stream afterwards, as the pipeline does for an ancestral scheduler's step noise.
+    """
     h, w = model.image_size
     f = model.vae_scale_factor
     shape = (batch, model.unet.config.in_channels, h // f, w // f)
-    gen = torch.Generator("cpu").manual_seed(int(seed))
+    gen = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(shape, generator=gen, dtype=model.dtype).to(model.device)
 
 
@@ -141,9 +158,13 @@ def _x0_prediction(scheduler: Any, out: Any, latent: torch.Tensor, eps: torch.Te
     if x0 is not None:
         return x0
     if hasattr(scheduler, "sigmas") and getattr(scheduler, "step_index", None) is not None:
-        # Sigma-parameterised schedulers keep the latent unscaled: x = x0 + sigma * eps.
         sigma = scheduler.sigmas[scheduler.step_index - 1].to(latent.device, latent.dtype)
-        return latent - sigma * eps
+        if float(scheduler.init_noise_sigma) > 1.0:
+            # Sigma-parameterised (VE) latents, scaled by init_noise_sigma: x = x0 + sigma * eps.
+            return latent - sigma * eps
+        # Variance-preserving latents (DPM-Solver, UniPC, DEIS), sigma = sqrt((1 - ab) / ab):
+        # x = (x0 + sigma * eps) / sqrt(1 + sigma^2).
+        return latent * (1 + sigma**2).sqrt() - sigma * eps
     ab = scheduler.alphas_cumprod[int(t)].to(latent.device, latent.dtype)
     return (latent - (1 - ab).sqrt() * eps) / ab.sqrt()
 
@@ -172,7 +193,11 @@ def sample(
     cond, uncond = pipe.encode_prompt(config.prompt, model.device, 1, guided, None)
     embeds = torch.cat([uncond, cond]) if guided else cond
     sched.set_timesteps(config.steps, device=model.device)
-    latent = initial_latent(model, config.seed) * sched.init_noise_sigma
+    # One CPU generator for the initial noise and any noise the scheduler's step draws, as the
+    # pipeline does: an ancestral scheduler is then seeded too, never the global RNG.
+    generator = torch.Generator("cpu").manual_seed(int(config.seed))
+    latent = initial_latent(model, config.seed, generator=generator) * sched.init_noise_sigma
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
     num_steps = len(sched.timesteps)
 
     with ExitStack() as stack:
@@ -187,7 +212,7 @@ def sample(
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + config.guidance * (eps_cond - eps_uncond)
-            out = sched.step(eps, t, latent, return_dict=True)
+            out = sched.step(eps, t, latent, return_dict=True, **step_kwargs)
             x0 = _x0_prediction(sched, out, latent, eps, t)
             latent = out.prev_sample
             state = StepState(step, num_steps, float(t), latent, x0)

@@ -1,0 +1,327 @@
+"""Train the toy world from nothing: renders -> autoencoder -> labelers and classifier -> UNet.
+
+Every stage writes its result and is skipped when that result exists, and the UNet stage keeps a
+checkpoint, so an interrupted run resumes where it stopped. All randomness comes from fixed seeds
+through explicit generators. The exported model is a diffusers ``StableDiffusionPipeline``
+directory; the labelers and classifier sit beside it in ``labelers/``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderTiny, DDPMScheduler
+from tqdm import tqdm
+
+from ..testing import SD_SCHEDULER_CONFIG
+from .model import ToyArch, assemble_pipeline, build_autoencoder, build_text_encoder, build_tokenizer, build_unet
+from .nets import ClassifierConfig, LabelerConfig, LabelerNet, ShapeNet, save_net, to_tensor
+from .render import FAR, POSITIONS, render_batch
+
+#: Held-out renders use seeds from here on, far from the training seeds.
+HELDOUT_SEED0 = 10_000_000
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How much of everything to train; the defaults fit in well under 2 hours on 2 CPU cores."""
+
+    arch: ToyArch = field(default_factory=ToyArch)
+    n_train: int = 10_000
+    n_heldout: int = 1_000
+    ae_steps: int = 700
+    ae_batch: int = 16
+    labeler_steps: int = 500
+    classifier_steps: int = 300
+    aux_batch: int = 32
+    unet_steps: int = 2_000
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    uncond_prob: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 100
+    seed: int = 0
+    # One thread: on a shared 2-core machine, two OpenMP threads stall whenever one core is busy.
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.n_train, self.n_heldout, self.ae_steps, self.unet_steps) < 1:
+            raise ValueError("sizes and step counts must be positive")
+        if not 0 <= self.uncond_prob < 1:
+            raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
+
+
+def _render_chunk(seeds: list[int]) -> dict:
+    d = render_batch(seeds)
+    return {
+        "image": (d["image"] * 255).round().astype(np.uint8), "mask": d["mask"],
+        "depth": d["depth"].astype(np.float16), "shading": d["shading"].astype(np.float16),
+        "shape": d["shape"], "colour": d["colour"], "position": d["position"], "prompt": np.array(d["prompt"]),
+    }
+
+
+def render_dataset(seeds: range, path: Path, processes: int = 2) -> dict[str, np.ndarray]:
+    """Render ``seeds`` (cached in ``path``) into uint8 images and exact labels."""
+    if path.exists():
+        with np.load(path) as f:
+            return dict(f)
+    chunks = [list(seeds[i : i + 250]) for i in range(0, len(seeds), 250)]
+    with get_context("spawn").Pool(processes) as pool:
+        parts = list(tqdm(pool.imap(_render_chunk, chunks), total=len(chunks), desc=f"render {path.stem}"))
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **data)
+    return data
+
+
+def _images(data: dict, idx: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (diffusers' image range)."""
+    return to_tensor(data["image"][idx]) * 2 - 1
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup_frac: float = 0.05):
+    warm = max(1, int(total * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1]."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+def train_autoencoder(plan: TrainPlan, data: dict, heldout: dict, out: Path) -> AutoencoderTiny:
+    """Train AutoencoderTiny on renders; set ``scaling_factor`` so latents have unit variance."""
+    if (out / "config.json").exists():
+        return AutoencoderTiny.from_pretrained(out)
+    gen = torch.Generator().manual_seed(plan.seed + 1)
+    torch.manual_seed(plan.seed + 1)  # module constructors draw from the global RNG
+    ae = build_autoencoder(plan.arch)
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = _warmup_cosine(opt, plan.ae_steps)
+    n = len(data["image"])
+    for step in tqdm(range(plan.ae_steps), desc="autoencoder"):
+        idx = torch.randint(0, n, (plan.ae_batch,), generator=gen).numpy()
+        x = _images(data, idx)
+        z = ae.encode(x).latents
+        rec = ae.decode(z).sample
+        # A small pull of the latents towards 0 keeps them centred and inside the decoder's
+        # tanh range, as the pipeline decodes latents / scaling_factor without a shift.
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-3 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    ae.eval()
+    with torch.no_grad():
+        idx = np.arange(min(2000, len(data["image"])))
+        z = torch.cat([ae.encode(_images(data, chunk)).latents for chunk in np.array_split(idx, 8)])
+    ae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    ae.save_pretrained(out)
+    return ae
+
+
+@torch.no_grad()
+def encode_latents(ae: AutoencoderTiny, data: dict, path: Path, flip: bool = False) -> torch.Tensor:
+    """Scaled latents of every image (optionally mirrored), cached in ``path``."""
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    zs = []
+    for i in tqdm(range(0, len(data["image"]), 500), desc=f"encode {path.stem}"):
+        x = _images(data, np.arange(i, min(i + 500, len(data["image"]))))
+        if flip:
+            x = x.flip(-1)
+        zs.append(ae.encode(x).latents * ae.config.scaling_factor)
+    z = torch.cat(zs)
+    torch.save(z, path)
+    return z
+
+
+@torch.no_grad()
+def reconstructions(ae: AutoencoderTiny, data: dict, idx: np.ndarray) -> torch.Tensor:
+    x = _images(data, idx)
+    return ((ae.decode(ae.encode(x).latents).sample + 1) / 2).clamp(0, 1)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # Generated images are a little noisier and blurrier than renders: make the labelers robust.
+    noise = torch.randn(x.shape, generator=gen) * torch.rand(len(x), 1, 1, 1, generator=gen) * 0.04
+    return (x + noise).clamp(0, 1)
+
+
+def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path) -> None:
+    """Train the labeler (mask, depth, shading) and the shape classifier on renders and AE reconstructions."""
+    gen = torch.Generator().manual_seed(plan.seed + 2)
+    n = len(data["image"])
+    mask = torch.from_numpy(data["mask"]).float()
+    depth = torch.from_numpy(data["depth"].astype(np.float32)) / FAR
+    shading = torch.from_numpy(data["shading"].astype(np.float32))
+    shapes = torch.from_numpy(data["shape"])
+
+    def batch() -> tuple[torch.Tensor, np.ndarray]:
+        idx = torch.randint(0, n, (plan.aux_batch,), generator=gen).numpy()
+        half = plan.aux_batch // 2
+        # Half the batch as rendered, half through the autoencoder, as generated images are.
+        x = torch.cat([to_tensor(data["image"][idx[:half]]), reconstructions(ae, data, idx[half:])])
+        return _augment(x, gen), idx
+
+    if not (out / "labeler.safetensors").exists():
+        torch.manual_seed(plan.seed + 3)
+        net = LabelerNet(LabelerConfig())
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+        sched = _warmup_cosine(opt, plan.labeler_steps)
+        for _ in tqdm(range(plan.labeler_steps), desc="labeler"):
+            x, idx = batch()
+            y = net(x)
+            loss = (
+                F.binary_cross_entropy_with_logits(y[:, 0], mask[idx])
+                + 10 * F.smooth_l1_loss(y[:, 1], depth[idx], beta=0.05)
+                + 10 * F.smooth_l1_loss(y[:, 2], shading[idx], beta=0.05)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        save_net(net.eval(), out, "labeler")
+    if not (out / "classifier.safetensors").exists():
+        torch.manual_seed(plan.seed + 4)
+        net = ShapeNet(ClassifierConfig())
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+        sched = _warmup_cosine(opt, plan.classifier_steps)
+        for _ in tqdm(range(plan.classifier_steps), desc="classifier"):
+            x, idx = batch()
+            loss = F.cross_entropy(net(x), shapes[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        save_net(net.eval(), out, "classifier")
+
+
+def _swap_left_right(prompt: str) -> str:
+    words = prompt.split()
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(w, w) for w in words)
+
+
+def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torch.Tensor, work: Path, ae, out: Path):
+    """Train the UNet and text encoder jointly (epsilon prediction, SD's noise schedule, EMA)."""
+    tokenizer = build_tokenizer(plan.arch)
+    prompts = [str(p) for p in data["prompt"]]
+    ids = tokenizer(prompts, padding="max_length", max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
+    ids_flip = tokenizer([_swap_left_right(p) for p in prompts], padding="max_length",
+                         max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
+    torch.manual_seed(plan.seed + 5)
+    unet = build_unet(plan.arch)
+    text = build_text_encoder(plan.arch, len(tokenizer))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    noise_sched = DDPMScheduler(**SD_SCHEDULER_CONFIG)
+    gen = torch.Generator().manual_seed(plan.seed + 6)
+    start, losses = 0, []
+    ckpt = work / "unet_checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        for e, v in zip(ema, state["ema"]):
+            e.copy_(v)
+        gen.set_state(state["gen"])
+        start, losses = int(state["step"]), state["losses"].tolist()
+
+    def lr_at(step: int) -> float:
+        warm = 300
+        if step < warm:
+            return plan.unet_lr * (step + 1) / warm
+        frac = (step - warm) / max(1, plan.unet_steps - warm)
+        return plan.unet_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    n = len(latents)
+    unet.train()
+    text.train()
+    bar = tqdm(range(start, plan.unet_steps), desc="unet", initial=start, total=plan.unet_steps)
+    for step in bar:
+        idx = torch.randint(0, n, (plan.unet_batch,), generator=gen)
+        flip = torch.rand(plan.unet_batch, generator=gen) < 0.5
+        z0 = torch.where(flip[:, None, None, None], flipped[idx], latents[idx])
+        tok = torch.where(flip[:, None], ids_flip[idx], ids[idx])
+        drop = torch.rand(plan.unet_batch, generator=gen) < plan.uncond_prob
+        tok = torch.where(drop[:, None], empty.expand_as(tok), tok)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (plan.unet_batch,), generator=gen)
+        zt = noise_sched.add_noise(z0, noise, t)
+        cond = text(tok)[0]
+        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(plan.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
+            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                        "ema": ema, "gen": gen.get_state(), "step": step + 1,
+                        "losses": torch.tensor(losses)}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval()
+    text.eval()
+    pipe = assemble_pipeline(unet, ae, text, tokenizer)
+    pipe.save_pretrained(out)
+    (work / "unet_losses.json").write_text(json.dumps(losses[::10]))
+    return pipe
+
+
+def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan()) -> dict:
+    """Run every stage into ``out`` (shipped files) using ``work`` for caches and checkpoints."""
+    torch.set_num_threads(plan.threads)
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    t0 = time.perf_counter()
+    data = render_dataset(range(plan.n_train), work / "train.npz")
+    heldout = render_dataset(range(HELDOUT_SEED0, HELDOUT_SEED0 + plan.n_heldout), work / "heldout.npz")
+    timings["render_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ae = train_autoencoder(plan, data, heldout, work / "vae").eval()
+    timings["autoencoder_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    latents = encode_latents(ae, data, work / "latents.pt")
+    flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True)
+    train_labelers(plan, data, ae, out / "labelers")
+    timings["labelers_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not (out / "model_index.json").exists():
+        train_unet(plan, data, latents, flipped, work, ae, out)
+    timings["unet_s"] = time.perf_counter() - t0
+    (out / "train_plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    prev = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+    # A resumed run adds to the time spent before the interruption.
+    timings = {k: timings[k] + prev.get(k, 0.0) for k in timings}
+    (work / "timings.json").write_text(json.dumps(timings, indent=2))
+    return timings

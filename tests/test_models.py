@@ -1,0 +1,143 @@
+"""load_model: the tiny alias, and errors that say what to do; the offline word tokenizer."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm_scene.models import ALIASES, SD14_ID, ModelLoadError, load_model, word_tokenizer
+from ldm_scene.sites import SITE_KEYS
+from ldm_scene.testing import TINY_WORDS, tiny_pipeline
+
+
+def test_tiny_alias_is_float32_on_cpu(tiny_model):
+    assert tiny_model.model_id == "tiny"
+    assert tiny_model.device.type == "cpu" and tiny_model.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in tiny_model.pipe.vae.parameters())
+    assert tiny_model.pipe.text_encoder.dtype == torch.float32
+    assert tiny_model.vae_scale_factor == 4 and tiny_model.image_size == (32, 32)  # 3 VAE levels, 8x8 latent
+    assert type(tiny_model.pipe.scheduler).__name__ == "LMSDiscreteScheduler"  # the paper's
+    assert tiny_model.pipe.safety_checker is None
+    assert [i.key for i in tiny_model.sites()] == list(SITE_KEYS)
+    assert tiny_model.site("up_blocks.2.attentions.1").tokens == 16
+
+
+def test_tiny_models_are_reproducible_without_the_global_rng():
+    torch.manual_seed(123)
+    a = tiny_pipeline()
+    torch.manual_seed(456)
+    b = tiny_pipeline()
+    for (name, pa), pb in zip(a.unet.named_parameters(), b.unet.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(next(tiny_pipeline(seed=1).unet.parameters()), next(a.unet.parameters()))
+    # the same function too, not only the same weights: the tokenizer's ids must not move either
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    emb_a = a.encode_prompt("a red cat on the left", "cpu", 1, False)[0]
+    emb_b = b.encode_prompt("a red cat on the left", "cpu", 1, False)[0]
+    assert torch.equal(emb_a, emb_b)
+
+
+def test_dtype_argument_is_applied():
+    model = load_model("tiny", device="cpu", dtype=torch.float64)
+    assert model.dtype == torch.float64 and model.pipe.vae.dtype == torch.float64
+
+
+def test_aliases():
+    assert ALIASES["sd14"] == SD14_ID == "CompVis/stable-diffusion-v1-4"
+    assert Path(ALIASES["toy"]).name == "toy-scenes"
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_empty_name(name):
+    with pytest.raises(ModelLoadError, match="model name is empty: give a Hub id, a local directory"):
+        load_model(name, device="cpu")
+
+
+def test_missing_local_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="does not exist or is not a directory"):
+        load_model(str(missing), device="cpu")
+
+
+def test_dir_without_model_index_says_what_a_model_dir_holds(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match=r"not a diffusers model directory \(no model_index.json\).*unet/, vae/"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_broken_model_index(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="model_index.json is not valid JSON"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_local_dir_round_trip(tmp_path, tiny_model):
+    """A saved pipeline loads from its directory; its id is the directory name, not the checkout path."""
+    target = tmp_path / "my-model"
+    tiny_model.pipe.save_pretrained(target)
+    loaded = load_model(str(target), device="cpu")
+    assert loaded.model_id == "my-model"
+    assert loaded.pipe.safety_checker is None and loaded.dtype == torch.float32
+    for (name, pa), pb in zip(tiny_model.unet.named_parameters(), loaded.unet.parameters()):
+        assert torch.equal(pa, pb), name
+    # an incomplete directory fails with the local message, not the Hub one
+    shutil.rmtree(target / "unet")
+    with pytest.raises(ModelLoadError, match="could not load the model in"):
+        load_model(str(target), device="cpu")
+
+
+def test_hub_id_offline_says_how_to_get_weights_and_offers_the_toy_model():
+    name = "ldm-scene-tests/no-such-model"  # never in a cache, so this cannot start a 4 GB load
+    with pytest.raises(ModelLoadError) as info:
+        load_model(name, device="cpu")
+    msg = str(info.value)
+    assert f"weights for '{name}' are not in the local Hugging Face cache" in msg
+    assert "HF_HUB_OFFLINE=1" in msg  # conftest set it: the message names the cause
+    assert f"hf download {name}" in msg and "--model toy" in msg
+    # the command the message tells the user to run exists in this environment
+    assert (Path(sys.executable).parent / "hf").exists()
+
+
+def test_word_tokenizer_makes_each_word_one_token():
+    words = TINY_WORDS + ["sphere", "cylinder", "torus", "yellow"]
+    tok = word_tokenizer(words, max_length=20)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert (bos, eos) == (0, 1) and tok.model_max_length == 20
+    ids = tok(" ".join(words)).input_ids
+    assert ids[0] == bos and ids[-1] == eos and len(ids) == len(words) + 2
+    assert len(set(ids[1:-1])) == len(set(words))  # distinct words, distinct tokens
+    for word in words:
+        assert len(tok(word).input_ids) == 3, word
+        assert tok.decode(tok(word).input_ids[1:-1]).strip() == word
+    assert tok("Red CUBE").input_ids == tok("red cube").input_ids  # CLIP lowercases
+
+
+def test_word_tokenizer_splits_unknown_words_but_never_fails():
+    tok = word_tokenizer(["cat", "dog"], max_length=77)
+    ids = tok("zebra 42").input_ids[1:-1]
+    assert len(ids) > 2  # falls apart into pieces
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids).replace(" ", "") == "zebra42"
+
+
+def test_word_tokenizer_is_deterministic():
+    a = word_tokenizer(["red", "cube", "on", "left"], 16)
+    b = word_tokenizer(["left", "on", "cube", "red", "red"], 16)
+    assert a.get_vocab() == b.get_vocab()
+    assert json.dumps(a("a red cube").input_ids) == json.dumps(b("a red cube").input_ids)
+
+
+def test_word_tokenizer_one_token_per_word_with_overlapping_words():
+    """Words that share prefixes, suffixes and inner pairs ("at", "cat", "cabc", "bca") still come out whole."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        words = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(2, 25))]
+        tok = word_tokenizer(words, 77)
+        split = [w for w in set(words) if len(tok(w).input_ids) != 3]
+        assert not split, (sorted(set(words)), split)
