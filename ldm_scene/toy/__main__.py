@@ -25,7 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--out", default="weights/toy-scenes")
     rp.add_argument("--work", default="runs/toy-train")
     rp.add_argument("--n", type=int, default=200, help="fresh seeds to generate")
+    iv = sub.add_parser("intervene-eval", help="intervention trials per method on the toy model")
+    iv.add_argument("--model", default="weights/toy-scenes")
+    iv.add_argument("--n", type=int, default=100)
+    iv.add_argument("--out", default=None, help="default: <model>/intervention")
     args = parser.parse_args(argv)
+
+    if args.command == "intervene-eval":
+        from .intervention_eval import run_trials
+
+        out = Path(args.out) if args.out else Path(args.model) / "intervention"
+        print(json.dumps(run_trials(Path(args.model), args.n, out), indent=2))
+        return 0
 
     if args.command == "train":
         overrides = {f.name: getattr(args, f.name) for f in fields(TrainPlan) if getattr(args, f.name, None) is not None}

@@ -1,0 +1,91 @@
+"""Readout overhead: the plain denoising loop vs the same loop with all 16 sites read by all 3 probes.
+
+Run: ``python benchmarks/bench_readout.py [--quick] [--no-sd]``. Prints, for each model, the median
+time of both loops measured in alternation in this one run and their ratio (goal <= 1.03x).
+(a) the shipped toy model, 15 steps; (b) SD v1.4's full-size UNet from its published config with
+random weights at 512 px, a couple of steps (no download: a tiny VAE and text encoder of SD's
+widths stand in, and no image is decoded); (c) the same on CUDA when a GPU is present.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import AllSitesReader, interleaved, machine, random_banks  # noqa: E402
+
+from ldm_scene.models import TOY_MODEL_DIR, Model, load_model  # noqa: E402
+from ldm_scene.sampler import GenerationConfig, sample  # noqa: E402
+
+
+def sd14_random(device: str) -> Model:
+    """SD v1.4's UNet (random weights, published config) in a pipeline with tiny stand-ins."""
+    from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_scene.models import word_tokenizer
+    from ldm_scene.testing import SD14_UNET_CONFIG, SD_SCHEDULER_CONFIG
+
+    unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    tok = word_tokenizer(["a", "photo", "of", "lemon"], max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=8, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(unet, vae=vae, text_encoder=text, tokenizer=tok,
+                                   scheduler=LMSDiscreteScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return Model(pipe, "sd14-random")
+
+
+def measure(model: Model, prompt: str, steps: int, repeats: int) -> dict:
+    config = GenerationConfig(prompt, seed=0, steps=steps)
+    reader = AllSitesReader(random_banks(model, steps), model.image_size)
+
+    def plain():
+        for _ in sample(model, config, decode_final=False):
+            pass
+
+    def readout():
+        for _ in sample(model, config, readers=[reader], decode_final=False):
+            pass
+
+    plain()  # warm-up (allocations, kernel selection)
+    t = interleaved({"plain": plain, "readout": readout}, repeats)
+    return {"plain_s": t["plain"], "readout_s": t["readout"], "ratio": t["readout"] / t["plain"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, 1 SD step")
+    parser.add_argument("--no-sd", action="store_true", help="skip the full-size SD v1.4 UNet (minutes on a CPU)")
+    args = parser.parse_args(argv)
+    rows = []
+    toy = load_model(str(TOY_MODEL_DIR) if (TOY_MODEL_DIR / "model_index.json").exists() else "tiny", device="cpu")
+    rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube on the left", 15, 3 if args.quick else 7)))
+    if not args.no_sd:
+        sd = sd14_random("cpu")
+        rows.append(("SD v1.4 UNet, random weights, 512 px (CPU)", measure(sd, "a photo of a lemon", 1 if args.quick else 2, 1 if args.quick else 2)))
+        del sd
+    if torch.cuda.is_available():
+        sd = sd14_random("cuda")
+        rows.append(("SD v1.4 UNet, random weights, 512 px (CUDA fp16, 15 steps)", measure(sd, "a photo of a lemon", 15, 5)))
+    print(f"machine: {machine()}")
+    print("| model | plain loop | with all 16 sites x 3 probes | ratio (goal <= 1.03) |")
+    print("|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['plain_s']:.3f} s | {r['readout_s']:.3f} s | {r['ratio']:.3f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
