@@ -244,8 +244,14 @@ def load_intervention_banks(probe_dir, expect_sites=None) -> dict[str, ProbeBank
     return banks
 
 
-def current_foreground(model: Model, image: Image.Image, banks: dict[str, ProbeBank], config: GenerationConfig) -> np.ndarray:
-    """The generated image's foreground: the model's labeler if it ships one, else the probe at the last step."""
+def current_foreground(
+    model: Model, image: Image.Image, banks: dict[str, ProbeBank], config: GenerationConfig, editors: Sequence = ()
+) -> np.ndarray:
+    """The generated image's foreground: the model's labeler if it ships one, else the probe at the last step.
+
+    Without a labeler the probe reads the run's own activations, so the run that made ``image``
+    is replayed with the same ``editors``.
+    """
     labeler_dir = model.extra_dir("labelers")
     if labeler_dir is not None and (labeler_dir / "labeler.safetensors").exists():
         from .toy.nets import ToyLabeler
@@ -259,7 +265,7 @@ def current_foreground(model: Model, image: Image.Image, banks: dict[str, ProbeB
     last = config.steps - 1
     site = max(bank.meta.sites, key=lambda s: bank.meta.sites[s][1])  # the finest grid
     with capture(model.unet, [site], steps=[last], split_guidance=config.uses_guidance) as cap:
-        for _ in sample(model, config, decode_final=False):
+        for _ in sample(model, config, editors=editors, decode_final=False):
             pass
     return bank.readout(site, last, cap.values[(site, last)], model.image_size)[0] > 0.5
 
@@ -304,8 +310,10 @@ def run_cli(args) -> int:
         target = prepare_target(Image.open(args.mask), model.image_size)
     else:
         target = translate_mask(before, args.dx, args.dy)
-    edited = [s.image for s in intervene(model, config, target, args.method, banks, previews=False)][-1]
-    after = current_foreground(model, edited, banks, config)
+    editor = make_editor(args.method, banks, target, None, default_edit_steps(config.steps), 1.0, config.seed)
+    edited = [s.image for s in sample(model, config, editors=[editor])][-1]
+    replay = make_editor(args.method, banks, target, None, default_edit_steps(config.steps), 1.0, config.seed)
+    after = current_foreground(model, edited, banks, config, editors=[replay])
     for name, im in (("original.png", original), ("edited.png", edited), ("target_mask.png", mask_image(target)),
                      ("original_mask.png", mask_image(before)), ("result_mask.png", mask_image(after))):
         im.save(out / name)

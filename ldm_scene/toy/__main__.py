@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .train import TrainPlan, train_all
+from .train import STAGES, TrainPlan, train_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--work", default="runs/toy-train", help="caches and checkpoints (resumable)")
     tr.add_argument("--quick", action="store_true", help="a tiny plan to check the pipeline end to end")
     tr.add_argument("--no-report", action="store_true")
+    tr.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     for f in fields(TrainPlan):
         if f.type in ("int", "float"):
             tr.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type == "int" else float, default=None)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = dict(n_train=500, n_heldout=100, ae_steps=20, labeler_steps=10, classifier_steps=10,
                              unet_steps=20, checkpoint_every=10) | overrides
         plan = TrainPlan(**overrides)
-        timings = train_all(Path(args.out), Path(args.work), plan)
+        timings = train_all(Path(args.out), Path(args.work), plan, tuple(args.stages.split(",")))
         print(json.dumps(timings, indent=2))
         if args.no_report:
             return 0

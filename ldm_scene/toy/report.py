@@ -60,7 +60,7 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
 
 def measure_generation(model_dir: Path, n: int, steps: int = 15, guidance: float = 7.5) -> tuple[dict, list]:
     """Generate ``n`` fresh prompts/seeds and judge each image with the shipped labelers."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # many small runs: one thread avoids stalls on a shared machine
     model = load_model(str(model_dir), device="cpu")
     labeler = ToyLabeler.load(model_dir / "labelers")
     classifier = ToyClassifier.load(model_dir / "labelers")
@@ -88,10 +88,18 @@ def measure_generation(model_dir: Path, n: int, steps: int = 15, guidance: float
         "shape_match": float(np.mean([r["shape_ok"] for r in rows])),
         "colour_match": float(np.mean([r["colour_ok"] for r in rows])),
         "position_match": float(np.mean([r["position_ok"] for r in rows])),
-        # The first runs include one-off warm-up; the median is what a user waits.
-        "seconds_per_generation": float(np.median(seconds)),
-        "torch_threads": torch.get_num_threads(),
+        "seconds_per_generation_1_thread": float(np.median(seconds)),
     }
+    # The issue's speed target is for 2 threads: time 5 generations that way (median: warm-up excluded).
+    torch.set_num_threads(2)
+    timed = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        for _ in sample(model, GenerationConfig(rows[i % len(rows)]["prompt"], REPORT_SEED0 + i, steps, guidance)):
+            pass
+        timed.append(time.perf_counter() - t0)
+    result["seconds_per_generation"] = float(np.median(timed))
+    result["torch_threads_timed"] = 2
     return result, list(zip(rows, images))
 
 
@@ -138,6 +146,50 @@ def render_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def render_model_card(report: dict, plan: dict, sizes: dict) -> str:
+    """The model card (weights/toy-scenes/README.md), with every number taken from the report."""
+    arch = plan.get("arch", {})
+    r = report
+    return "\n".join([
+        "# toy-scenes: a small text-to-image latent diffusion model of rendered 3D scenes", "",
+        "The embedded default model of ldm-scene: a controlled copy of Stable Diffusion v1.4's setting, small",
+        "enough to train and run on 2 CPU cores, whose training images come with exact foreground masks,",
+        "depth and shading from a ray-casting renderer (`ldm_scene/toy/render.py`).", "",
+        "## What it is",
+        f"- diffusers `StableDiffusionPipeline` directory: `UNet2DConditionModel` with SD v1.4's block types and",
+        f"  `layers_per_block=2` (the same 16 self-attention site names), channels {tuple(arch.get('unet_channels', ()))},",
+        "  plus a pooled-text term added to the time embedding (`addition_embed_type='text'`);",
+        f"  `AutoencoderTiny` (normalisation-free, 4x down-scaling, widths {tuple(arch.get('ae_channels', ()))});",
+        f"  a {arch.get('text_layers')}-layer, {arch.get('text_width')}-wide `CLIPTextModel` over a word-level `CLIPTokenizer`;",
+        "  `LMSDiscreteScheduler` with SD's scaled-linear betas (0.00085..0.012).",
+        f"- {arch.get('image_size')} px images, {arch.get('image_size', 64) // 4}x{arch.get('image_size', 64) // 4} latents;"
+        " the finest probed grid is 16x16.",
+        f"- Parameters: {sizes}.",
+        "- Prompts: \"a/an <colour> <shape> on the left / in the middle / on the right\", 6 colours x 5 shapes x 3 positions.",
+        "- Beside it, `labelers/` holds the labeler (foreground, depth, shading) and the shape classifier that play",
+        "  TRACER, MiDaS and VGG-16's roles for this world.", "",
+        "## How it was trained",
+        f"`python -m ldm_scene.toy train` with the plan in `train_plan.json`: {plan.get('n_train')} rendered scenes",
+        f"(mirrored with left/right swapped as augmentation), autoencoder {plan.get('ae_steps')} steps, labeler",
+        f"{plan.get('labeler_steps')} and classifier {plan.get('classifier_steps')} steps on renders and their autoencoder",
+        f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}",
+        f"(epsilon prediction, {plan.get('uncond_prob'):.0%} empty prompts for classifier-free guidance, EMA {plan.get('ema_decay')}),",
+        f"all on CPU ({r.get('train_timings', {})} seconds per stage).", "",
+        "## Measured quality (`REPORT.md`)",
+        f"- object present {r['object_present']:.1%}, shape as prompted {r['shape_match']:.1%}, colour as prompted "
+        f"{r['colour_match']:.1%}, position as prompted {r['position_match']:.1%} ({r['n_generated']} fresh seeds, 15 LMS steps, guidance 7.5);",
+        f"- autoencoder PSNR {r['ae_psnr_db']:.2f} dB on held-out renders;",
+        f"- labelers on held-out renders: foreground Dice {r['labeler_dice']:.4f}, depth Spearman {r['labeler_depth_spearman']:.4f},"
+        f" shading Spearman {r['labeler_shading_spearman']:.4f}; shape classifier accuracy {r['classifier_accuracy']:.2%};",
+        f"- one 15-step generation: {r['seconds_per_generation']:.2f} s on this CPU.", "",
+        "## Limits",
+        "- Trained for minutes on a CPU: images are 64 px and simpler than renders; the report's targets that are",
+        "  not met are marked there.",
+        "- Judged by small labelers trained on renders, which can err on generated images as TRACER and MiDaS can on SD's.",
+        "- One object per scene, a fixed vocabulary of 17 words; anything else falls back to letters and is off-distribution.", "",
+    ])
+
+
 def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
     """Measure ``model_dir`` and write REPORT.md, report.json, samples.png and the model card."""
     model_dir, work = Path(model_dir), Path(work)
@@ -155,4 +207,9 @@ def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
     (model_dir / "report_samples.json").write_text(json.dumps([r for r, _ in samples], indent=1))
     sample_grid(samples).save(model_dir / "samples.png")
     (model_dir / "REPORT.md").write_text(render_report(report))
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
+    model = load_model(str(model_dir), device="cpu")
+    sizes = {name: f"{sum(p.numel() for p in getattr(model.pipe, name).parameters()) / 1e6:.2f}M"
+             for name in ("unet", "vae", "text_encoder")}
+    (model_dir / "README.md").write_text(render_model_card(report, plan, sizes))
     return report

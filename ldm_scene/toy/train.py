@@ -297,8 +297,18 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     return pipe
 
 
-def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan()) -> dict:
-    """Run every stage into ``out`` (shipped files) using ``work`` for caches and checkpoints."""
+STAGES = ("data", "autoencoder", "labelers", "unet")
+
+
+def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tuple[str, ...] = STAGES) -> dict:
+    """Run ``stages`` into ``out`` (shipped files) using ``work`` for caches and checkpoints.
+
+    Stages whose results exist are skipped, so ``labelers`` and ``unet`` (independent once the
+    autoencoder exists) can also run as two processes side by side.
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
     torch.set_num_threads(plan.threads)
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -307,21 +317,25 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan()) -> dict:
     data = render_dataset(range(plan.n_train), work / "train.npz")
     heldout = render_dataset(range(HELDOUT_SEED0, HELDOUT_SEED0 + plan.n_heldout), work / "heldout.npz")
     timings["render_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ae = train_autoencoder(plan, data, heldout, work / "vae").eval()
-    timings["autoencoder_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    latents = encode_latents(ae, data, work / "latents.pt")
-    flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True)
-    train_labelers(plan, data, ae, out / "labelers")
-    timings["labelers_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if not (out / "model_index.json").exists():
+    if "autoencoder" in stages or "labelers" in stages or "unet" in stages:
+        t0 = time.perf_counter()
+        ae = train_autoencoder(plan, data, heldout, work / "vae").eval()
+        timings["autoencoder_s"] = time.perf_counter() - t0
+    if "labelers" in stages:
+        t0 = time.perf_counter()
+        train_labelers(plan, data, ae, out / "labelers")
+        timings["labelers_s"] = time.perf_counter() - t0
+    if "unet" in stages and not (out / "model_index.json").exists():
+        t0 = time.perf_counter()
+        latents = encode_latents(ae, data, work / "latents.pt")
+        flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True)
         train_unet(plan, data, latents, flipped, work, ae, out)
-    timings["unet_s"] = time.perf_counter() - t0
+        timings["unet_s"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
     (out / "train_plan.json").write_text(json.dumps(asdict(plan), indent=2))
-    prev = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+    path = work / "timings.json"
+    prev = json.loads(path.read_text()) if path.exists() else {}
     # A resumed run adds to the time spent before the interruption.
-    timings = {k: timings[k] + prev.get(k, 0.0) for k in timings}
-    (work / "timings.json").write_text(json.dumps(timings, indent=2))
-    return timings
+    merged = prev | {k: v + prev.get(k, 0.0) for k, v in timings.items()}
+    path.write_text(json.dumps(merged, indent=2))
+    return merged

@@ -1,0 +1,46 @@
+"""Figures the app draws per run (matplotlib ``Figure`` objects, no pyplot state)."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .service import Run
+
+_METRIC = {"foreground": "Dice", "depth": "Spearman", "shading": "Spearman"}
+_COLOURS = {"foreground": "#d62728", "depth": "#7b3294", "shading": "#555555"}
+
+
+def emergence_figure(run: Run, shipped: Mapping[str, tuple[str, Sequence[float]]] | None = None) -> Figure | None:
+    """Per-step agreement of each probe's readout with the finished image's labels (one image).
+
+    ``shipped`` adds the probe set's test-split curves (``{task: (metric, per-step scores)}``) as
+    dashed lines, for comparing this image with the average.
+    """
+    if run is None or not run.emergence:
+        return None
+    fig = Figure(figsize=(5.2, 3.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for task, scores in run.emergence.items():
+        steps = [s for s, v in enumerate(scores) if not math.isnan(v)]
+        values = [v for v in scores if not math.isnan(v)]
+        ax.plot(steps, values, marker="o", ms=3, color=_COLOURS.get(task), label=f"{task} ({_METRIC.get(task, '')})")
+    for task, (metric, scores) in (shipped or {}).items():
+        if task not in run.emergence:
+            continue
+        steps = [s for s, v in enumerate(scores) if not math.isnan(v)]
+        values = [v for v in scores if not math.isnan(v)]
+        ax.plot(steps, values, linestyle="--", linewidth=1, color=_COLOURS.get(task), alpha=0.6,
+                label=f"{task}, test-split mean ({metric})")
+    ax.set_xlabel("denoising step (0 = first)")
+    ax.set_ylabel("agreement")
+    lowest = min((v for c in run.emergence.values() for v in c if not math.isnan(v)), default=0.0)
+    ax.set_ylim(min(-0.05, lowest - 0.05), 1.05)
+    ax.set_xlim(-0.5, max(run.num_steps, 1) - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Probe emergence for this image\n(vs {run.reference_source})", fontsize=9)
+    return fig

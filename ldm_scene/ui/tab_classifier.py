@@ -1,0 +1,92 @@
+"""Classifier tab: when does a classifier recognise the object, and when do the probes see it?
+
+The classifier's per-step confidence curves are drawn live by the Generate run (this tab's plots
+are among its outputs); the probe emergence for that image appears when the run ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from .plots import emergence_figure
+from .service import Run, Service
+
+
+@dataclass
+class ClassifierTab:
+    curves: gr.Plot
+    emergence: gr.Plot
+    summary: gr.Markdown
+    button: gr.Button
+
+
+def create(service: Service) -> ClassifierTab:
+    if service.classifier is None:
+        gr.Markdown(
+            "No classifier is loaded for this model, so only the probes' emergence is shown. "
+            "See the notes at the top of the page."
+        )
+    else:
+        gr.Markdown(
+            "The classifier reads each step's denoised estimate (as the paper ran VGG-16 on SD's); the marked "
+            "step is the first at which its top class is the prompt's. Beside it: the same run's probes, "
+            "scored against the finished image."
+        )
+    with gr.Row():
+        curves = gr.Plot(label="Classifier confidence per step", elem_id="classifier-curves")
+        emergence = gr.Plot(label="Probe emergence for this image", elem_id="emergence")
+    summary = gr.Markdown("Generate an image first (Generate tab).", elem_id="classifier-summary")
+    button = gr.Button("Recompute the curves for the last run", interactive=service.classifier is not None)
+    return ClassifierTab(curves, emergence, summary, button)
+
+
+def curves_figure(service: Service, curves: Any) -> Any:
+    if curves is None or service.classifier is None:
+        return None
+    from ..classify import plot_run_curves
+
+    return plot_run_curves(curves)
+
+
+def describe(run: Run | None) -> str:
+    """A line or two about the run: where the emergence comes from, and the classifier's verdict."""
+    if run is None:
+        return "Generate an image first (Generate tab)."
+    lines = [f"Prompt: *{run.config.prompt}* (seed {run.config.seed}, {run.num_steps} steps)."]
+    if run.emergence:
+        lines.append(f"Probe emergence is measured against {run.reference_source}.")
+    curves = run.curves
+    if curves is not None and curves.steps:
+        name, confidence = curves.top_k[-1][0]
+        verdict = f"At the last step the classifier says **{name}** ({confidence:.0%})."
+        if curves.prompted_class is None:
+            verdict += " The prompt names none of its classes, so no step counts as correct."
+        elif curves.first_correct_step is None:
+            verdict += f" It never settles on the prompted **{curves.classes[curves.prompted_class]}**."
+        else:
+            verdict += (f" The prompted **{curves.classes[curves.prompted_class]}** is its top class from step "
+                        f"**{curves.first_correct_step}** (0-based) on.")
+        lines.append(verdict)
+    return "\n\n".join(lines)
+
+
+def live_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
+    """Values for [curves, emergence, summary] while a run streams (curves every step)."""
+    curves = curves_figure(service, run.curves) if run is not None and run.curves is not None else gr.skip()
+    if not finished:
+        return [curves, gr.skip(), gr.skip()]
+    return [curves, emergence_figure(run, service.shipped_emergence()), describe(run)]
+
+
+def wire(service: Service, tab: ClassifierTab, run_state: gr.State) -> None:
+    def recompute(run):
+        try:
+            run.curves = service.classify(run)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        return curves_figure(service, run.curves), emergence_figure(run, service.shipped_emergence()), describe(run), run
+
+    tab.button.click(recompute, [run_state], [tab.curves, tab.emergence, tab.summary, run_state], api_name="classify",
+                     concurrency_limit=1, concurrency_id="model")

@@ -1,0 +1,454 @@
+"""The app's service without Gradio: streaming generation with readouts, validation, scrubbing,
+intervention, results, and how it explains a missing or mismatched model or probe set.
+
+Unit tests run on the tiny random model with random probe banks built here (the right metadata,
+random weights); end-to-end tests run on the shipped toy model when its weights are present.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_scene.capture import attached_hooks
+from ldm_scene.probes import TASKS, ProbeBank, ProbeMeta
+from ldm_scene.sites import UP_SITE_KEYS
+
+STEPS = 4
+REPO = Path(__file__).resolve().parents[1]
+TOY_DIR = REPO / "weights" / "toy-scenes"
+HAS_TOY = (TOY_DIR / "model_index.json").is_file()
+HAS_TOY_PROBES = (TOY_DIR / "probes" / "foreground.safetensors").is_file()
+
+
+def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None = None) -> dict[str, ProbeBank]:
+    """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class means."""
+    from ldm_scene.intervention import class_means_bank
+
+    sites = {s.key: (s.channels, s.height, s.width) for s in model.sites()}
+    gen = torch.Generator().manual_seed(seed)
+    banks = {}
+    norm = {"foreground": (0.0, 1.0), "depth": (12.0, 6.0), "shading": (0.6, 0.2)}
+    for task in TASKS:
+        k = 2 if task == "foreground" else 1
+        meta = ProbeMeta(task, model_id or model.model_id, model.image_size, "LMSDiscreteScheduler", steps, sites,
+                         *norm[task], training={"method": "random", "seed": seed})
+        weights = {(s, t): torch.randn(k, c, generator=gen) for s, (c, _, _) in sites.items() for t in range(steps)}
+        biases = {key: torch.randn(k, generator=gen) * 0.5 for key in weights}
+        banks[task] = ProbeBank(meta, weights, biases)
+    fg = banks["foreground"]
+    sums = {key: torch.randn(2, w.shape[1], generator=gen) for key, w in fg.weights.items()}
+    counts = {key: torch.tensor([3.0, 1.0]) for key in fg.weights}
+    banks["foreground_means"] = class_means_bank(sums, counts, ProbeBank(fg.meta, fg.weights))
+    return banks
+
+
+def write_probe_dir(model, folder: Path, steps: int = STEPS, seed: int = 0, model_id: str | None = None) -> Path:
+    """A probe folder as the app expects one: banks, class means, metrics.json, a README and a figure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, bank in random_banks(model, steps, seed, model_id).items():
+        bank.save(folder / f"{name}.safetensors")
+    # The layout ldm_scene.training writes: sites per step in best_site_per_step, their scores in best_per_step.
+    metrics = {"steps": "0-based denoising-loop indices", "tasks": {
+        "foreground": {"best_site": "up_blocks.3.attentions.0", "metric": "dice", "first_step_90pct": 2,
+                       "best_site_per_step": [UP_SITE_KEYS[s % len(UP_SITE_KEYS)] for s in range(steps)],
+                       "best_per_step": [0.5 + 0.3 * s / max(steps - 1, 1) for s in range(steps)]},
+        "depth": {"best_site": "up_blocks.2.attentions.1", "metric": "spearman", "best_per_step": [0.9] * steps},
+    }}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "README.md").write_text("# Probe results\n\n| task | dice |\n|---|---|\n| fg | 0.8 |\n\n![curves](emergence.png)\n")
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(folder / "emergence.png")
+    return folder
+
+
+class ColourClassifier:
+    """A stand-in classifier (the Classifier protocol) that calls an image a cube when it is reddish."""
+
+    name = "colour"
+    classes = ("cube", "sphere")
+
+    def probabilities(self, images):
+        rows = []
+        for image in images:
+            rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float32)
+            red = float(rgb[..., 0].mean() - rgb[..., 1:].mean()) / 255
+            p = 1 / (1 + np.exp(-10 * red))
+            rows.append([p, 1 - p])
+        return np.asarray(rows, np.float32)
+
+    def class_for_prompt(self, prompt):
+        from ldm_scene.classify import match_class
+
+        return match_class(prompt, self.classes)
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tiny_model, tmp_path_factory):
+    return write_probe_dir(tiny_model, tmp_path_factory.mktemp("probes"))
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, probe_dir):
+    from ldm_scene.ui.service import Service
+
+    svc = Service.load("tiny", probe_dir, device="cpu", classifier=ColourClassifier())
+    # Share the session's tiny model (same weights) so the hook-leak check covers the service too.
+    svc.model = tiny_model
+    return svc
+
+
+@pytest.fixture(scope="module")
+def run(service):
+    views = list(service.generate_stream("a red cube on the left", seed=3, steps=STEPS, guidance=7.5))
+    return views[-1].run
+
+
+# -- loading and status ------------------------------------------------------------------------------
+
+def test_load_reports_loaded_pieces(service):
+    assert service.ready and not service.problems
+    assert set(service.banks) == set(TASKS)
+    assert set(service.intervention_banks) == {"foreground", "foreground_means"}
+    assert service.probe_steps == STEPS and service.default_steps == STEPS
+    status = service.status_markdown()
+    assert "tiny" in status and "foreground" in status
+
+
+def test_default_sites_come_from_metrics(service):
+    assert service.default_site("foreground") == "up_blocks.3.attentions.0"
+    assert service.default_site("depth") == "up_blocks.2.attentions.1"
+    # no metrics entry for shading: the finest-grid decoder site
+    assert service.default_site("shading").startswith("up_blocks.3")
+    from ldm_scene.ui.service import BEST_PER_STEP
+
+    assert service.site_choices("foreground")[0] == BEST_PER_STEP
+    assert BEST_PER_STEP not in service.site_choices("depth")
+
+
+def test_missing_model_is_a_message_not_a_traceback(tmp_path):
+    from ldm_scene.ui.service import Service, ServiceError
+
+    svc = Service.load(str(tmp_path / "nowhere"), device="cpu")
+    assert not svc.ready
+    text = svc.status_markdown()
+    assert "could not be loaded" in text and "nowhere" in text and "--model toy" in text
+    with pytest.raises(ServiceError, match="no model is loaded"):
+        next(svc.generate_stream("a red cube"))
+
+
+def test_missing_probe_dir_keeps_generation(tiny_model, tmp_path):
+    from ldm_scene.ui.service import Service
+
+    svc = Service.load("tiny", tmp_path / "absent", device="cpu", classifier=False)
+    assert svc.ready and not svc.banks
+    assert "does not exist" in svc.status_markdown()
+    views = list(svc.generate_stream("a red cube", steps=2))
+    assert len(views) == 2 and views[-1].overlays == {} and views[-1].image is not None
+
+
+def test_probes_of_another_model_are_refused(tiny_model, tmp_path):
+    from ldm_scene.ui.service import Service
+
+    write_probe_dir(tiny_model, tmp_path / "p", model_id="some-other-model")
+    svc = Service.load("tiny", tmp_path / "p", device="cpu", classifier=False)
+    assert svc.ready and not svc.banks
+    assert "some-other-model" in svc.status_markdown() and "not used" in svc.status_markdown()
+
+
+def test_probes_with_wrong_channels_are_refused(tiny_model, tmp_path):
+    from ldm_scene.ui.service import Service
+
+    bank = random_banks(tiny_model)["depth"]
+    site = bank.sites[0]
+    c, h, w = bank.meta.sites[site]
+    meta = ProbeMeta("depth", bank.meta.model_id, bank.meta.image_size, "LMSDiscreteScheduler", STEPS,
+                     {site: (c + 1, h, w)})
+    (tmp_path / "p").mkdir()
+    ProbeBank(meta, {(site, 0): torch.zeros(1, c + 1)}).save(tmp_path / "p" / "depth.safetensors")
+    svc = Service.load("tiny", tmp_path / "p", device="cpu", classifier=False)
+    assert not svc.banks and "channels" in svc.status_markdown()
+
+
+def test_pickle_in_place_of_probes_is_refused(tmp_path):
+    from ldm_scene.ui.service import Service
+
+    (tmp_path / "p").mkdir()
+    torch.save({"dense1.weight": torch.zeros(2, 8)}, tmp_path / "p" / "foreground.safetensors")
+    svc = Service.load("tiny", tmp_path / "p", device="cpu", classifier=False)
+    assert svc.ready and not svc.banks and "pickle" in svc.status_markdown()
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+def test_generate_streams_one_view_per_step(service, tiny_model):
+    views = []
+    for view in service.generate_stream("a blue sphere on the right", seed=1, steps=STEPS):
+        assert attached_hooks(tiny_model.unet) > 0  # hooks are live while streaming
+        views.append(view)
+    assert [v.step for v in views] == list(range(STEPS))
+    d = service.display_size
+    for v in views:
+        assert v.preview.size == (d, d)
+        assert set(v.overlays) == set(TASKS) and set(v.readouts) == set(TASKS)
+        assert all(im.size == (d, d) for im in v.overlays.values())
+        fg = v.readouts["foreground"]
+        assert fg.dtype == np.float32 and 0 <= fg.min() and fg.max() <= 1
+    assert [v.image is None for v in views] == [True] * (STEPS - 1) + [False]
+    run = views[-1].run
+    assert run.complete and run.num_steps == STEPS
+    assert run.foreground.shape == tiny_model.image_size and run.foreground.dtype == bool
+    assert set(run.emergence) == set(TASKS)
+    assert all(len(c) == STEPS for c in run.emergence.values())
+    assert run.emergence["foreground"][-1] == 1.0  # the last step agrees with itself
+
+
+def test_readouts_use_the_chosen_site(service, tiny_model):
+    site = "down_blocks.1.attentions.0"  # a 4x4 grid on the tiny model
+    views = list(service.generate_stream("a red cube", seed=2, steps=STEPS, sites={"depth": site}))
+    assert views[0].readouts["depth"].shape == (4, 4)
+    assert views[0].readouts["foreground"].shape == (8, 8)  # the metrics' best, up_blocks.3 (8x8)
+
+
+def test_best_site_per_step_reads_a_different_site_each_step(service):
+    from ldm_scene.ui.service import BEST_PER_STEP
+
+    views = list(service.generate_stream("a red cube", seed=2, steps=STEPS, sites={"foreground": BEST_PER_STEP}))
+    grids = [v.readouts["foreground"].shape for v in views]
+    assert grids[0] == (2, 2) and grids[3] == (4, 4)  # up_blocks.1.* (2x2) then up_blocks.2.0 (4x4)
+
+
+def test_same_request_same_result(service):
+    a = list(service.generate_stream("a red cube", seed=9, steps=STEPS))[-1]
+    b = list(service.generate_stream("a red cube", seed=9, steps=STEPS))[-1]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert np.array_equal(a.readouts["depth"], b.readouts["depth"])
+
+
+def test_other_step_count_streams_without_readouts(service):
+    views = list(service.generate_stream("a red cube", seed=2, steps=STEPS + 1))
+    assert len(views) == STEPS + 1 and views[0].overlays == {}
+    assert any("fit for 4-step runs" in n for n in views[-1].run.notes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt="   "), "prompt is empty"),
+        (dict(prompt=None), "prompt must be text"),
+        (dict(prompt=42), "prompt must be text"),
+        (dict(prompt="red " * 40), "prompt is too long"),
+        (dict(seed=-1), "seed must be between"),
+        (dict(seed=1.5), "seed must be a whole number"),
+        (dict(seed="abc"), "seed must be a whole number"),
+        (dict(seed=None), "seed must be a whole number"),
+        (dict(steps=0), "steps must be between 1 and"),
+        (dict(steps=1000), "steps must be between 1 and"),
+        (dict(guidance=-1.0), "guidance must be between 0 and 30"),
+        (dict(guidance=float("nan")), "guidance must be between 0 and 30"),
+        (dict(guidance="lots"), "guidance must be a number"),
+        (dict(sites={"foreground": "nowhere"}), "no probe at site 'nowhere'"),
+        (dict(sites={"colour": "up_blocks.1.attentions.0"}), "unknown task"),
+    ],
+)
+def test_bad_generation_input_is_refused_before_model_work(service, tiny_model, kwargs, message):
+    args = dict(prompt="a red cube", seed=0, steps=STEPS, guidance=7.5) | kwargs
+    with pytest.raises(ValueError, match=message):
+        next(service.generate_stream(**args))
+    assert attached_hooks(tiny_model.unet) == 0
+    assert not service._lock.locked()
+
+
+def test_closing_the_stream_cancels_cleanly(service, tiny_model):
+    stream = service.generate_stream("a red cube", seed=4, steps=STEPS)
+    next(stream)
+    assert service._lock.locked() and attached_hooks(tiny_model.unet) > 0
+    stream.close()
+    assert not service._lock.locked() and attached_hooks(tiny_model.unet) == 0
+    # the next run is whole and equals a run that was never interrupted
+    again = list(service.generate_stream("a red cube", seed=4, steps=STEPS))
+    assert len(again) == STEPS and again[-1].image is not None
+
+
+def test_scrub_redraws_stored_steps(service, run):
+    from ldm_scene.ui.service import ServiceError
+
+    view = service.view_of(run, 1)
+    assert view.step == 1 and view.image is None and set(view.overlays) == set(TASKS)
+    assert service.view_of(run, STEPS - 1).image is run.image
+    with pytest.raises(ServiceError, match="step must be between 0 and 3"):
+        service.view_of(run, STEPS)
+    with pytest.raises(ServiceError, match="generate an image first"):
+        service.view_of(None, 0)
+
+
+def test_examples_are_filtered_by_what_the_model_can_read(service):
+    rows = service.examples()
+    assert rows, "examples/prompts.json should offer prompts the tiny model's vocabulary covers"
+    tok = service.model.pipe.tokenizer
+    for prompt, seed, steps, guidance in rows:
+        assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in prompt.split())
+        assert isinstance(seed, int) and steps == service.default_steps
+
+
+# -- intervention ----------------------------------------------------------------------------------
+
+def test_shift_target_moves_the_mask(service, run):
+    from ldm_scene.ui.service import ServiceError
+
+    if not run.foreground.any():
+        run.foreground[8:16, 8:16] = True
+    moved = service.shift_target(run, 4, -2)
+    assert moved.dtype == bool and moved.shape == run.foreground.shape
+    h, w = run.foreground.shape
+    assert np.array_equal(moved[: h - 2, 4:], run.foreground[2:, : w - 4])
+    with pytest.raises(ServiceError, match="too far"):
+        service.shift_target(run, 1000, 0)
+    with pytest.raises(ServiceError, match="generate an image first"):
+        service.shift_target(None, 1, 1)
+
+
+def test_drawn_target_from_editor_layers(service):
+    from ldm_scene.intervention import InterventionError
+
+    layer = np.zeros((256, 256, 4), np.uint8)
+    layer[32:128, 128:224, 3] = 255
+    mask = service.drawn_target([layer])
+    h, w = service.model.image_size
+    assert mask.shape == (h, w) and mask[h // 8 : h // 2, w // 2 : w * 7 // 8].all() and mask.sum() < h * w / 4
+    with pytest.raises(InterventionError, match="empty"):
+        service.drawn_target([np.zeros((256, 256, 4), np.uint8)])
+    with pytest.raises(InterventionError, match="empty"):
+        service.drawn_target([])
+    with pytest.raises(InterventionError, match="whole image"):
+        service.drawn_target([np.full((256, 256, 4), 255, np.uint8)])
+    with pytest.raises(InterventionError, match="expected an image"):
+        service.drawn_target([np.zeros((2, 2, 2, 2))])
+
+
+def test_intervene_streams_and_compares(service, run, tiny_model):
+    target = np.zeros(tiny_model.image_size, bool)
+    target[4:16, 16:28] = True
+    views = list(service.intervene_stream(run, target, "steer"))
+    assert [v.step for v in views] == list(range(STEPS))
+    assert all(v.comparison is None for v in views[:-1])
+    c = views[-1].comparison
+    assert c is not None and c.method == "steer" and 0.0 <= c.iou_target <= 1.0
+    assert c.result_mask.shape == target.shape and "IoU" in c.summary()
+    assert "foreground" in views[0].overlays
+    # the edit changed the image (same prompt and seed)
+    assert not np.array_equal(np.asarray(c.result), np.asarray(run.image))
+    assert attached_hooks(tiny_model.unet) == 0 and not service._lock.locked()
+
+
+def test_closing_an_intervention_cancels_cleanly(service, run, tiny_model):
+    target = np.zeros(tiny_model.image_size, bool)
+    target[4:16, 16:28] = True
+    stream = service.intervene_stream(run, target, "probe-gradient", strength=0.1)
+    next(stream)
+    assert service._lock.locked() and attached_hooks(tiny_model.unet) > 0
+    stream.close()
+    assert not service._lock.locked() and attached_hooks(tiny_model.unet) == 0
+
+
+def test_intervene_refuses_bad_requests(service, run, tiny_model):
+    from ldm_scene.intervention import InterventionError
+    from ldm_scene.ui.service import ServiceError
+
+    good = np.zeros(tiny_model.image_size, bool)
+    good[:8, :8] = True
+    with pytest.raises(ServiceError, match="generate an image first"):
+        next(service.intervene_stream(None, good))
+    with pytest.raises(InterventionError, match="unknown method"):
+        next(service.intervene_stream(run, good, "magic"))
+    with pytest.raises(InterventionError, match="bool mask"):
+        next(service.intervene_stream(run, good.astype(np.uint8)))
+    with pytest.raises(ServiceError, match="strength must be a number"):
+        next(service.intervene_stream(run, good, "steer", strength="x"))
+    assert attached_hooks(tiny_model.unet) == 0 and not service._lock.locked()
+
+
+def test_intervene_without_class_means_says_so(tiny_model, tmp_path, run):
+    from ldm_scene.intervention import InterventionError
+    from ldm_scene.ui.service import Service
+
+    folder = write_probe_dir(tiny_model, tmp_path / "p")
+    (folder / "foreground_means.safetensors").unlink()
+    svc = Service.load("tiny", folder, device="cpu", classifier=False)
+    svc.model = tiny_model
+    target = np.zeros(tiny_model.image_size, bool)
+    target[:8, :8] = True
+    with pytest.raises(InterventionError, match="foreground_means"):
+        next(svc.intervene_stream(run, target, "steer"))
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+def test_results_show_tables_and_figures(service):
+    res = service.results()
+    assert "up_blocks.3.attentions.0" in res.markdown and "| 0.800 | 3 |" in res.markdown and "0.900" in res.markdown
+    assert "# Probe results" in res.markdown and "emergence.png)" not in res.markdown
+    assert [caption for _, caption in res.figures] == ["emergence"]
+
+
+# -- classifier (when ldm_scene.classify exists) ----------------------------------------------------
+
+def test_generation_tracks_classifier_curves_live(service):
+    seen, views = [], []
+    for view in service.generate_stream("a red cube", seed=3, steps=STEPS):
+        seen.append(view.run.curves.steps)  # the curves so far, updated every step
+        views.append(view)
+    assert seen == [tuple(range(s + 1)) for s in range(STEPS)]
+    curves = views[-1].run.curves
+    assert curves.classes == ("cube", "sphere") and curves.prompted_class == 0
+    again = service.classify(views[-1].run)
+    assert np.allclose(again.probabilities, curves.probabilities)
+
+
+def test_classify_needs_a_run_and_a_classifier(service, run, tiny_model, tmp_path):
+    from ldm_scene.ui.service import Service, ServiceError
+
+    with pytest.raises(ServiceError, match="generate an image first"):
+        service.classify(None)
+    bare = Service(tiny_model)
+    with pytest.raises(ServiceError, match="no classifier"):
+        bare.classify(run)
+
+
+def test_shipped_emergence_reads_numeric_best_per_step(service):
+    from ldm_scene.ui.service import Service
+
+    svc = Service(service.model, service.banks, metrics={"tasks": {"depth": {"metric": "spearman", "best_per_step": [0.1, None, 0.5]}}})
+    metric, scores = svc.shipped_emergence()["depth"]
+    assert metric == "spearman" and scores[0] == 0.1 and np.isnan(scores[1])
+    assert svc.site_choices("depth")[0] != "best site at each step"  # numbers, not sites
+    assert service.shipped_emergence()["foreground"][1][-1] == pytest.approx(0.8)
+
+
+# -- the shipped toy model -------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_TOY, reason="weights/toy-scenes/model_index.json is missing (the toy model is not trained yet)")
+def test_toy_model_end_to_end(tmp_path):
+    from ldm_scene.ui.service import Service
+
+    svc = Service.load("toy", device="cpu")
+    assert svc.ready, svc.status_markdown()
+    assert svc.classifier is not None and svc.classifier.name == "toy-shapes"
+    if not HAS_TOY_PROBES:
+        write_probe_dir(svc.model, tmp_path / "p", steps=15)
+        svc = Service.load("toy", tmp_path / "p", device="cpu")
+    steps = svc.default_steps
+    views = list(svc.generate_stream("a red cube on the left", seed=0, steps=steps))
+    assert len(views) == steps and views[-1].image.size == (64, 64)
+    run = views[-1].run
+    assert set(views[-1].overlays) == set(svc.banks) and run.foreground is not None
+    assert svc.labeler is not None and run.foreground_source == "the model's labeler"
+    assert run.curves.prompted_class == svc.classifier.classes.index("cube") and len(run.curves.steps) == steps
+    if run.foreground.any() and not run.foreground.all():
+        target = svc.shift_target(run, 16, 0)
+        last = list(svc.intervene_stream(run, target, "steer"))[-1]
+        assert last.comparison is not None and 0 <= last.comparison.iou_target <= 1
