@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .models import Model
-from .probes import ProbeBank
+from .probes import ProbeBank, class_means_bank  # noqa: F401  (re-exported)
 from .sampler import GenerationConfig, StepState, sample
 from .sites import UP_SITE_KEYS
 
@@ -216,20 +216,6 @@ def intervene(
         raise InterventionError(f"edit steps {bad} are outside the run's {config.steps} steps")
     editor = make_editor(method, banks, target, sites, steps, strength, config.seed)
     return sample(model, config, editors=[editor], previews=previews)
-
-
-def class_means_bank(sums: dict[tuple[str, int], torch.Tensor], counts: dict[tuple[str, int], torch.Tensor],
-                     like: ProbeBank) -> ProbeBank:
-    """Per (site, step) background and foreground mean activations as a ProbeBank ([2, C] rows bg, fg).
-
-    ``sums[key]`` is [2, C] (activation sums weighted by background / foreground fraction) and
-    ``counts[key]`` is [2] (the weights' totals), e.g. read off ridge statistics' X^T Y.
-    """
-    from dataclasses import replace
-
-    weights = {k: (sums[k] / counts[k].clamp_min(1e-9)[:, None]).float() for k in sums}
-    meta = replace(like.meta, training={"method": "class-means", "source": like.meta.training.get("method", "")})
-    return ProbeBank(meta, weights)
 
 
 def load_intervention_banks(probe_dir, expect_sites=None) -> dict[str, ProbeBank]:

@@ -23,7 +23,7 @@ import pickle
 import re
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -725,3 +725,15 @@ def import_paper_checkpoints(
         },
     )
     return ProbeBank(meta, weights, biases)
+
+
+def class_means_bank(sums: dict[tuple[str, int], torch.Tensor], counts: dict[tuple[str, int], torch.Tensor],
+                     like: ProbeBank) -> ProbeBank:
+    """Per (site, step) background and foreground mean activations as a ProbeBank ([2, C] rows bg, fg).
+
+    ``sums[key]`` is [2, C] (activation sums weighted by background / foreground fraction) and
+    ``counts[key]`` is [2] (the weights' totals), e.g. read off ridge statistics' X^T Y.
+    """
+    weights = {k: (sums[k] / counts[k].clamp_min(1e-9)[:, None]).float() for k in sums}
+    meta = replace(like.meta, training={"method": "class-means", "source": like.meta.training.get("method", "")})
+    return ProbeBank(meta, weights)

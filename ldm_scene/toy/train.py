@@ -50,6 +50,7 @@ class TrainPlan:
     seed: int = 0
     # One thread: on a shared 2-core machine, two OpenMP threads stall whenever one core is busy.
     threads: int = 1
+    unet_threads: int = 2  # the UNet stage alone, once nothing else runs beside it
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.n_heldout, self.ae_steps, self.unet_steps) < 1:
@@ -327,6 +328,7 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tupl
         timings["labelers_s"] = time.perf_counter() - t0
     if "unet" in stages and not (out / "model_index.json").exists():
         t0 = time.perf_counter()
+        torch.set_num_threads(plan.unet_threads)
         latents = encode_latents(ae, data, work / "latents.pt")
         flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True)
         train_unet(plan, data, latents, flipped, work, ae, out)

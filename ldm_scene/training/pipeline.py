@@ -1,0 +1,1339 @@
+"""Fit and evaluate linear probes for every (task, site, step) in one streamed pass per image.
+
+The run, for N seeded images split train / val / test (:mod:`.dataset`):
+
+1. **Fit pass** (train and val images). Each image is generated once with every site hooked. The
+   conditional activations of that one image (16 sites x all steps) are kept until the image is
+   done, because the labels come from the labeler applied to the *final* image (the paper's
+   protocol); then each ``(site, step)`` activation ``[T, C]`` updates a
+   :class:`~ldm_scene.training.fit.RidgeStats` against the labels area-averaged to the site's grid
+   (for foreground: the fraction of the token's cell that is foreground, a soft target), and the
+   activations are dropped. One accumulator per ``(site, step)`` holds all tasks' targets as
+   columns (``X^T X`` is shared), so memory is ``O(sites x steps x C^2)`` whatever N is. The
+   same image also feeds:
+   - the *latent baseline*: the same fit on the 4-channel UNet input ``x_t`` at each step;
+   - the *permuted control*: the same fit on the activations of a copy of the UNet whose every
+     parameter tensor was shuffled with a seeded generator (the paper's control), run on the real
+     trajectory's inputs ``(x_t, t, text)`` (a permuted UNet cannot denoise, so its own samples
+     would have no labels); all steps go through it in one batched forward;
+   - pixel statistics of the labels (for depth/shading normalisation) and their per-pixel mean
+     maps (the layout prior);
+   - for a few chosen ``(site, step)``s, the activations themselves (on disk) for the paper's Adam
+     trainer, to compare it with ridge.
+   Statistics are checkpointed every ``checkpoint_every`` images (one safetensors file with the
+   progress in its metadata, replaced atomically), so an interrupted run resumes exactly.
+   Under ``accelerate launch`` each process fits its own share of the images and rank 0 merges the
+   shards' statistics (:meth:`RidgeStats.merge`).
+2. **Solve**. Per ``(task, site, step)`` the ridge penalty is chosen on the validation images
+   (:func:`~ldm_scene.training.fit.choose_penalty`) and the probe refit on train + val; depth and
+   shading probes predict targets normalised by the fitting images' pixel mean and std. The best
+   site per step is the one with the highest validation R^2. Banks are saved with full metadata.
+3. **Evaluation pass** (test images, regenerated from their seeds, never used for fitting): every
+   probe, the latent and permuted probes, the labeler applied to each step's decoded x0 preview,
+   and the layout prior are scored against the labels of the final image (:mod:`.evaluate`);
+   per-image scores are written to disk, so this pass resumes too.
+4. **Report**: ``metrics.json``, figures and ``README.md`` in the output directory.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..capture import capture, hook_sites
+from ..models import ALIASES, Model, load_model
+from ..probes import TASKS, ProbeBank, ProbeMeta, class_means_bank, load_probe_dir, probe_path, tensor_name, task_outputs
+from ..sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, decode, sample
+from ..sites import SITE_KEYS, SiteInfo
+from . import evaluate as ev
+from .dataset import Record, Shard, make_records, read_prompts
+from .fit import DEFAULT_PENALTY_GRID, RidgeStats, choose_penalty, ridge_targets, to_normalised, train_adam
+from .labelers import Labeler, build_labeler, check_labels
+
+__all__ = [
+    "RunConfig",
+    "RunContext",
+    "Layout",
+    "FitState",
+    "LATENT",
+    "prepare",
+    "new_fit_state",
+    "load_fit_state",
+    "generate_trace",
+    "label_images",
+    "accumulate",
+    "Solution",
+    "load_solution",
+    "permuted_copy",
+    "site_targets",
+    "fit_pass",
+    "merge_fits",
+    "solve",
+    "train_adam_probes",
+    "eval_pass",
+    "report",
+    "run",
+]
+
+#: The pseudo-site of the latent baseline (the UNet's 4-channel input at each step).
+LATENT = "latent"
+#: Statistics groups: the model's own UNet, and its permuted copy.
+UNET, PERMUTED = "unet", "permuted"
+_META_KEY = "ldm_scene_fit"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One probe run. ``out`` receives the probes, metrics and figures; ``out/work`` the resumable state.
+
+    ``labeler`` is a :func:`~.labelers.build_labeler` spec (default: ``toy`` when the model
+    directory has ``labelers/``, else ``dpt+tracer``). ``prompts`` is a file of prompts (default:
+    the toy renderer's prompt for each seed). ``preview_images`` caps how many test images get the
+    labeler-on-x0 baseline (None: all). ``adam_keys`` are ``(site, step)`` pairs for the Adam vs
+    ridge comparison (None: a default few; empty: skip it), trained on the first ``adam_images``
+    fitting images.
+    """
+
+    model: str
+    n: int
+    out: str
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = 0
+    labeler: str | None = None
+    prompts: str | None = None
+    train_fraction: float = 0.4
+    val_fraction: float = 0.2
+    penalties: tuple[float, ...] = DEFAULT_PENALTY_GRID
+    checkpoint_every: int = 25
+    latent_baseline: bool = True
+    permuted: bool = True
+    permute_seed: int = 0
+    preview_images: int | None = None
+    adam_keys: tuple[tuple[str, int], ...] | None = None
+    adam_images: int = 128
+    adam_epochs: int = 30
+    n_examples: int = 3
+    figures: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 3:
+            raise ValueError(f"n must be >= 3 (train, val and test images), got {self.n}")
+        if not 1 <= self.steps <= 200:
+            raise ValueError(f"steps must be in 1..200, got {self.steps}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1): the penalty is chosen on validation images")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if not self.penalties or any(p < 0 or not math.isfinite(p) for p in self.penalties):
+            raise ValueError(f"penalties must be finite and >= 0, got {self.penalties}")
+        if self.adam_images < 1 or self.adam_epochs < 1 or self.n_examples < 0:
+            raise ValueError("adam_images and adam_epochs must be >= 1, n_examples >= 0")
+        for key in self.adam_keys or ():
+            if key[0] not in SITE_KEYS or not 0 <= int(key[1]) < self.steps:
+                raise ValueError(f"adam key {key} is not (site, step) with a known site and step < {self.steps}")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.out) / "work"
+
+
+# --- column layout: all tasks' targets side by side in one accumulator -----------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each task's target columns sit in the shared accumulators (foreground takes 2: [1-p, p])."""
+
+    tasks: tuple[str, ...]
+
+    @property
+    def columns(self) -> dict[str, slice]:
+        cols, start = {}, 0
+        for task in self.tasks:
+            k = task_outputs(task)
+            cols[task] = slice(start, start + k)
+            start += k
+        return cols
+
+    @property
+    def width(self) -> int:
+        return sum(task_outputs(t) for t in self.tasks)
+
+    def targets(self, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[T, K]`` float64 from per-token labels ``{task: [T]}``."""
+        return torch.cat([ridge_targets(t, labels[t].to(torch.float64)) for t in self.tasks], dim=1)
+
+
+def slice_stats(stats: RidgeStats, cols: slice) -> RidgeStats:
+    """The accumulator of a subset of target columns (``X^T X`` is shared by every column)."""
+    out = RidgeStats.__new__(RidgeStats)
+    out.channels, out.outputs = stats.channels, cols.stop - cols.start
+    out.n = stats.n
+    out.xtx = stats.xtx
+    out.xty = stats.xty[:, cols]
+    out.yty = stats.yty[cols]
+    return out
+
+
+# --- context ------------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """What every phase of a run needs: config, model, labeler, records, sites, layout."""
+
+    config: RunConfig
+    model: Model
+    labeler: Labeler
+    records: list[Record]
+    sites: list[SiteInfo]
+    layout: Layout
+    _permuted: torch.nn.Module | None = None
+
+    @property
+    def work(self) -> Path:
+        return self.config.work_dir
+
+    @property
+    def out(self) -> Path:
+        return self.config.out_dir
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.model.image_size
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        f = self.model.vae_scale_factor
+        return self.image_size[0] // f, self.image_size[1] // f
+
+    @property
+    def fit_records(self) -> list[Record]:
+        return [r for r in self.records if r.fits]
+
+    @property
+    def test_records(self) -> list[Record]:
+        return [r for r in self.records if r.split == "test"]
+
+    @property
+    def adam_keys(self) -> list[tuple[str, int]]:
+        if self.config.adam_keys is not None:
+            return [(s, int(t)) for s, t in self.config.adam_keys]
+        last = self.config.steps - 1
+        keys = []
+        for site in ("up_blocks.1.attentions.1", "up_blocks.2.attentions.1"):
+            for step in sorted({min(4, last), last}):
+                keys.append((site, step))
+        return keys
+
+    @property
+    def adam_indices(self) -> set[int]:
+        if not self.adam_keys:
+            return set()
+        return {r.index for r in self.fit_records[: self.config.adam_images]}
+
+    @property
+    def permuted_unet(self) -> torch.nn.Module:
+        if self._permuted is None:
+            self._permuted = permuted_copy(self.model.unet, self.config.permute_seed)
+        return self._permuted
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the saved state depends on; a resumed run must match it."""
+        c = self.config
+        prompts = hashlib.sha256("\n".join(r.prompt for r in self.records).encode()).hexdigest()[:16]
+        return {
+            "model": self.model.model_id, "n": c.n, "steps": c.steps, "guidance": float(c.guidance), "seed": c.seed,
+            "labeler": self.labeler.name, "tasks": list(self.layout.tasks), "prompts_sha256": prompts,
+            "splits": [c.train_fraction, c.val_fraction], "latent": c.latent_baseline, "permuted": c.permuted,
+            "permute_seed": c.permute_seed, "adam_keys": [list(k) for k in self.adam_keys], "adam_images": c.adam_images,
+            "image_size": list(self.image_size), "dtype": str(self.model.dtype),
+        }
+
+
+def _model_dir(name: str) -> Path | None:
+    path = Path(ALIASES.get(name, name))
+    return path if path.is_dir() else None
+
+
+def prepare(config: RunConfig, labeler: Labeler | None = None, model: Model | None = None) -> RunContext:
+    """Load the model and labeler, make the records and check ``out/work`` belongs to this run.
+
+    A work directory written by a run with another fingerprint (model, N, steps, seeds, labeler,
+    ...) is refused with a message, never silently mixed in.
+    """
+    if model is None:
+        model = load_model(config.model, device=config.device)
+    if labeler is None:
+        spec = config.labeler
+        model_dir = _model_dir(config.model)
+        if spec is None:
+            has_toy = model_dir is not None and (model_dir / "labelers" / "labeler.safetensors").is_file()
+            spec = "toy" if has_toy else "dpt+tracer"
+        labeler = build_labeler(spec, model_dir=model_dir, device=model.device)
+    tasks = tuple(t for t in TASKS if t in labeler.tasks)
+    if not tasks:
+        raise ValueError(f"labeler {labeler.name} provides none of the tasks {TASKS}")
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    records = make_records(config.n, config.seed, prompts, config.train_fraction, config.val_fraction)
+    ctx = RunContext(config, model, labeler, records, model.sites(), Layout(tasks))
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    fp_path = ctx.work / "run.json"
+    fp = ctx.fingerprint()
+    if fp_path.exists():
+        old = json.loads(fp_path.read_text())
+        if old != fp:
+            diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+            raise ValueError(
+                f"{ctx.work} holds the state of another run (differs in {', '.join(diff)}); "
+                "use another --out or delete that work directory"
+            )
+    else:
+        _write_text(fp_path, json.dumps(fp, indent=1))
+    return ctx
+
+
+def _write_text(path: Path, text: str) -> None:
+    # per-process temporary name: under accelerate every rank may write the same file at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- the permuted control -------------------------------------------------------------------
+
+@torch.no_grad()
+def permuted_copy(unet: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``unet`` whose every parameter tensor has its entries randomly shuffled.
+
+    The permutation of each tensor is drawn, in ``named_parameters`` order, from one CPU
+    generator seeded with ``seed``: the same seed gives the same network. Each tensor keeps its
+    own values (so the weight statistics of every layer are unchanged), but all learned structure
+    is gone.
+    """
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    out = copy.deepcopy(unet).eval()
+    for module in out.modules():
+        # a copy made while someone's hooks were attached must not carry them
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    for _, p in out.named_parameters():
+        perm = torch.randperm(p.numel(), generator=gen).to(p.device)
+        p.copy_(p.reshape(-1)[perm].reshape(p.shape))
+        p.requires_grad_(False)
+    return out
+
+
+# --- one image --------------------------------------------------------------------------------
+
+@dataclass
+class ImageTrace:
+    """One generated image with what the fit and evaluation need of it.
+
+    ``acts[site]`` is ``[S, T, C]`` (conditional half, the model's dtype and device), ``inputs``
+    the UNet input of the conditional half per step ``[S, 4, h, w]``, ``timesteps`` ``[S]``,
+    ``embeds`` the conditional text embedding ``[1, L, D]``, ``x0`` ``[S, 4, h, w]`` and
+    ``image`` uint8 ``[H, W, 3]``.
+    """
+
+    record: Record
+    acts: dict[str, torch.Tensor]
+    inputs: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    x0: torch.Tensor
+    image: np.ndarray
+    seconds: float = 0.0
+
+
+@contextmanager
+def unet_inputs(unet: torch.nn.Module, guided: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Record ``(sample, timestep, encoder_hidden_states)`` of the conditional half of each UNet call."""
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        e = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        if guided:
+            x, e = x.chunk(2)[1], e.chunk(2)[1]
+        t = torch.as_tensor(t).reshape(-1)[:1]
+        calls.append((x.detach().clone(), t.detach().clone(), e.detach().clone()))
+
+    with ExitStack() as stack:
+        stack.callback(unet.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        yield calls
+
+
+def generate_trace(ctx: RunContext, record: Record, previews: bool = False) -> ImageTrace:
+    """Generate ``record``'s image keeping every site's conditional activation at every step."""
+    c = ctx.config
+    config = GenerationConfig(record.prompt, seed=record.seed, steps=c.steps, guidance=c.guidance)
+    unet = ctx.model.unet
+    start = time.perf_counter()
+    x0s, image = [], None
+    with capture(unet, SITE_KEYS, split_guidance=config.uses_guidance, to_cpu=False) as cap, unet_inputs(
+        unet, config.uses_guidance
+    ) as calls:
+        for state in sample(ctx.model, config):
+            x0s.append(state.x0)
+            if state.image is not None:
+                image = np.asarray(state.image.convert("RGB"), dtype=np.uint8)
+    steps = len(x0s)
+    acts = {site: torch.cat([cap.values[(site, s)] for s in range(steps)]) for site in SITE_KEYS}
+    trace = ImageTrace(
+        record=record,
+        acts=acts,
+        inputs=torch.cat([x for x, _, _ in calls]),
+        timesteps=torch.cat([t for _, t, _ in calls]),
+        embeds=calls[0][2],
+        x0=torch.cat(x0s),
+        image=image,
+    )
+    trace.seconds = time.perf_counter() - start
+    return trace
+
+
+@torch.no_grad()
+def permuted_acts(ctx: RunContext, trace: ImageTrace) -> dict[str, torch.Tensor]:
+    """The permuted UNet's site activations ``[S, T, C]`` on the trace's inputs, all steps in one batch."""
+    unet = ctx.permuted_unet
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(site: str, step: int, act: torch.Tensor) -> None:
+        kept[site] = act.detach().clone()
+
+    steps = trace.inputs.shape[0]
+    embeds = trace.embeds.expand(steps, *trace.embeds.shape[1:])
+    with hook_sites(unet, SITE_KEYS, keep, split_guidance=False):
+        unet(trace.inputs, trace.timesteps.to(trace.inputs.device), encoder_hidden_states=embeds, return_dict=False)
+    return kept
+
+
+def label_images(ctx: RunContext, images: np.ndarray, seeds: Sequence[int] | None) -> dict[str, np.ndarray]:
+    """The labeler's maps ``{task: [N, H, W]}`` at the image size, validated."""
+    raw = ctx.labeler(images, seeds=seeds)
+    return check_labels(raw, ctx.layout.tasks, len(images), ctx.image_size)
+
+
+def site_targets(labels: dict[str, np.ndarray], hw: tuple[int, int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Each label map ``[H, W]`` area-averaged to the token grid ``hw`` and flattened row-major: ``{task: [h*w]}``.
+
+    For foreground (a 0/1 mask) the average is the fraction of the token's cell that is foreground.
+    """
+    out = {}
+    for task, y in labels.items():
+        t = torch.as_tensor(np.asarray(y), dtype=torch.float64)[None, None]
+        out[task] = F.adaptive_avg_pool2d(t, hw).reshape(-1).to(device)
+    return out
+
+
+def _latent_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[S, 4, h, w]`` -> ``[S, h*w, 4]`` (row-major tokens, as the UNet flattens its grids)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+# --- fitting state --------------------------------------------------------------------------
+
+@dataclass
+class FitState:
+    """Everything the fit pass accumulates, for one shard or merged.
+
+    ``stats[group][split][(key, step)]``: group ``"unet"`` or ``"permuted"``, split ``"train"`` or
+    ``"val"``, key a site or :data:`LATENT`. ``pixels[task]`` is ``[sum, sum of squares, count]``
+    over every label pixel of the fitting images (train and val) and ``maps[task]`` the per-pixel
+    sum ``[H, W]`` of the label maps over ``n_images`` images. ``done`` counts processed images.
+    """
+
+    stats: dict[str, dict[str, dict[tuple[str, int], RidgeStats]]]
+    pixels: dict[str, torch.Tensor]
+    maps: dict[str, torch.Tensor]
+    n_images: int = 0
+    done: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def merge(self, other: "FitState") -> None:
+        for group, splits in other.stats.items():
+            for split, keyed in splits.items():
+                for key, s in keyed.items():
+                    self.stats[group][split][key].merge(s)
+        for task in self.pixels:
+            self.pixels[task] += other.pixels[task]
+            self.maps[task] += other.maps[task]
+        self.n_images += other.n_images
+        self.done += other.done
+        for k, v in other.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+
+def new_fit_state(ctx: RunContext) -> FitState:
+    device = ctx.model.device
+    k = ctx.layout.width
+    groups = [UNET] + ([PERMUTED] if ctx.config.permuted else [])
+    stats: dict[str, dict[str, dict[tuple[str, int], RidgeStats]]] = {}
+    for group in groups:
+        stats[group] = {}
+        for split in ("train", "val"):
+            keyed = {}
+            for info in ctx.sites:
+                for step in range(ctx.config.steps):
+                    keyed[(info.key, step)] = RidgeStats(info.channels, k, device=device)
+            if group == UNET and ctx.config.latent_baseline:
+                channels = int(ctx.model.unet.config.in_channels)
+                for step in range(ctx.config.steps):
+                    keyed[(LATENT, step)] = RidgeStats(channels, k, device=device)
+            stats[group][split] = keyed
+    h, w = ctx.image_size
+    pixels = {t: torch.zeros(3, dtype=torch.float64) for t in ctx.layout.tasks}
+    maps = {t: torch.zeros(h, w, dtype=torch.float64) for t in ctx.layout.tasks}
+    return FitState(stats, pixels, maps)
+
+
+def _state_tensors(state: FitState) -> dict[str, torch.Tensor]:
+    out = {}
+    for group, splits in state.stats.items():
+        for split, keyed in splits.items():
+            for (key, step), s in keyed.items():
+                for name, tensor in s.state_dict().items():
+                    out[f"stats/{group}/{split}/{key}/{step:03d}/{name}"] = tensor.contiguous()
+    for task in state.pixels:
+        out[f"pixels/{task}"] = state.pixels[task].contiguous()
+        out[f"maps/{task}"] = state.maps[task].contiguous()
+    return out
+
+
+def save_fit_state(state: FitState, path: Path, fingerprint: dict) -> None:
+    """One safetensors file, replaced atomically, with the progress in its metadata."""
+    meta = {"done": state.done, "n_images": state.n_images, "seconds": state.seconds, "run": fingerprint}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_state_tensors(state), str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_fit_state(ctx: RunContext, path: Path) -> FitState:
+    """Read a checkpoint written by :func:`save_fit_state` for this run."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[_META_KEY])
+    if meta["run"] != ctx.fingerprint():
+        raise ValueError(f"{path} was written by another run; delete it or use another --out")
+    tensors = load_file(str(path), device="cpu")
+    state = new_fit_state(ctx)
+    device = ctx.model.device
+    grouped: dict[tuple[str, str, str, int], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        parts = name.split("/")
+        if parts[0] == "stats":
+            _, group, split, key, step, stat = parts
+            grouped.setdefault((group, split, key, int(step)), {})[stat] = tensor
+        elif parts[0] == "pixels":
+            state.pixels[parts[1]] = tensor.clone()
+        elif parts[0] == "maps":
+            state.maps[parts[1]] = tensor.clone()
+    for (group, split, key, step), sd in grouped.items():
+        state.stats[group][split][(key, step)] = RidgeStats.from_state_dict(sd, device=device)
+    expected = sum(len(k) for s in state.stats.values() for k in s.values())
+    if len(grouped) != expected:
+        raise ValueError(f"{path} holds {len(grouped)} accumulators, this run has {expected}")
+    state.done, state.n_images, state.seconds = int(meta["done"]), int(meta["n_images"]), dict(meta["seconds"])
+    return state
+
+
+def _fit_path(ctx: RunContext, shard: Shard) -> Path:
+    return ctx.work / "fit" / f"{shard.tag}.safetensors"
+
+
+def accumulate(ctx: RunContext, state: FitState, trace: ImageTrace, labels: dict[str, np.ndarray]) -> None:
+    """Add one image (its kept activations and its final image's labels) to the fit state."""
+    split = trace.record.split
+    layout = ctx.layout
+    device = ctx.model.device
+    t0 = time.perf_counter()
+    keyed = state.stats[UNET][split]
+    targets_by_hw: dict[tuple[int, int], torch.Tensor] = {}
+
+    def targets(hw: tuple[int, int]) -> torch.Tensor:
+        if hw not in targets_by_hw:
+            targets_by_hw[hw] = layout.targets(site_targets(labels, hw, device))
+        return targets_by_hw[hw]
+
+    for info in ctx.sites:
+        y = targets((info.height, info.width))
+        acts = trace.acts[info.key]
+        for step in range(acts.shape[0]):
+            keyed[(info.key, step)].update(acts[step], y)
+    if ctx.config.latent_baseline:
+        y = targets(ctx.latent_hw)
+        tokens = _latent_tokens(trace.inputs)
+        for step in range(tokens.shape[0]):
+            keyed[(LATENT, step)].update(tokens[step], y)
+    t1 = time.perf_counter()
+    if ctx.config.permuted:
+        perm = permuted_acts(ctx, trace)
+        t2 = time.perf_counter()
+        pkeyed = state.stats[PERMUTED][split]
+        for info in ctx.sites:
+            y = targets((info.height, info.width))
+            for step in range(perm[info.key].shape[0]):
+                pkeyed[(info.key, step)].update(perm[info.key][step], y)
+        t3 = time.perf_counter()
+        state.seconds["permuted_forward"] = state.seconds.get("permuted_forward", 0.0) + t2 - t1
+        state.seconds["permuted_update"] = state.seconds.get("permuted_update", 0.0) + t3 - t2
+    for task in layout.tasks:
+        y = torch.from_numpy(labels[task]).to(torch.float64)
+        state.pixels[task] += torch.stack([y.sum(), (y * y).sum(), torch.tensor(float(y.numel()), dtype=torch.float64)])
+        state.maps[task] += y
+    state.n_images += 1
+    state.seconds["update"] = state.seconds.get("update", 0.0) + t1 - t0
+
+
+def _save_adam_acts(ctx: RunContext, trace: ImageTrace, labels: dict[str, np.ndarray]) -> None:
+    tensors = {}
+    for site, step in ctx.adam_keys:
+        tensors[f"{site}.step{step:02d}.act"] = trace.acts[site][step].to(torch.float16).cpu().contiguous()
+    for info in ctx.sites:
+        if any(site == info.key for site, _ in ctx.adam_keys):
+            y = site_targets(labels, (info.height, info.width))
+            for task, v in y.items():
+                tensors[f"{info.key}.{task}"] = v.to(torch.float32).contiguous()
+    path = ctx.work / "adam" / f"{trace.record.index:06d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def fit_pass(ctx: RunContext, shard: Shard = Shard(), limit: int | None = None, progress: bool = True) -> FitState:
+    """Stream this shard's train and val images into the fit state, resuming from its checkpoint.
+
+    Saves a checkpoint every ``checkpoint_every`` images and at the end. ``limit`` stops after that
+    many newly processed images (a time-boxed run; rerun to continue). Returns the shard's state.
+    """
+    path = _fit_path(ctx, shard)
+    state = load_fit_state(ctx, path) if path.exists() else new_fit_state(ctx)
+    todo = shard.select(ctx.fit_records)
+    adam = ctx.adam_indices
+    fp = ctx.fingerprint()
+    bar = tqdm(total=len(todo), initial=state.done, desc=f"fit {shard.tag}", disable=not progress, unit="img")
+    processed = 0
+    try:
+        for record in todo[state.done :]:
+            if limit is not None and processed >= limit:
+                break
+            trace = generate_trace(ctx, record)
+            t0 = time.perf_counter()
+            labels = {t: v[0] for t, v in label_images(ctx, trace.image[None], [record.seed]).items()}
+            state.seconds["label"] = state.seconds.get("label", 0.0) + time.perf_counter() - t0
+            state.seconds["generate"] = state.seconds.get("generate", 0.0) + trace.seconds
+            accumulate(ctx, state, trace, labels)
+            if record.index in adam:
+                _save_adam_acts(ctx, trace, labels)
+            del trace
+            state.done += 1
+            processed += 1
+            bar.update(1)
+            if state.done % ctx.config.checkpoint_every == 0:
+                save_fit_state(state, path, fp)
+    finally:
+        bar.close()
+    save_fit_state(state, path, fp)
+    return state
+
+
+def merge_fits(ctx: RunContext, world: int) -> FitState:
+    """Merge the ``world`` shards' checkpoints (rank order) into one state; every shard must be complete."""
+    merged = None
+    for rank in range(world):
+        shard = Shard(rank, world)
+        path = _fit_path(ctx, shard)
+        if not path.exists():
+            raise FileNotFoundError(f"shard {shard.tag} has no fit checkpoint at {path}")
+        state = load_fit_state(ctx, path)
+        expected = len(shard.select(ctx.fit_records))
+        if state.done != expected:
+            raise RuntimeError(f"shard {shard.tag} fit {state.done} of its {expected} images; rerun to finish it")
+        if merged is None:
+            merged = state
+        else:
+            merged.merge(state)
+    assert merged is not None
+    return merged
+
+
+# --- solve ------------------------------------------------------------------------------------
+
+@dataclass
+class Solution:
+    """Solved probes and what evaluation needs, as saved in ``out`` and ``out/work``.
+
+    ``weights[group][task][(key, step)] = (w [K, C], b [K])`` predicting normalised targets;
+    ``val_r2[group][task][key]`` per step; ``best[group][task]`` the site per step with the highest
+    validation R^2; ``norm[task] = (mean, std)``; ``priors[task]`` the per-pixel mean label map.
+    """
+
+    weights: dict[str, dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]]
+    penalties: dict[str, dict[str, dict[tuple[str, int], float]]]
+    val_r2: dict[str, dict[str, dict[str, list[float]]]]
+    best: dict[str, dict[str, list[str]]]
+    best_site: dict[str, str]
+    norm: dict[str, tuple[float, float]]
+    priors: dict[str, torch.Tensor]
+    n_fit: dict[str, int]
+
+
+def _val_r2(val: RidgeStats, mse: float) -> float:
+    var = float((val.target_std() ** 2).mean())
+    return 1.0 - mse / var if var > 0 else math.nan
+
+
+def _best_sites(val_r2: dict[str, list[float]], steps: int) -> tuple[list[str], str]:
+    sites = [s for s in val_r2 if s != LATENT]
+    per_step = []
+    for step in range(steps):
+        per_step.append(max(sites, key=lambda s: -math.inf if math.isnan(val_r2[s][step]) else val_r2[s][step]))
+    tail = range(max(0, steps - 5), steps)
+
+    def tail_mean(s: str) -> float:
+        vals = [val_r2[s][t] for t in tail if not math.isnan(val_r2[s][t])]
+        return sum(vals) / len(vals) if vals else -math.inf
+
+    return per_step, max(sites, key=tail_mean)
+
+
+def solve(ctx: RunContext, state: FitState, progress: bool = True) -> Solution:
+    """Choose penalties on validation, refit on train + val, normalise, pick best sites; save everything."""
+    c = ctx.config
+    cols = ctx.layout.columns
+    norm: dict[str, tuple[float, float]] = {}
+    for task in ctx.layout.tasks:
+        if task == "foreground":
+            norm[task] = (0.0, 1.0)
+            continue
+        total, sq, count = (float(v) for v in state.pixels[task])
+        mean = total / count
+        std = math.sqrt(max(sq / count - mean * mean, 0.0))
+        norm[task] = (mean, std if std > 0 else 1.0)
+    priors = {t: (state.maps[t] / max(state.n_images, 1)).to(torch.float32) for t in ctx.layout.tasks}
+    weights: dict = {}
+    penalties: dict = {}
+    val_r2: dict = {}
+    best: dict = {}
+    best_site: dict = {}
+    for group, splits in state.stats.items():
+        weights[group], penalties[group], val_r2[group], best[group] = {}, {}, {}, {}
+        keys = list(splits["train"])
+        for task in ctx.layout.tasks:
+            weights[group][task], penalties[group][task] = {}, {}
+            r2: dict[str, list[float]] = {}
+            mean, std = norm[task]
+            for key in tqdm(keys, desc=f"solve {group} {task}", disable=not progress, leave=False):
+                train = slice_stats(splits["train"][key], cols[task])
+                val = slice_stats(splits["val"][key], cols[task])
+                penalty, _, _, scores = choose_penalty(train, val, c.penalties, refit=False)
+                both = RidgeStats(train.channels, train.outputs, device=train.device)
+                both.merge(train)
+                both.merge(val)
+                w, b = both.solve(penalty)
+                if task != "foreground":
+                    w, b = to_normalised(w, b, mean, std)
+                weights[group][task][key] = (w, b)
+                penalties[group][task][key] = penalty
+                r2.setdefault(key[0], [math.nan] * c.steps)[key[1]] = _val_r2(val, scores[penalty])
+            val_r2[group][task] = r2
+            per_step, overall = _best_sites(r2, c.steps)
+            best[group][task] = per_step
+            if group == UNET:
+                best_site[task] = overall
+    n_fit = {
+        "train": sum(1 for r in ctx.records if r.split == "train"),
+        "val": sum(1 for r in ctx.records if r.split == "val"),
+    }
+    sol = Solution(weights, penalties, val_r2, best, best_site, norm, priors, n_fit)
+    save_solution(ctx, sol)
+    if "foreground" in cols and UNET in state.stats:
+        save_class_means(ctx, sol, state)
+    return sol
+
+
+def _meta(ctx: RunContext, sol: Solution, task: str, group: str) -> ProbeMeta:
+    c = ctx.config
+    mean, std = sol.norm[task]
+    seeds = [r.seed for r in ctx.records]
+    return ProbeMeta(
+        task=task,
+        model_id=ctx.model.model_id,
+        image_size=ctx.image_size,
+        scheduler=type(ctx.model.pipe.scheduler).__name__,
+        num_steps=c.steps,
+        sites={i.key: (i.channels, i.height, i.width) for i in ctx.sites},
+        target_mean=mean,
+        target_std=std,
+        training={
+            "method": "ridge",
+            "unet": "permuted (control)" if group == PERMUTED else "as trained",
+            "penalty": {tensor_name(s, t, "weight")[: -len(".weight")]: p for (s, t), p in sol.penalties[group][task].items() if s != LATENT},
+            "penalty_grid": list(c.penalties),
+            "penalty_scale": "relative: lambda = penalty * trace(centred X^T X) / C",
+            "penalty_chosen_on": "validation MSE; probe refit on train + val",
+            "targets": "labels of the final image, area-averaged to each site's token grid"
+            + ("; foreground as [1 - p, p] with p the cell's foreground fraction" if task == "foreground" else ""),
+            "n_images": sol.n_fit["train"] + sol.n_fit["val"],
+            "n_train": sol.n_fit["train"],
+            "n_val": sol.n_fit["val"],
+            "seeds": {"first": min(seeds), "count": len(seeds), "fit": [r.seed for r in ctx.fit_records]},
+            "labeler": ctx.labeler.name,
+            "guidance": float(c.guidance),
+            "bias": True,
+            "best_site_per_step": sol.best[group][task],
+            "best_site": sol.best_site.get(task),
+        },
+    )
+
+
+def _bank(ctx: RunContext, sol: Solution, task: str, group: str) -> ProbeBank:
+    ws = {k: v[0] for k, v in sol.weights[group][task].items() if k[0] != LATENT}
+    bs = {k: v[1] for k, v in sol.weights[group][task].items() if k[0] != LATENT}
+    return ProbeBank(_meta(ctx, sol, task, group), ws, bs)
+
+
+def save_class_means(ctx: RunContext, sol: Solution, state: FitState) -> None:
+    """The background / foreground mean activation per (site, step), read off the statistics.
+
+    With foreground targets ``[1 - p, p]``, column k of ``X^T Y`` sums the activations weighted by
+    each token's background / foreground fraction and its bias row sums the weights, so their
+    ratio is the class mean. The steering intervention moves tokens along their difference.
+    """
+    cols = ctx.layout.columns["foreground"]
+    sums, counts = {}, {}
+    for (key, step), train in state.stats[UNET]["train"].items():
+        if key == LATENT:
+            continue
+        xty = train.xty[:, cols] + state.stats[UNET]["val"][(key, step)].xty[:, cols]
+        sums[(key, step)] = xty[: train.channels].T
+        counts[(key, step)] = xty[train.channels]
+    bank = class_means_bank(sums, counts, _bank(ctx, sol, "foreground", UNET))
+    bank.save(Path(ctx.out) / "foreground_means.safetensors")
+
+
+def save_solution(ctx: RunContext, sol: Solution) -> None:
+    """Banks to ``out/<task>.safetensors`` (and the permuted control's to ``work/permuted/``);
+    the latent probes, priors and selection to ``work/solution.*``."""
+    for group in sol.weights:
+        for task in ctx.layout.tasks:
+            bank = _bank(ctx, sol, task, group)
+            bank.save(probe_path(ctx.out if group == UNET else ctx.work / "permuted", task))
+    tensors = {f"prior/{t}": p.contiguous() for t, p in sol.priors.items()}
+    for task, keyed in sol.weights.get(UNET, {}).items():
+        for (key, step), (w, b) in keyed.items():
+            if key == LATENT:
+                tensors[f"latent/{task}/{step:03d}/weight"] = w.contiguous()
+                tensors[f"latent/{task}/{step:03d}/bias"] = b.contiguous()
+    save_file(tensors, str(ctx.work / "solution.safetensors"))
+    info = {
+        "val_r2": sol.val_r2, "best": sol.best, "best_site": sol.best_site, "norm": sol.norm, "n_fit": sol.n_fit,
+        "latent_penalty": {t: [sol.penalties[UNET][t].get((LATENT, s)) for s in range(ctx.config.steps)] for t in ctx.layout.tasks},
+    }
+    _write_text(ctx.work / "solution.json", ev.dumps(info))
+
+
+def load_solution(ctx: RunContext) -> Solution:
+    """Read what :func:`save_solution` wrote (every evaluation process reads it from disk)."""
+    info = json.loads((ctx.work / "solution.json").read_text())
+    tensors = load_file(str(ctx.work / "solution.safetensors"))
+    weights: dict = {}
+    groups = [UNET] + ([PERMUTED] if ctx.config.permuted else [])
+    for group in groups:
+        weights[group] = {}
+        banks = load_probe_dir(ctx.out if group == UNET else ctx.work / "permuted", expect_sites=ctx.sites, tasks=ctx.layout.tasks)
+        for task in ctx.layout.tasks:
+            bank = banks[task]
+            weights[group][task] = {k: (bank.weights[k], bank.biases[k]) for k in bank.keys()}
+    for name, tensor in tensors.items():
+        parts = name.split("/")
+        if parts[0] == "latent" and parts[3] == "weight":
+            task, step = parts[1], int(parts[2])
+            weights[UNET][task][(LATENT, step)] = (tensor, tensors[f"latent/{task}/{parts[2]}/bias"])
+    priors = {name.split("/")[1]: t for name, t in tensors.items() if name.startswith("prior/")}
+    nan_fix = lambda d: {g: {t: {s: [math.nan if v is None else v for v in vals] for s, vals in st.items()} for t, st in gd.items()} for g, gd in d.items()}  # noqa: E731
+    return Solution(
+        weights=weights, penalties={}, val_r2=nan_fix(info["val_r2"]), best=info["best"], best_site=info["best_site"],
+        norm={t: tuple(v) for t, v in info["norm"].items()}, priors=priors, n_fit=info["n_fit"],
+    )
+
+
+# --- the paper's Adam trainer, for comparison -----------------------------------------------
+
+def train_adam_probes(ctx: RunContext, sol: Solution, progress: bool = True) -> dict[str, Any]:
+    """Fit Adam probes (the paper's trainer) and ridge probes on the same kept activations.
+
+    Uses the first ``adam_images`` fitting images' activations at ``adam_keys`` (saved during the
+    fit pass). Ridge uses the penalty chosen for that (task, site, step) in the main fit. Saves
+    ``work/adam.safetensors`` (both kinds of weights) and returns timing and sizes.
+    """
+    c = ctx.config
+    keys = ctx.adam_keys
+    indices = sorted(ctx.adam_indices)
+    if not keys or not indices:
+        return {}
+    files = [load_file(str(ctx.work / "adam" / f"{i:06d}.safetensors")) for i in indices]
+    out: dict[str, torch.Tensor] = {}
+    seconds = {"adam": 0.0, "ridge": 0.0}
+    cols = ctx.layout.columns
+    for site, step in tqdm(keys, desc="adam vs ridge", disable=not progress):
+        acts = torch.stack([f[f"{site}.step{step:02d}.act"] for f in files])  # [N, T, C] fp16
+        for task in ctx.layout.tasks:
+            y = torch.stack([f[f"{site}.{task}"] for f in files]).to(torch.float64)  # [N, T] raw
+            mean, std = sol.norm[task]
+            y_norm = y if task == "foreground" else (y - mean) / std
+            t0 = time.perf_counter()
+            stats = RidgeStats(acts.shape[2], task_outputs(task))
+            for a, t in zip(acts, y):
+                stats.update(a.to(torch.float64), ridge_targets(task, t))
+            penalty = sol_penalty(ctx, sol, task, site, step)
+            w, b = stats.solve(penalty)
+            if task != "foreground":
+                w, b = to_normalised(w, b, mean, std)
+            seconds["ridge"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            wa, _ = train_adam(acts, y_norm.to(torch.float32), task, epochs=c.adam_epochs, seed=c.seed)
+            seconds["adam"] += time.perf_counter() - t0
+            stem = f"{task}/{site}/{step:03d}"
+            out[f"ridge/{stem}/weight"], out[f"ridge/{stem}/bias"] = w.contiguous(), b.contiguous()
+            out[f"adam/{stem}/weight"] = wa.contiguous()
+            out[f"adam/{stem}/bias"] = torch.zeros(wa.shape[0])
+    meta = {"n_images": len(indices), "epochs": c.adam_epochs, "lr": 1e-3, "batch_size": 4, "seconds": seconds}
+    save_file(out, str(ctx.work / "adam.safetensors"), metadata={_META_KEY: json.dumps(meta)})
+    return meta
+
+
+def sol_penalty(ctx: RunContext, sol: Solution, task: str, site: str, step: int) -> float:
+    """The penalty chosen for ``(task, site, step)`` (from memory, or the saved bank's metadata)."""
+    if sol.penalties:
+        return sol.penalties[UNET][task][(site, step)]
+    bank = ProbeBank.load(probe_path(ctx.out, task))
+    return float(bank.meta.training["penalty"][tensor_name(site, step, "weight")[: -len(".weight")]])
+
+
+def _load_adam(ctx: RunContext) -> tuple[dict[str, dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]]], dict]:
+    path = ctx.work / "adam.safetensors"
+    if not path.exists():
+        return {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[_META_KEY])
+    tensors = load_file(str(path))
+    out: dict = {"adam": {}, "ridge": {}}
+    for name, tensor in tensors.items():
+        kind, task, site, step, what = name.split("/")
+        if what == "weight":
+            out[kind][(task, site, int(step))] = (tensor, tensors[f"{kind}/{task}/{site}/{step}/bias"])
+    return out, meta
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+class _Readout:
+    """Stacked probe weights for fast readouts of one group at every (site, step)."""
+
+    def __init__(self, ctx: RunContext, weights: dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]], sol: Solution):
+        self.layout = ctx.layout
+        self.steps = ctx.config.steps
+        device = ctx.model.device
+        self.w: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        keys = {k[0] for k in next(iter(weights.values()))}
+        for key in keys:
+            ws, bs = [], []
+            for step in range(self.steps):
+                ws.append(torch.cat([weights[t][(key, step)][0] for t in self.layout.tasks]))
+                bs.append(torch.cat([weights[t][(key, step)][1] for t in self.layout.tasks]))
+            self.w[key] = torch.stack(ws).to(device=device, dtype=torch.float32)  # [S, K, C]
+            self.b[key] = torch.stack(bs).to(device=device, dtype=torch.float32)  # [S, K]
+        scale, shift = [], []
+        for t in self.layout.tasks:
+            mean, std = sol.norm[t]
+            k = task_outputs(t)
+            scale += [1.0 if t == "foreground" else std] * k
+            shift += [0.0 if t == "foreground" else mean] * k
+        self.scale = torch.tensor(scale, device=device)
+        self.shift = torch.tensor(shift, device=device)
+
+    def maps(self, key: str, acts: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Readouts on the token grid ``{task: [S, h, w]}``: foreground probability; depth/shading in label units."""
+        z = torch.einsum("stc,skc->stk", acts.to(torch.float32), self.w[key]) + self.b[key][:, None, :]
+        z = z * self.scale + self.shift
+        z = z.reshape(z.shape[0], hw[0], hw[1], -1)
+        out = {}
+        for task, sl in self.layout.columns.items():
+            if task == "foreground":
+                out[task] = torch.softmax(z[..., sl], dim=-1)[..., 1]
+            else:
+                out[task] = z[..., sl.start]
+        return out
+
+
+def _eval_path(ctx: RunContext, record: Record) -> Path:
+    return ctx.work / "eval" / f"{record.index:06d}.npz"
+
+
+def _score(ctx: RunContext, maps: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], priors: dict[str, torch.Tensor], ranks: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for task, pred in maps.items():
+        scores = ev.score_maps(task, pred, labels[task], priors.get(task) if task == "depth" else None, ranks[task])
+        for name, v in scores.items():
+            out[f"{task}/{name}"] = v
+    return out
+
+
+def eval_image(ctx: RunContext, sol: Solution, readouts: dict[str, _Readout], adam: dict, record: Record, previews: bool, example: bool) -> dict[str, np.ndarray]:
+    """All scores for one test image: ``{"<source>/<task>/<score>": array}`` (see :func:`eval_pass`)."""
+    device = ctx.model.device
+    size = ctx.image_size
+    trace = generate_trace(ctx, record)
+    labels_np = {t: v[0] for t, v in label_images(ctx, trace.image[None], [record.seed]).items()}
+    labels = {t: torch.from_numpy(v).to(device) for t, v in labels_np.items()}
+    priors = {t: p.to(device) for t, p in sol.priors.items()}
+    ranks = {t: ev.target_ranks_for(t, labels[t], priors.get(t) if t == "depth" else None) for t in labels}
+    out: dict[str, np.ndarray] = {}
+    steps = ctx.config.steps
+    example_maps: dict[str, np.ndarray] = {}
+
+    def add(prefix: str, scores: dict[str, np.ndarray], row: int | None = None, rows: int | None = None) -> None:
+        for name, v in scores.items():
+            key = f"{prefix}/{name}"
+            if row is None:
+                out[key] = v
+            else:
+                out.setdefault(key, np.full((rows, steps), np.nan))[row] = v
+
+    # probes at every site, and the permuted control (scored without the residual, which is
+    # computed below at its validation-chosen site per step only)
+    perm = permuted_acts(ctx, trace) if ctx.config.permuted else None
+    perm_maps: dict[str, dict[str, torch.Tensor]] = {}
+    for row, info in enumerate(ctx.sites):
+        hw = (info.height, info.width)
+        maps = readouts[UNET].maps(info.key, trace.acts[info.key], hw)
+        add("probe", _score(ctx, maps, labels, priors, ranks), row, len(ctx.sites))
+        if example:
+            for task in ctx.layout.tasks:
+                if sol.best_site.get(task) == info.key:
+                    example_maps[f"probe/{task}"] = maps[task].cpu().numpy().astype(np.float32)
+        if perm is not None:
+            perm_maps[info.key] = readouts[PERMUTED].maps(info.key, perm[info.key], hw)
+            add("permuted", _score(ctx, perm_maps[info.key], labels, {}, ranks), row, len(ctx.sites))
+    if perm is not None and "depth" in labels:
+        best = sol.best[PERMUTED]["depth"]
+        stack = torch.stack([ev.upsample(perm_maps[best[t]]["depth"][t : t + 1], size)[0] for t in range(steps)])
+        res = ev.score_maps("depth", stack, labels["depth"], priors["depth"], ranks["depth"])["residual"]
+        out["permuted_best/depth/residual"] = res
+    if ctx.config.latent_baseline:
+        maps = readouts[LATENT].maps(LATENT, _latent_tokens(trace.inputs), ctx.latent_hw)
+        add("latent", _score(ctx, maps, labels, priors, ranks))
+    # the layout prior, the same map at every step
+    pmaps = {t: priors[t][None] for t in ctx.layout.tasks}
+    prior_scores = {k: np.repeat(v, steps) for k, v in _score(ctx, pmaps, labels, priors, ranks).items()}
+    if "depth/residual" in prior_scores:
+        # prior minus prior is constant: no rank information, score 0 by definition
+        prior_scores["depth/residual"] = np.zeros(steps)
+    add("prior", prior_scores)
+    # the labeler on each step's decoded x0 preview
+    if previews or example:
+        preview_images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in decode(ctx.model, trace.x0)])
+        if example:
+            example_maps["x0"] = preview_images
+        if previews and getattr(ctx.labeler, "labels_any_image", True):
+            plabels = label_images(ctx, preview_images, None)
+            pmaps = {t: torch.from_numpy(v).to(device) for t, v in plabels.items()}
+            add("x0", _score(ctx, pmaps, labels, priors, ranks))
+    # Adam vs ridge at the chosen keys
+    for kind, probes in adam.items():
+        for (task, site, step), (w, b) in probes.items():
+            info = next(i for i in ctx.sites if i.key == site)
+            z = trace.acts[site][step].to(torch.float32) @ w.to(device).T + b.to(device)  # [T, K]
+            mean, std = sol.norm[task]
+            z = z.reshape(1, info.height, info.width, -1)
+            pred = torch.softmax(z, dim=-1)[..., 1] if task == "foreground" else z[..., 0] * std + mean
+            s = ev.score_maps(task, pred, labels[task], None, ranks[task])
+            out[f"{kind}/{task}/{site}@{step}"] = np.asarray(s["score"])
+    if example:
+        example_maps["image"] = trace.image
+        for t, v in labels_np.items():
+            example_maps[f"label/{t}"] = v
+        path = ctx.work / "examples" / f"{record.index:06d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **example_maps)
+    out["seconds/generate"] = np.asarray(trace.seconds)
+    return out
+
+
+def eval_pass(ctx: RunContext, shard: Shard = Shard(), limit: int | None = None, progress: bool = True) -> int:
+    """Score this shard's test images, one ``work/eval/<index>.npz`` each; done images are skipped.
+
+    Returns the number of images scored now. ``limit`` stops after that many.
+    """
+    sol = load_solution(ctx)
+    readouts = {UNET: _Readout(ctx, {t: {k: v for k, v in kv.items() if k[0] != LATENT} for t, kv in sol.weights[UNET].items()}, sol)}
+    if ctx.config.latent_baseline:
+        readouts[LATENT] = _Readout(ctx, {t: {k: v for k, v in kv.items() if k[0] == LATENT} for t, kv in sol.weights[UNET].items()}, sol)
+    if ctx.config.permuted:
+        readouts[PERMUTED] = _Readout(ctx, sol.weights[PERMUTED], sol)
+    adam, _ = _load_adam(ctx)
+    tests = ctx.test_records
+    cap = len(tests) if ctx.config.preview_images is None else ctx.config.preview_images
+    with_previews = {r.index for r in tests[:cap]}
+    examples = {r.index for r in tests[: ctx.config.n_examples]}
+    mine = shard.select(tests)
+    todo = [r for r in mine if not _eval_path(ctx, r).exists()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"test {shard.tag}", disable=not progress, unit="img")
+    done = 0
+    try:
+        for record in todo:
+            if limit is not None and done >= limit:
+                break
+            t0 = time.perf_counter()
+            scores = eval_image(ctx, sol, readouts, adam, record, record.index in with_previews, record.index in examples)
+            scores["seconds/total"] = np.asarray(time.perf_counter() - t0)
+            path = _eval_path(ctx, record)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez(tmp, **scores)
+            os.replace(tmp, path)
+            done += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return done
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _collect(ctx: RunContext) -> dict[str, np.ndarray]:
+    """Per-image score files stacked: ``{name: [n_test, ...]}``."""
+    missing = [r.index for r in ctx.test_records if not _eval_path(ctx, r).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} test images are not evaluated yet (e.g. index {missing[0]}); rerun to finish")
+    images = []
+    for record in ctx.test_records:
+        with np.load(_eval_path(ctx, record)) as f:
+            images.append({name: f[name] for name in f.files})
+    shapes = {name: v.shape for scores in images for name, v in scores.items()}
+    # an image without a baseline (e.g. no x0 previews beyond preview_images) counts as nan there
+    return {name: np.stack([s.get(name, np.full(shape, np.nan)) for s in images]) for name, shape in shapes.items()}
+
+
+def _list(a: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
+
+
+def build_metrics(ctx: RunContext, sol: Solution, stacked: dict[str, np.ndarray], adam_meta: dict) -> dict[str, Any]:
+    """The ``metrics.json`` dictionary from the stacked per-image scores."""
+    c = ctx.config
+    steps = c.steps
+    sites = [i.key for i in ctx.sites]
+    mean = {k: ev.nan_mean(v, axis=0) for k, v in stacked.items()}
+    n_test = len(ctx.test_records)
+    tasks: dict[str, Any] = {}
+    for task in ctx.layout.tasks:
+        probe = mean[f"probe/{task}/score"]  # [sites, steps]
+        best = sol.best[UNET][task]
+        idx = [sites.index(s) for s in best]
+        entry: dict[str, Any] = {
+            "metric": ev.METRIC[task],
+            "probe": {s: _list(probe[i]) for i, s in enumerate(sites)},
+            "best_site": sol.best_site[task],
+            "best_site_per_step": best,
+            "best_per_step": _list([probe[idx[t], t] for t in range(steps)]),
+            "max_over_sites_per_step": _list(np.nanmax(np.where(np.isnan(probe), -np.inf, probe), axis=0)),
+            "baselines": {},
+            "validation_r2": {s: _list(sol.val_r2[UNET][task][s]) for s in sites},
+        }
+        base = entry["baselines"]
+        base["labeler_on_x0"] = _list(mean[f"x0/{task}/score"]) if f"x0/{task}/score" in mean else [None] * steps
+        if f"latent/{task}/score" in mean:
+            base["latent_probe"] = _list(mean[f"latent/{task}/score"])
+        if f"permuted/{task}/score" in mean:
+            pbest = sol.best[PERMUTED][task]
+            perm = mean[f"permuted/{task}/score"]
+            base["permuted_unet"] = _list([perm[sites.index(pbest[t]), t] for t in range(steps)])
+            entry["permuted_site_per_step"] = pbest
+            entry["permuted_probe"] = {s: _list(perm[i]) for i, s in enumerate(sites)}
+        base["prior"] = _list(mean[f"prior/{task}/score"])
+        entry["first_step_90pct"] = ev.first_step_reaching(entry["best_per_step"])
+        if task == "foreground":
+            iou = mean["probe/foreground/iou"]
+            entry["iou"] = {s: _list(iou[i]) for i, s in enumerate(sites)}
+            entry["iou_best_per_step"] = _list([iou[idx[t], t] for t in range(steps)])
+        if task == "depth" and "probe/depth/residual" in mean:
+            res = mean["probe/depth/residual"]
+            entry["residual"] = {s: _list(res[i]) for i, s in enumerate(sites)}
+            entry["residual_best_per_step"] = _list([res[idx[t], t] for t in range(steps)])
+            entry["residual_first_step_90pct"] = ev.first_step_reaching(entry["residual_best_per_step"])
+            br: dict[str, Any] = {}
+            br["labeler_on_x0"] = _list(mean["x0/depth/residual"]) if "x0/depth/residual" in mean else [None] * steps
+            if "latent/depth/residual" in mean:
+                br["latent_probe"] = _list(mean["latent/depth/residual"])
+            if "permuted_best/depth/residual" in mean:
+                br["permuted_unet"] = _list(mean["permuted_best/depth/residual"])
+            br["prior"] = _list(mean["prior/depth/residual"])
+            entry["baselines_residual"] = br
+        tasks[task] = entry
+    adam_vs_ridge: dict[str, Any] = {}
+    if adam_meta:
+        per_task: dict[str, dict[str, dict[str, float | None]]] = {}
+        for name, values in mean.items():
+            kind, _, rest = name.partition("/")
+            if kind not in ("adam", "ridge"):
+                continue
+            task, _, key = rest.partition("/")
+            per_task.setdefault(task, {}).setdefault(key, {})[kind] = _list(values)[0]
+        adam_vs_ridge = {
+            "n_images": adam_meta["n_images"], "epochs": adam_meta["epochs"], "lr": adam_meta["lr"],
+            "batch_size": adam_meta["batch_size"], "seconds": adam_meta["seconds"],
+            "keys": [f"{s}@{t}" for s, t in ctx.adam_keys],
+            "note": "test-split scores of both probes fit on the same kept activations; ridge at the penalty chosen "
+                    f"for that (task, site, step) in the main fit, Adam as in the paper (bias-free, lr 1e-3, batch 4, "
+                    f"{adam_meta['epochs']} epochs; the paper used 30)",
+            "tasks": {t: per_task[t] for t in ctx.layout.tasks if t in per_task},
+        }
+    n_preview = int(np.sum(~np.isnan(stacked[f"x0/{ctx.layout.tasks[0]}/score"][:, 0]))) if f"x0/{ctx.layout.tasks[0]}/score" in stacked else 0
+    seeds = [r.seed for r in ctx.records]
+    return {
+        "model": ctx.model.model_id,
+        "image_size": list(ctx.image_size),
+        "scheduler": type(ctx.model.pipe.scheduler).__name__,
+        "num_steps": steps,
+        "guidance": float(c.guidance),
+        "labeler": ctx.labeler.name,
+        "n_train": sol.n_fit["train"],
+        "n_val": sol.n_fit["val"],
+        "n_test": n_test,
+        "n_test_labeler_on_x0": n_preview,
+        "seeds": {"first": min(seeds), "count": len(seeds)},
+        "sites": sites,
+        "steps": "0-based denoising-loop indices",
+        "selection": (
+            "best_site_per_step: the site with the highest validation R^2 of its ridge fit at that step; best_site: "
+            "the highest mean validation R^2 over the last 5 steps; permuted_unet: the permuted UNet's site chosen "
+            "the same way. Scores are means over test images (nan-skipping). max_over_sites_per_step is the "
+            "test-selected maximum, for reference only."
+        ),
+        "baseline_definitions": {
+            "labeler_on_x0": "the labeler applied to each step's decoded x0 prediction, scored against its labels of "
+                             "the final image (what a detector can see at that step)",
+            "latent_probe": "the same ridge fit on the 4-channel UNet input at that step (x_t after the scheduler's "
+                            "input scaling), on the latent grid",
+            "permuted_unet": "the same ridge fit on a copy of the UNet with every parameter tensor's entries shuffled "
+                             "(seeded), run on the real trajectory's inputs; its site chosen per step on validation",
+            "prior": "the fitting images' per-pixel mean label map (foreground: mean mask > 0.5), the same every step; "
+                     "its residual depth score is 0 by definition",
+            "residual": "depth Spearman after subtracting the prior depth map from prediction and target",
+        },
+        "tasks": tasks,
+        "adam_vs_ridge": adam_vs_ridge,
+    }
+
+
+def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Aggregate the per-image scores into ``metrics.json``, figures and ``README.md`` in ``out``."""
+
+    sol = load_solution(ctx)
+    stacked = _collect(ctx)
+    _, adam_meta = _load_adam(ctx)
+    metrics = build_metrics(ctx, sol, stacked, adam_meta)
+    if extra:
+        metrics.update(extra)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    _write_text(ctx.out / "metrics.json", ev.dumps(metrics))
+    metrics = json.loads((ctx.out / "metrics.json").read_text())
+    examples = []
+    for record in ctx.test_records[: ctx.config.n_examples]:
+        path = ctx.work / "examples" / f"{record.index:06d}.npz"
+        if path.exists() and ctx.config.figures:
+            with np.load(path) as f:
+                examples.append({"seed": record.seed, "prompt": record.prompt, **{k: f[k] for k in f.files}})
+    if ctx.config.figures:
+        from .. import viz
+
+        viz.write_probe_figures(metrics, examples, ctx.out)
+    _write_text(ctx.out / "README.md", ev.render_readme(metrics))
+    return metrics
+
+
+def _timings(ctx: RunContext, world: int) -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    n = 0
+    for rank in range(world):
+        path = _fit_path(ctx, Shard(rank, world))
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()[_META_KEY])
+            n += int(meta["done"])
+            for k, v in meta["seconds"].items():
+                seconds[k] = seconds.get(k, 0.0) + v
+    out: dict[str, Any] = {}
+    if n:
+        gen = seconds.get("generate", 0.0)
+        total = sum(seconds.values())
+        out["fit_seconds_per_image"] = total / n
+        out["fit_generation_seconds_per_image"] = gen / n
+        out["fit_update_over_generation"] = seconds.get("update", 0.0) / gen if gen else None
+        if "permuted_forward" in seconds:
+            out["permuted_control_over_generation"] = (seconds["permuted_forward"] + seconds["permuted_update"]) / gen if gen else None
+    evals = [_eval_path(ctx, r) for r in ctx.test_records]
+    totals = []
+    for p in evals:
+        if p.exists():
+            with np.load(p) as f:
+                totals.append(float(f["seconds/total"]))
+    if totals:
+        out["eval_seconds_per_image"] = float(np.mean(totals))
+    out["devices"] = world
+    out["device"] = str(ctx.model.device)
+    return out
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
+def run(
+    config: RunConfig,
+    labeler: Labeler | None = None,
+    model: Model | None = None,
+    shard: Shard | None = None,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Fit, evaluate and report. With ``shard``/``barrier`` (from ``accelerate``) each process does
+    its share of both passes and rank 0 merges, solves and reports. Returns the metrics on rank 0.
+    """
+    shard = shard or Shard()
+    barrier = barrier or (lambda: None)
+    ctx = prepare(config, labeler, model)
+    fit_pass(ctx, shard, progress=progress)
+    barrier()
+    if shard.is_main:
+        state = merge_fits(ctx, shard.world)
+        solution = solve(ctx, state, progress=progress)
+        train_adam_probes(ctx, solution, progress=progress)
+    barrier()
+    eval_pass(ctx, shard, progress=progress)
+    barrier()
+    if not shard.is_main:
+        return None
+    return report(ctx, extra={"timings": _timings(ctx, shard.world)})
