@@ -63,6 +63,13 @@ class LabelerNet(nn.Module):
 class ClassifierConfig:
     width: int = 32
     classes: tuple[str, ...] = SHAPES
+    # The object covers a few percent of the image: a mean over all positions drowns it in
+    # background (a mean-pooled net collapsed to two classes), a max keeps it.
+    pool: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("max", "mean"):
+            raise ValueError(f"pool must be 'max' or 'mean', got {self.pool!r}")
 
 
 class ShapeNet(nn.Module):
@@ -76,7 +83,8 @@ class ShapeNet(nn.Module):
         self.head = nn.Linear(4 * w, len(config.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        f = self.features(x)
+        return self.head(f.amax(dim=(2, 3)) if self.config.pool == "max" else f.mean(dim=(2, 3)))
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:

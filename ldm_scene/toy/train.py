@@ -39,7 +39,7 @@ class TrainPlan:
     ae_steps: int = 700
     ae_batch: int = 16
     labeler_steps: int = 500
-    classifier_steps: int = 300
+    classifier_steps: int = 450
     aux_batch: int = 32
     unet_steps: int = 2_000
     unet_batch: int = 32
@@ -200,7 +200,7 @@ def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path) 
     if not (out / "classifier.safetensors").exists():
         torch.manual_seed(plan.seed + 4)
         net = ShapeNet(ClassifierConfig())
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
         sched = _warmup_cosine(opt, plan.classifier_steps)
         for _ in tqdm(range(plan.classifier_steps), desc="classifier"):
             x, idx = batch()

@@ -539,8 +539,7 @@ class Service:
         Yields an :class:`InterventionView` per step (preview with the foreground probe's overlay);
         the last carries a :class:`Comparison` of original, target and result with IoU.
         """
-        from ..intervention import DEFAULT_STEPS as EDIT_STEPS
-        from ..intervention import InterventionError, intervene, make_editor
+        from ..intervention import InterventionError, default_edit_steps, intervene, make_editor
 
         model = self._require_model()
         if run is None or not run.complete:
@@ -551,7 +550,7 @@ class Service:
         if method not in self.methods:
             raise InterventionError(f"unknown method {method!r}; choose one of {', '.join(self.methods)}")
         strength = _number(strength, "strength")
-        edit_steps = tuple(s for s in EDIT_STEPS if s < run.config.steps)
+        edit_steps = default_edit_steps(run.config.steps)
         # Build the editor once up front so a missing probe is reported before any model work.
         make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed)
         config = run.config
