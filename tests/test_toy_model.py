@@ -1,0 +1,78 @@
+"""The shipped toy model: loads offline with SD's site names, generates deterministically, and its
+labelers and classifier beat the trivial baselines on fresh renders with exact labels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm_scene import metrics
+from ldm_scene.models import TOY_MODEL_DIR, load_model
+from ldm_scene.sampler import GenerationConfig, sample
+from ldm_scene.sites import SITE_KEYS
+
+pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy model not shipped")
+
+#: Fresh seeds: not used by training (0..9999), held-out (10M) or any report.
+FRESH_SEED0 = 40_000_000
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def renders():
+    from ldm_scene.toy.render import render_batch
+
+    return render_batch(range(FRESH_SEED0, FRESH_SEED0 + 60))
+
+
+def test_loads_offline_with_sd_site_names(toy):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    assert [s.key for s in toy.sites()] == list(SITE_KEYS)
+    assert toy.image_size == (64, 64) and max(s.height for s in toy.sites()) >= 16
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    for key in SITE_KEYS:
+        pipe.unet.get_submodule(f"{key}.transformer_blocks.0.attn1")
+
+
+def test_generation_is_deterministic_per_seed(toy):
+    def final(seed):
+        return np.asarray([s.image for s in sample(toy, GenerationConfig("a red cube on the left", seed, steps=4))][-1])
+
+    a, b, c = final(1), final(1), final(2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_labeler_beats_the_layout_priors_on_fresh_renders(renders):
+    """Floors come from the trivial predictors on the same renders: the mean mask / depth / shading map.
+
+    Raw depth Spearman cannot tell a labeler from that layout prior (the prior alone scores ~0.96),
+    so depth and shading are compared *residually* (after subtracting the mean map from prediction
+    and target, DESIGN.md section 4), where the prior scores 0: a labeler that learned only the
+    layout would score ~0 too. The report's 500-render figures (REPORT.md) are the measured
+    quality, not asserted here.
+    """
+    from ldm_scene.toy.nets import ToyLabeler
+
+    labels = ToyLabeler.load(TOY_MODEL_DIR / "labelers")(renders["image"])
+    prior_mask = renders["mask"].mean(0) > 0.5
+    dice = metrics.mean_dice(labels["mask"], renders["mask"])
+    prior_dice = metrics.mean_dice(np.broadcast_to(prior_mask, renders["mask"].shape), renders["mask"])
+    assert dice > max(0.8, prior_dice + 0.3)
+    for task in ("depth", "shading"):
+        prior = renders[task].mean(0)
+        residual = metrics.mean_spearman(labels[task] - prior, renders[task] - prior)
+        assert residual > 0.5, task
+
+
+def test_shape_classifier_is_far_above_chance(renders):
+    """5 shapes: chance is 0.2; on fresh renders the classifier must be at least three times that."""
+    from ldm_scene.toy.nets import ToyClassifier
+
+    probs = ToyClassifier.load(TOY_MODEL_DIR / "labelers").probabilities(renders["image"])
+    assert (probs.argmax(1) == renders["shape"]).mean() > 0.6
