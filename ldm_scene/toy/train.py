@@ -179,37 +179,29 @@ def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path) 
         x = torch.cat([to_tensor(data["image"][idx[:half]]), reconstructions(ae, data, idx[half:])])
         return _augment(x, gen), idx
 
+    def fit(net: torch.nn.Module, name: str, steps: int, lr: float, loss_of) -> None:
+        opt = torch.optim.AdamW(net.parameters(), lr=lr)
+        sched = _warmup_cosine(opt, steps)
+        for _ in tqdm(range(steps), desc=name):
+            x, idx = batch()
+            loss = loss_of(net(x), idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        save_net(net.eval(), out, name)
+
     if not (out / "labeler.safetensors").exists():
         torch.manual_seed(plan.seed + 3)
-        net = LabelerNet(LabelerConfig())
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-        sched = _warmup_cosine(opt, plan.labeler_steps)
-        for _ in tqdm(range(plan.labeler_steps), desc="labeler"):
-            x, idx = batch()
-            y = net(x)
-            loss = (
-                F.binary_cross_entropy_with_logits(y[:, 0], mask[idx])
-                + 10 * F.smooth_l1_loss(y[:, 1], depth[idx], beta=0.05)
-                + 10 * F.smooth_l1_loss(y[:, 2], shading[idx], beta=0.05)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        save_net(net.eval(), out, "labeler")
+        fit(LabelerNet(LabelerConfig()), "labeler", plan.labeler_steps, 2e-3, lambda y, idx: (
+            F.binary_cross_entropy_with_logits(y[:, 0], mask[idx])
+            + 10 * F.smooth_l1_loss(y[:, 1], depth[idx], beta=0.05)
+            + 10 * F.smooth_l1_loss(y[:, 2], shading[idx], beta=0.05)
+        ))
     if not (out / "classifier.safetensors").exists():
         torch.manual_seed(plan.seed + 4)
-        net = ShapeNet(ClassifierConfig())
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        sched = _warmup_cosine(opt, plan.classifier_steps)
-        for _ in tqdm(range(plan.classifier_steps), desc="classifier"):
-            x, idx = batch()
-            loss = F.cross_entropy(net(x), shapes[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        save_net(net.eval(), out, "classifier")
+        fit(ShapeNet(ClassifierConfig()), "classifier", plan.classifier_steps, 1e-3,
+            lambda logits, idx: F.cross_entropy(logits, shapes[idx]))
 
 
 def _swap_left_right(prompt: str) -> str:
