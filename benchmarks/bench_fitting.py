@@ -32,7 +32,7 @@ def _child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(args.threads)
     from ldm_scene.sampler import GenerationConfig, sample
-    from ldm_scene.training.pipeline import RunConfig, accumulate, generate_trace, label_images, new_fit_state, prepare
+    from ldm_scene.training.pipeline import RunConfig, fit_image, new_fit_state, prepare
 
     labeler, prompts = None, None
     if args.model == "tiny":
@@ -65,13 +65,7 @@ def _child(args: argparse.Namespace) -> None:
         for _ in sample(ctx.model, GenerationConfig(record.prompt, seed=record.seed, steps=args.steps)):
             pass
         plain += time.perf_counter() - t0
-        trace = generate_trace(ctx, record)
-        t0 = time.perf_counter()
-        labels = {t: v[0] for t, v in label_images(ctx, trace.image[None], [record.seed]).items()}
-        state.seconds["label"] = state.seconds.get("label", 0.0) + time.perf_counter() - t0
-        state.seconds["generate"] = state.seconds.get("generate", 0.0) + trace.seconds
-        accumulate(ctx, state, trace, labels)
-        del trace
+        fit_image(ctx, state, record)
     fit_s = time.perf_counter() - t_fit - plain
     stats_bytes = sum(s.xtx.numel() * 8 + s.xty.numel() * 8 for g in state.stats.values()
                       for sp in g.values() for s in sp.values())

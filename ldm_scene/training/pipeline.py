@@ -621,6 +621,17 @@ def _save_adam_acts(ctx: RunContext, trace: ImageTrace, labels: dict[str, np.nda
     os.replace(tmp, path)
 
 
+def fit_image(ctx: RunContext, state: FitState, record: Record) -> tuple["ImageTrace", dict[str, np.ndarray]]:
+    """Generate one fitting image with every site kept, label its final image, update the statistics."""
+    trace = generate_trace(ctx, record)
+    t0 = time.perf_counter()
+    labels = {t: v[0] for t, v in label_images(ctx, trace.image[None], [record.seed]).items()}
+    state.seconds["label"] = state.seconds.get("label", 0.0) + time.perf_counter() - t0
+    state.seconds["generate"] = state.seconds.get("generate", 0.0) + trace.seconds
+    accumulate(ctx, state, trace, labels)
+    return trace, labels
+
+
 def fit_pass(ctx: RunContext, shard: Shard = Shard(), limit: int | None = None, progress: bool = True) -> FitState:
     """Stream this shard's train and val images into the fit state, resuming from its checkpoint.
 
@@ -638,12 +649,7 @@ def fit_pass(ctx: RunContext, shard: Shard = Shard(), limit: int | None = None, 
         for record in todo[state.done :]:
             if limit is not None and processed >= limit:
                 break
-            trace = generate_trace(ctx, record)
-            t0 = time.perf_counter()
-            labels = {t: v[0] for t, v in label_images(ctx, trace.image[None], [record.seed]).items()}
-            state.seconds["label"] = state.seconds.get("label", 0.0) + time.perf_counter() - t0
-            state.seconds["generate"] = state.seconds.get("generate", 0.0) + trace.seconds
-            accumulate(ctx, state, trace, labels)
+            trace, labels = fit_image(ctx, state, record)
             if record.index in adam:
                 _save_adam_acts(ctx, trace, labels)
             del trace
