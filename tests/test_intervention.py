@@ -8,7 +8,8 @@ from PIL import Image
 
 from ldm_scene.capture import attached_hooks, capture
 from ldm_scene.intervention import (
-    InterventionError, class_means_bank, intervene, make_editor, prepare_target, translate_mask,
+    METHOD_DEFAULTS, InterventionError, class_means_bank, default_edit_steps, intervene, make_editor, prepare_target,
+    translate_mask,
 )
 from ldm_scene.probes import ProbeBank, ProbeMeta
 from ldm_scene.sampler import GenerationConfig, sample
@@ -150,16 +151,35 @@ def test_probe_gradient_makes_the_probe_report_the_target(tiny_model, banks):
 
 
 def test_steer_moves_tokens_to_the_class_means(tiny_model, banks):
-    """With strength 1, a background token inside the target becomes a foreground-mean token."""
+    """At gain 1, a background token inside the target becomes exactly a foreground-mean token;
+    the default dose pushes it ``gain`` times as far along the same direction."""
     site, step = "up_blocks.3.attentions.0", 1
     means = banks["foreground_means"].weights[(site, step)]
     target = np.zeros(tiny_model.image_size, bool)
     target[:4, :4] = True  # exactly token (0, 0) of the 8x8 grid
-    editor = make_editor("steer", banks, target, sites=[site], steps=[step])
+    gain = METHOD_DEFAULTS["steer"].gain
+    editor = make_editor("steer", banks, target, sites=[site], steps=[step], strength=1 / gain)
     act = means[0].expand(1, 64, -1).clone()  # every token at the background mean
     out = editor.edit(site, step, act)
     assert torch.allclose(out[0, 0], means[1], atol=1e-5)
     assert torch.allclose(out[0, 1:], act[0, 1:], atol=1e-6)
+    full = make_editor("steer", banks, target, sites=[site], steps=[step]).edit(site, step, act)
+    assert torch.allclose(full[0, 0] - act[0, 0], gain * (means[1] - means[0]), atol=1e-4)
+    assert torch.allclose(full[0, 1:], act[0, 1:], atol=1e-6)
+
+
+def test_method_defaults_choose_sites_and_steps(tiny_model, banks):
+    """probe-gradient keeps the paper's 9 up-block sites and first third; steer edits all 16 sites
+    through the first two-thirds; an explicit choice overrides either."""
+    target = _target(tiny_model)
+    assert make_editor("probe-gradient", banks, target).sites == UP_SITE_KEYS
+    assert make_editor("probe-gradient", banks, target).iterations == 128
+    assert set(make_editor("steer", banks, target).sites) == set(SITE_KEYS)
+    assert set(make_editor("random-control", banks, target).sites) == set(SITE_KEYS)
+    assert make_editor("steer", banks, target, sites=["mid_block.attentions.0"]).sites == ("mid_block.attentions.0",)
+    assert default_edit_steps(15, "probe-gradient") == (0, 1, 2, 3, 4)
+    assert default_edit_steps(15, "steer") == tuple(range(10))
+    assert default_edit_steps(2, "probe-gradient") == (0,)  # never empty
 
 
 def test_random_control_has_the_same_norm_and_another_direction(tiny_model, banks):
@@ -187,6 +207,8 @@ def test_bad_requests_are_refused_without_leaving_hooks(tiny_model, banks, confi
         intervene(tiny_model, config, target, "steer", {"foreground": banks["foreground"]})
     with pytest.raises(InterventionError, match="strength"):
         intervene(tiny_model, config, target, "steer", banks, strength=float("nan"))
+    with pytest.raises(InterventionError, match="strength must be between 0 and 4"):
+        intervene(tiny_model, config, target, "steer", banks, strength=5)
     assert attached_hooks(tiny_model.unet) == 0
 
 

@@ -76,3 +76,27 @@ def test_shape_classifier_is_far_above_chance(renders):
 
     probs = ToyClassifier.load(TOY_MODEL_DIR / "labelers").probabilities(renders["image"])
     assert (probs.argmax(1) == renders["shape"]).mean() > 0.6
+
+
+def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
+    """Two evaluation trials on the shipped model: each evaluated trial has every method's row, the
+    summary is the mean of the rows, and the README table is rendered from that summary."""
+    import json
+
+    from ldm_scene.toy.intervention_eval import run_trials
+
+    summary = run_trials(TOY_MODEL_DIR, 2, tmp_path, methods=("steer", "random-control"))
+    data = json.loads((tmp_path / "intervention.json").read_text())
+    done = [t for t in data["trials"] if "skipped" not in t]
+    assert len(data["trials"]) == 2 and summary["n_evaluated"] == len(done)
+    if not done:
+        pytest.skip("neither seed drew an object")
+    for method in ("steer", "random-control"):
+        rows = [t[method] for t in done]
+        assert summary["methods"][method]["iou_target"] == pytest.approx(np.mean([r["iou_target"] for r in rows]))
+        assert summary["methods"][method]["success_rate"] == pytest.approx(np.mean([r["success"] for r in rows]))
+        for r in rows:
+            assert r["success"] == (r["iou_target"] > r["iou_original"] and r["iou_target"] > 0.5)
+        line = next(x for x in (tmp_path / "README.md").read_text().splitlines() if x.startswith(f"| {method} |"))
+        assert f"{summary['methods'][method]['iou_target']:.3f}" in line
+    assert (tmp_path / "examples.png").exists()

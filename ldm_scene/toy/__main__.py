@@ -30,7 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     iv.add_argument("--model", default="weights/toy-scenes")
     iv.add_argument("--n", type=int, default=100)
     iv.add_argument("--out", default=None, help="default: <model>/intervention")
+    sw = sub.add_parser("intervene-sweep", help="steer's success per (sites, steps, gain) on seeds apart from the evaluation's")
+    sw.add_argument("--model", default="weights/toy-scenes")
+    sw.add_argument("--n", type=int, default=24)
+    sw.add_argument("--out", default=None, help="default: <model>/intervention")
     args = parser.parse_args(argv)
+
+    if args.command == "intervene-sweep":
+        from .intervention_eval import run_sweep
+
+        run_sweep(Path(args.model), args.n, Path(args.out) if args.out else Path(args.model) / "intervention")
+        return 0
 
     if args.command == "intervene-eval":
         from .intervention_eval import run_trials

@@ -550,7 +550,7 @@ class Service:
         if method not in self.methods:
             raise InterventionError(f"unknown method {method!r}; choose one of {', '.join(self.methods)}")
         strength = _number(strength, "strength")
-        edit_steps = default_edit_steps(run.config.steps)
+        edit_steps = default_edit_steps(run.config.steps, method)
         # Build the editor once up front so a missing probe is reported before any model work.
         make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed)
         config = run.config
