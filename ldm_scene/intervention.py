@@ -210,6 +210,13 @@ def make_editor(
     """
     if method not in METHODS:
         raise InterventionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    target = np.asarray(target)
+    if target.dtype != bool or target.ndim != 2:
+        raise InterventionError(f"the target must be a 2-D bool mask (see prepare_target), got {target.dtype} {target.shape}")
+    if not target.any():
+        raise InterventionError("the target mask is empty: it must say where the object should be")
+    if target.all():
+        raise InterventionError("the target mask covers the whole image: leave some background")
     if not (np.isfinite(strength) and 0.0 <= strength <= MAX_STRENGTH):
         raise InterventionError(f"strength must be between 0 and {MAX_STRENGTH:g}, got {strength}")
     need = "foreground" if method == "probe-gradient" else "foreground_means"

@@ -209,8 +209,9 @@ class Service:
         """Load a model and its probe set; failures become messages in ``problems``, never raises.
 
         ``probe_dir`` defaults to the ``probes/`` folder shipped beside a local model. A probe
-        file that does not fit the model (another model, image size, channels) is refused with
-        the loader's message; the app then generates without readouts. ``classifier``: True picks
+        file that does not fit the model (another model, image size, channels, a corrupt or
+        pickle file) is refused with the loader's message, which names it; the other files are
+        still used, and without any the app generates without readouts. ``classifier``: True picks
         one for the model (:func:`ldm_scene.classify.classifier_for`: the toy shape classifier, else
         VGG-16, downloaded on first use), False none, or pass a classifier object.
         """
@@ -240,13 +241,10 @@ class Service:
             problems.append(f"The probe folder `{folder}` does not exist; generation works without readouts.")
             folder = None
         else:
-            try:
-                banks, means = _load_probes(model, folder)
-            except (ProbeError, OSError) as err:
-                problems.append(f"The probe set in `{folder}` does not fit this model and is not used: {err}")
-            else:
-                if not banks:
-                    problems.append(f"`{folder}` holds no probe files (`foreground/depth/shading.safetensors`).")
+            banks, means, refused = _load_probes(model, folder)
+            problems.extend(refused)
+            if not banks and not refused:
+                problems.append(f"`{folder}` holds no probe files (`foreground/depth/shading.safetensors`).")
             metrics, metric_problem = _load_metrics(folder)
             if metric_problem:
                 notes.append(metric_problem)
@@ -742,24 +740,31 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[str, ProbeBank]]:
+def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[str, ProbeBank], list[str]]:
+    """Each probe file on its own: one that does not fit is refused (with the loader's message,
+    which names the file) and the others are still used."""
+    from ..probes import TASKS, probe_path
+
     sites = model.sites()
-    banks = load_probe_dir(folder, expect_sites=sites, expect_image_size=model.image_size)
-    for task, bank in banks.items():
-        if bank.meta.model_id != model.model_id:
-            raise ProbeError(
-                f"{task} probes were fit on model {bank.meta.model_id!r}, the loaded model is {model.model_id!r}"
-            )
-    means = {}
-    if "foreground" in banks:
-        means["foreground"] = banks["foreground"]
-    path = folder / "foreground_means.safetensors"
-    if path.is_file():
-        bank = ProbeBank.load(path, expect_sites=sites, expect_image_size=model.image_size)
-        if bank.meta.model_id != model.model_id:
-            raise ProbeError(f"{path}: fit on model {bank.meta.model_id!r}, the loaded model is {model.model_id!r}")
-        means["foreground_means"] = bank
-    return banks, means
+    loaded: dict[str, ProbeBank] = {}
+    refused: list[str] = []
+    for name in (*TASKS, "foreground_means"):
+        path = probe_path(folder, name) if name in TASKS else folder / f"{name}.safetensors"
+        if not path.is_file():
+            continue
+        try:
+            bank = ProbeBank.load(path, expect_sites=sites, expect_image_size=model.image_size)
+            if bank.meta.model_id != model.model_id:
+                raise ProbeError(f"{path}: fit on model {bank.meta.model_id!r}, the loaded model is {model.model_id!r}")
+            if name in TASKS and bank.meta.task != name:
+                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says {name!r}")
+        except (ProbeError, OSError) as err:
+            refused.append(f"A probe file does not fit this model and is not used: {err}")
+            continue
+        loaded[name] = bank
+    banks = {t: b for t, b in loaded.items() if t in TASKS}
+    means = {t: loaded[t] for t in ("foreground", "foreground_means") if t in loaded}
+    return banks, means, refused
 
 
 def _load_metrics(folder: Path) -> tuple[dict[str, Any], str | None]:
