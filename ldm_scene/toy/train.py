@@ -226,7 +226,7 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     ema = [p.detach().clone() for p in params]
     noise_sched = DDPMScheduler(**SD_SCHEDULER_CONFIG)
     gen = torch.Generator().manual_seed(plan.seed + 6)
-    start, losses = 0, []
+    start, losses, spent = 0, [], 0.0
     ckpt = work / "unet_checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
@@ -237,6 +237,8 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
             e.copy_(v)
         gen.set_state(state["gen"])
         start, losses = int(state["step"]), state["losses"].tolist()
+        spent = float(state.get("seconds", 0.0))  # training time before this run (older checkpoints: unknown)
+    t0 = time.perf_counter()
 
     def lr_at(step: int) -> float:
         warm = 300
@@ -277,7 +279,8 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
         if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
             torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
                         "ema": ema, "gen": gen.get_state(), "step": step + 1,
-                        "losses": torch.tensor(losses)}, ckpt.with_suffix(".tmp"))
+                        "losses": torch.tensor(losses), "seconds": spent + time.perf_counter() - t0},
+                       ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
     with torch.no_grad():
         for e, p in zip(ema, params):
@@ -287,6 +290,7 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     pipe = assemble_pipeline(unet, ae, text, tokenizer)
     pipe.save_pretrained(out)
     (work / "unet_losses.json").write_text(json.dumps(losses[::10]))
+    _add_timing(work, "unet_s", spent + time.perf_counter() - t0, replace=True)
     return pipe
 
 
@@ -305,31 +309,39 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tupl
     torch.set_num_threads(plan.threads)
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    timings = {}
     t0 = time.perf_counter()
+    cached = (work / "train.npz").exists() and (work / "heldout.npz").exists()
     data = render_dataset(range(plan.n_train), work / "train.npz")
     heldout = render_dataset(range(HELDOUT_SEED0, HELDOUT_SEED0 + plan.n_heldout), work / "heldout.npz")
-    timings["render_s"] = time.perf_counter() - t0
+    if not cached:
+        _add_timing(work, "render_s", time.perf_counter() - t0)
     if "autoencoder" in stages or "labelers" in stages or "unet" in stages:
         t0 = time.perf_counter()
+        cached = (work / "vae" / "config.json").exists()
         ae = train_autoencoder(plan, data, heldout, work / "vae").eval()
-        timings["autoencoder_s"] = time.perf_counter() - t0
+        if not cached:
+            _add_timing(work, "autoencoder_s", time.perf_counter() - t0)
     if "labelers" in stages:
         t0 = time.perf_counter()
+        cached = all((out / "labelers" / f"{n}.safetensors").exists() for n in ("labeler", "classifier"))
         train_labelers(plan, data, ae, out / "labelers")
-        timings["labelers_s"] = time.perf_counter() - t0
+        if not cached:
+            _add_timing(work, "labelers_s", time.perf_counter() - t0)
     if "unet" in stages and not (out / "model_index.json").exists():
-        t0 = time.perf_counter()
         torch.set_num_threads(plan.unet_threads)
         latents = encode_latents(ae, data, work / "latents.pt")
         flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True)
-        train_unet(plan, data, latents, flipped, work, ae, out)
-        timings["unet_s"] = time.perf_counter() - t0
+        train_unet(plan, data, latents, flipped, work, ae, out)  # records its own time (resumable)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_plan.json").write_text(json.dumps(asdict(plan), indent=2))
     path = work / "timings.json"
-    prev = json.loads(path.read_text()) if path.exists() else {}
-    # A resumed run adds to the time spent before the interruption.
-    merged = prev | {k: v + prev.get(k, 0.0) for k, v in timings.items()}
-    path.write_text(json.dumps(merged, indent=2))
-    return merged
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _add_timing(work: Path, key: str, seconds: float, replace: bool = False) -> None:
+    """Add ``seconds`` of real work to ``key`` in ``work/timings.json`` right away, so an
+    interrupted run keeps what its finished stages cost (a stage loaded from cache adds nothing)."""
+    path = work / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[key] = seconds if replace else timings.get(key, 0.0) + seconds
+    path.write_text(json.dumps(timings, indent=2))
