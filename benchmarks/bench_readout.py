@@ -38,7 +38,7 @@ def sd14_random(device: str) -> Model:
     tok = word_tokenizer(["a", "photo", "of", "lemon"], max_length=77)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=8, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    pipe = StableDiffusionPipeline(unet, vae=vae, text_encoder=text, tokenizer=tok,
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok,
                                    scheduler=LMSDiscreteScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -68,10 +68,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 1 SD step")
     parser.add_argument("--no-sd", action="store_true", help="skip the full-size SD v1.4 UNet (minutes on a CPU)")
+    parser.add_argument("--no-toy", action="store_true", help="skip the toy model")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
-    toy = load_model(str(TOY_MODEL_DIR) if (TOY_MODEL_DIR / "model_index.json").exists() else "tiny", device="cpu")
-    rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube on the left", 15, 3 if args.quick else 7)))
+    if not args.no_toy:
+        toy = load_model(str(TOY_MODEL_DIR) if (TOY_MODEL_DIR / "model_index.json").exists() else "tiny", device="cpu")
+        rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube on the left", 15, 3 if args.quick else 7)))
     if not args.no_sd:
         sd = sd14_random("cpu")
         rows.append(("SD v1.4 UNet, random weights, 512 px (CPU)", measure(sd, "a photo of a lemon", 1 if args.quick else 2, 1 if args.quick else 2)))

@@ -5,11 +5,13 @@ chosen sites' activations at chosen steps (through :mod:`ldm_scene.capture`, via
 denoising resumes from there. Methods share one interface (``make_editor``):
 
 - ``probe-gradient`` (the paper's): optimise each activation with Adam until the foreground probe
-  reports the target mask;
+  reports the target mask (default: the 9 up-block sites, the first third of the steps);
 - ``steer``: move each token along the foreground-minus-background mean direction of its
   (site, step), by how far it is from the target (towards foreground inside the target, away from
-  it outside);
+  it outside), with a gain (default: all 16 sites, the first two-thirds of the steps);
 - ``random-control``: the same as ``steer`` along a random direction of the same norm.
+
+:data:`METHOD_DEFAULTS` holds each method's defaults; ``strength`` scales the dose.
 """
 from __future__ import annotations
 

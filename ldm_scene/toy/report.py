@@ -146,7 +146,20 @@ def render_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render_model_card(report: dict, plan: dict, sizes: dict) -> str:
+def render_history(history: list[dict]) -> list[str]:
+    """Lines for the model card from ``train_history.json``: each leg of an interrupted, resumed run."""
+    if not history:
+        return []
+    lines = ["", "The shipped weights came from one resumable run, interrupted and resumed in legs (each leg",
+             "continues the checkpoint; `--unet-steps` sets the cosine schedule's end, so a longer plan",
+             "warm-restarts the learning rate):", "",
+             "| leg | stage | steps | command | torch threads | minutes (wall clock) |", "|---|---|---|---|---|---|"]
+    for i, leg in enumerate(history, 1):
+        lines.append(f"| {i} | {leg['stage']} | {leg['steps']} | `{leg['command']}` | {leg['threads']} | {leg['minutes']} |")
+    return lines
+
+
+def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict] | None = None) -> str:
     """The model card (weights/toy-scenes/README.md), with every number taken from the report."""
     arch = plan.get("arch", {})
     r = report
@@ -174,7 +187,8 @@ def render_model_card(report: dict, plan: dict, sizes: dict) -> str:
         f"{plan.get('labeler_steps')} and classifier {plan.get('classifier_steps')} steps on renders and their autoencoder",
         f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}",
         f"(epsilon prediction, {plan.get('uncond_prob'):.0%} empty prompts for classifier-free guidance, EMA {plan.get('ema_decay')}),",
-        f"all on CPU ({r.get('train_timings', {})} seconds per stage).", "",
+        f"all on CPU ({r.get('train_timings', {})} seconds per stage, as recorded).",
+        *render_history(history or []), "",
         "## Measured quality (`REPORT.md`)",
         f"- object present {r['object_present']:.1%}, shape as prompted {r['shape_match']:.1%}, colour as prompted "
         f"{r['colour_match']:.1%}, position as prompted {r['position_match']:.1%} ({r['n_generated']} fresh seeds, 15 LMS steps, guidance 7.5);",
@@ -211,5 +225,7 @@ def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
     model = load_model(str(model_dir), device="cpu")
     sizes = {name: f"{sum(p.numel() for p in getattr(model.pipe, name).parameters()) / 1e6:.2f}M"
              for name in ("unet", "vae", "text_encoder")}
-    (model_dir / "README.md").write_text(render_model_card(report, plan, sizes))
+    history_path = model_dir / "train_history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    (model_dir / "README.md").write_text(render_model_card(report, plan, sizes, history))
     return report
