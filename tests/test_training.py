@@ -41,6 +41,8 @@ from ldm_scene.training.pipeline import (
     merge_fits,
     new_fit_state,
     permuted_copy,
+    THRESHOLD_GRID,
+    calibrate_foreground,
     prepare,
     run,
     solve,
@@ -259,7 +261,7 @@ def test_resumed_run_gives_exactly_the_uninterrupted_probes(run_root, tiny_model
     ctx = prepare(config, LumaLabeler(), tiny_model)
     state = fit_pass(ctx, progress=False)
     assert state.done == 4
-    solve(ctx, merge_fits(ctx, 1), progress=False)
+    calibrate_foreground(ctx, solve(ctx, merge_fits(ctx, 1), progress=False), progress=False)
     ref_banks = load_probe_dir(reference[1].out)
     banks = load_probe_dir(ctx.out)
     for task in TASKS:
@@ -294,6 +296,33 @@ def test_sharded_fit_merged_equals_the_single_run(run_root, tiny_model, referenc
             torch.testing.assert_close(bank.weights[key], ref.weights[key], rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="rank0of3"):
         merge_fits(ctx, 3)
+
+
+def test_foreground_threshold_is_chosen_on_validation_and_folded_into_the_bias(reference):
+    """Recomputed here from the validation image: at every (site, step) the saved threshold gives
+    the best Dice on the grid, and the shipped (calibrated) probe's softmax > 0.5 is exactly the
+    raw ridge prediction above that threshold."""
+    import json
+
+    ctx = reference[1]
+    saved = json.loads((ctx.work / "calibration.json").read_text())
+    bank = load_probe_dir(ctx.out)["foreground"]
+    assert bank.meta.training["decision_threshold"]["threshold"]
+    val = [r for r in ctx.records if r.split == "val"]
+    assert len(val) == 1
+    trace = generate_trace(ctx, val[0])
+    label = torch.from_numpy(label_images(ctx, trace.image[None], [val[0].seed])["foreground"][0] > 0.5)
+    grid = torch.tensor(THRESHOLD_GRID)
+    for info in ctx.sites:
+        for step in range(STEPS):
+            tau = saved["unet"][f"{info.key}@{step}"]
+            w, b = bank.weights[(info.key, step)], bank.biases[(info.key, step)]
+            z = trace.acts[info.key][step].float() @ w.T + b
+            p_raw = (z[:, 1] - z[:, 0]) / 2 + tau  # the calibrated margin is 2 * (p_raw - tau)
+            dice = ev.dice_rows((p_raw[None] > grid[:, None]).reshape(len(grid), info.height, info.width), label)
+            assert dice[THRESHOLD_GRID.index(tau)] == pytest.approx(dice.max()), (info.key, step)
+            prob = torch.softmax(z, dim=1)[:, 1]
+            assert torch.equal(prob > 0.5, z[:, 1] > z[:, 0])
 
 
 def test_work_dir_of_another_run_is_refused(run_root, tiny_model, reference):

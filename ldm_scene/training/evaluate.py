@@ -5,7 +5,8 @@ probe, the labeler applied to the decoded x0 preview, the layout prior) is compa
 labeler's labels of the *final* image, at the labels' resolution (the paper's protocol):
 
 - foreground: Dice (and IoU) of the readout's mask (probe probability > 0.5, nearest-upsampled
-  from the site's grid) against the labeler's mask;
+  from the site's grid; the probes' decision thresholds were chosen on the validation images and
+  folded into their biases) against the labeler's mask;
 - depth: Spearman rank correlation over all pixels, raw and *residual* (DESIGN.md section 4: the
   train split's per-pixel mean depth map subtracted from prediction and target, so that the layout
   prior alone scores 0);
@@ -296,6 +297,9 @@ def render_readme(metrics: Mapping[str, Any], target_step: int = 4) -> str:
         f"{m['image_size'][0]}x{m['image_size'][1]} images; labels: {m['labeler']} applied to the final image",
         f"- probes: closed-form ridge per (site, step) from streamed statistics; files `foreground.safetensors`, "
         f"`depth.safetensors`, `shading.safetensors`",
+        "- foreground decision threshold: ridge regresses each token's foreground fraction p; the threshold on p "
+        "with the best mean Dice on the validation images is chosen per (site, step) (the latent and permuted-UNet "
+        "baselines get the same) and folded into the bias, so probability > 0.5 is the calibrated mask",
         "- steps are numbered 1..N here (metrics.json uses 0-based indices)",
         "- best site per step: highest validation R² of the ridge fit; overall best site: highest mean validation R² "
         "over the last 5 steps",
