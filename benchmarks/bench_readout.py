@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sd", action="store_true", help="skip the full-size SD v1.4 UNet (minutes on a CPU)")
     parser.add_argument("--no-toy", action="store_true", help="skip the toy model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--sd-repeats", type=int, default=None, help="alternations of the SD loops (default 2; 1 with --quick)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
         rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube on the left", 15, 3 if args.quick else 7)))
     if not args.no_sd:
         sd = sd14_random("cpu")
-        rows.append(("SD v1.4 UNet, random weights, 512 px (CPU)", measure(sd, "a photo of a lemon", 1 if args.quick else 2, 1 if args.quick else 2)))
+        rows.append(("SD v1.4 UNet, random weights, 512 px (CPU)", measure(sd, "a photo of a lemon", 1 if args.quick else 2,
+                                                                             args.sd_repeats or (1 if args.quick else 2))))
         del sd
     if torch.cuda.is_available():
         sd = sd14_random("cuda")

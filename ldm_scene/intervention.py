@@ -138,12 +138,21 @@ class ProbeGradientEditor:
     iterations: int = 128
     lr: float = 5e-3
     edited: list[tuple[str, int]] = field(default_factory=list)
+    #: Per edit: (site, step, agreement before, agreement after): the fraction of tokens whose
+    #: probe argmax matches the target (cells at least half foreground), before and after the edit.
+    agreement: list[tuple[str, int, float, float]] = field(default_factory=list)
+
+    def _agreement(self, site: str, step: int, x: torch.Tensor, goal: torch.Tensor) -> float:
+        with torch.no_grad():
+            said = self.probe.logits(site, step, x).argmax(1).flatten(1)  # [B, T]
+            return float((said == (goal >= 0.5)).float().mean())
 
     def edit(self, site: str, step: int, act: torch.Tensor) -> torch.Tensor:
         if (site, step) not in self.probe or self.iterations == 0:
             return act
         h, w = self.probe.meta.sites[site][1:]
         goal = grid_target(self.target, (h, w), act.device)[None]
+        before = self._agreement(site, step, act.float(), goal)
         with torch.enable_grad():
             x = act.detach().float().clone().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=self.lr)
@@ -154,6 +163,7 @@ class ProbeGradientEditor:
                 loss.backward()
                 opt.step()
         self.edited.append((site, step))
+        self.agreement.append((site, step, before, self._agreement(site, step, x.detach(), goal)))
         return x.detach().to(act.dtype)
 
 

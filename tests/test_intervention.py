@@ -148,6 +148,10 @@ def test_probe_gradient_makes_the_probe_report_the_target(tiny_model, banks):
     before = agreement(act)
     assert default > before + 0.2
     assert long > 0.98
+    # The editor records the same agreement (its objective) for each edit it made.
+    assert [(a[0], a[1]) for a in editor.agreement] == [(site, step)] * 2
+    assert editor.agreement[0][2] == pytest.approx(before) and editor.agreement[0][3] == pytest.approx(default)
+    assert editor.agreement[1][3] == pytest.approx(long)
 
 
 def test_steer_moves_tokens_to_the_class_means(tiny_model, banks):

@@ -17,7 +17,9 @@ import torch
 from tqdm import tqdm
 
 from .. import metrics
-from ..intervention import METHODS, load_intervention_banks, mask_image, side_by_side, intervene, translate_mask
+from ..intervention import (
+    METHODS, default_edit_steps, load_intervention_banks, make_editor, mask_image, side_by_side, translate_mask,
+)
 from ..models import load_model
 from ..sampler import GenerationConfig, sample
 from .nets import ToyClassifier, ToyLabeler
@@ -126,7 +128,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
         results = {}
         for method in methods:
             t0 = time.perf_counter()
-            edited = [s.image for s in intervene(model, config, target, method, banks, previews=False)][-1]
+            editor = make_editor(method, banks, target, None, default_edit_steps(steps, method), 1.0, seed)
+            edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             seconds[method].append(time.perf_counter() - t0)
             arr = np.asarray(edited)
             after = labeler(arr)["mask"][0]
@@ -141,6 +144,10 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
                 "shape_kept": shape == orig_shape, "colour_kept": colour == orig_colour,
                 "shape_prompted": shape == words.shape, "colour_prompted": colour == words.colour,
             }
+            if getattr(editor, "agreement", None):
+                # Did the optimisation reach its objective? (the probe reads the target at the edited sites)
+                row[method]["probe_agreement_before"] = float(np.mean([a[2] for a in editor.agreement]))
+                row[method]["probe_agreement_after"] = float(np.mean([a[3] for a in editor.agreement]))
             results[method] = (edited, after)
         rows.append(row)
         if len(examples) < 6:
@@ -166,6 +173,8 @@ def summarise(rows: list[dict], methods, seconds: dict) -> dict:
             "shape_kept": float(np.mean([v["shape_kept"] for v in vals])),
             "colour_kept": float(np.mean([v["colour_kept"] for v in vals])),
             "shape_prompted": float(np.mean([v["shape_prompted"] for v in vals])),
+            **({k: float(np.mean([v[k] for v in vals])) for k in ("probe_agreement_before", "probe_agreement_after")
+                if vals and k in vals[0]}),
             "colour_prompted": float(np.mean([v["colour_prompted"] for v in vals])),
             "seconds": float(np.median(seconds[m])),
             "cost_vs_plain": float(np.median(seconds[m]) / np.median(seconds["plain"])),
@@ -196,6 +205,11 @@ def render_table(summary: dict) -> str:
             f"| {s['shape_kept']:.0%} | {s['colour_kept']:.0%} | {s['shape_prompted']:.0%} | {s['colour_prompted']:.0%} "
             f"| {s['cost_vs_plain']:.2f}x |"
         )
+    for m, s in summary["methods"].items():
+        if "probe_agreement_after" in s:
+            lines += ["", f"{m}: at the edited sites and steps the foreground probe agreed with the target on "
+                      f"{s['probe_agreement_before']:.0%} of tokens before the edit and {s['probe_agreement_after']:.0%} after "
+                      "it (the optimisation's own objective), averaged over trials."]
     lines += ["", "![examples](examples.png)", ""]
     return "\n".join(lines)
 
