@@ -54,8 +54,11 @@ def main(argv=None) -> int:
 
     plain()
     times = interleaved({"plain": plain, **{m: run(m) for m in METHODS}}, 2 if args.quick else 5)
-    print(f"machine: {machine()}; model: {model.model_id}; 15 steps with previews, app defaults "
-          "(9 up-block sites, first third of the steps)")
+    from ldm_scene.intervention import METHOD_DEFAULTS
+
+    defaults = "; ".join(f"{m}: {d.sites} sites, first {d.steps_fraction:.2f} of the steps, gain {d.gain:g}"
+                         for m, d in METHOD_DEFAULTS.items())
+    print(f"machine: {machine()}; model: {model.model_id}; 15 steps with previews, app defaults ({defaults})")
     print("| run | seconds | vs plain (goal <= 2x) |")
     print("|---|---|---|")
     for name, t in times.items():

@@ -42,22 +42,26 @@ class MethodDefaults:
     ``sites``: ``"up"`` (the 9 up-block sites, the paper's choice) or ``"all"`` (all 16);
     ``steps_fraction``: the edited steps are the first this fraction of the run; ``gain``: what
     ``strength=1`` means (steer: the multiple of the fg-minus-bg direction per unit of
-    target-minus-current; probe-gradient: Adam iterations).
+    target-minus-current; probe-gradient: Adam iterations); ``outside`` (steer): the share of
+    that push applied where a token should lose foreground (outside the target).
     """
 
     sites: str
     steps_fraction: float
     gain: float
+    outside: float = 1.0
 
 
 #: The paper's probe-gradient settings; steer's were chosen on the toy model with seeds outside
 #: the evaluation's (``python -m ldm_scene.toy intervene-sweep``): a one-token projection onto the
 #: target (gain 1) at the up-block sites barely moves the object, a stronger push at every site
-#: through the first two-thirds of the run does. The control shares steer's settings.
+#: through the first two-thirds of the run does, and pushing the background away from the object
+#: as hard as the target towards it washes the scene out (hence ``outside`` 0.3). The control
+#: shares steer's settings.
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "probe-gradient": MethodDefaults("up", 1 / 3, 128),
-    "steer": MethodDefaults("all", 2 / 3, 15.0),
-    "random-control": MethodDefaults("all", 2 / 3, 15.0),
+    "steer": MethodDefaults("all", 2 / 3, 15.0, 0.3),
+    "random-control": MethodDefaults("all", 2 / 3, 15.0, 0.3),
 }
 
 
@@ -174,7 +178,8 @@ class SteerEditor:
     ``means`` holds, per (site, step), the mean background and foreground activation ([2, C], as a
     ProbeBank with rows (background, foreground)). A token's current foreground-ness is its
     position between the two means along their difference, clipped to [0, 1]; the edit adds
-    ``strength * (target - current) * direction``. ``direction_override`` replaces the direction
+    ``strength * (target - current) * direction``, with negative pushes (tokens that should lose
+    foreground) scaled by ``outside``. ``direction_override`` replaces the direction
     (the random control) while keeping its norm.
     """
 
@@ -184,6 +189,7 @@ class SteerEditor:
     steps: Collection[int] = DEFAULT_STEPS
     strength: float = 1.0
     random_seed: int | None = None
+    outside: float = 1.0
     edited: list[tuple[str, int]] = field(default_factory=list)
 
     def _direction(self, site: str, step: int, d: torch.Tensor) -> torch.Tensor:
@@ -202,8 +208,11 @@ class SteerEditor:
         goal = grid_target(self.target, (h, w), act.device).double()[None, :, None]
         x = act.double()
         current = ((x - bg) @ fg_dir / fg_dir.dot(fg_dir)).clamp(0, 1)[..., None]
+        push = goal - current
+        if self.outside != 1.0:
+            push = torch.where(push < 0, push * self.outside, push)
         self.edited.append((site, step))
-        return (x + self.strength * (goal - current) * self._direction(site, step, fg_dir)).to(act.dtype)
+        return (x + self.strength * push * self._direction(site, step, fg_dir)).to(act.dtype)
 
 
 def make_editor(
@@ -245,7 +254,7 @@ def make_editor(
         iterations = int(round(defaults.gain * strength))
         return ProbeGradientEditor(bank, target, chosen, tuple(steps), iterations=iterations)
     return SteerEditor(bank, target, chosen, tuple(steps), defaults.gain * strength,
-                       random_seed=seed + 1 if method == "random-control" else None)
+                       random_seed=seed + 1 if method == "random-control" else None, outside=defaults.outside)
 
 
 def intervene(

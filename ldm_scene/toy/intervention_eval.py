@@ -31,11 +31,12 @@ TRIAL_SEED0 = 30_000_000
 #: The sweep that chose steer's defaults draws its trials here, apart from the evaluation's.
 SWEEP_SEED0 = 40_000_000
 
-#: (sites, fraction of steps edited, gain) tried by ``intervene-sweep``; the first is the
-#: one-token projection at the paper's sites and steps.
-SWEEP_GRID: tuple[tuple[str, float, float], ...] = (
-    ("up", 1 / 3, 1.0), ("up", 1 / 3, 15.0), ("all", 1 / 3, 15.0),
-    ("all", 2 / 3, 5.0), ("all", 2 / 3, 15.0), ("all", 2 / 3, 30.0),
+#: (sites, fraction of steps edited, gain, outside share) tried by ``intervene-sweep``; the first
+#: is the one-token projection at the paper's sites and steps.
+SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
+    ("up", 1 / 3, 1.0, 1.0), ("up", 1 / 3, 15.0, 1.0), ("all", 1 / 3, 15.0, 1.0),
+    ("all", 2 / 3, 5.0, 1.0), ("all", 2 / 3, 15.0, 1.0), ("all", 2 / 3, 30.0, 1.0),
+    ("all", 2 / 3, 15.0, 0.3), ("all", 2 / 3, 30.0, 0.3),
 )
 
 
@@ -80,25 +81,25 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     trials = [t for t in tqdm(_trials(model, labeler, SWEEP_SEED0, n, steps), total=n, desc="sweep originals")
               if t[3] is not None]
     rows = []
-    for sites_name, fraction, gain in tqdm(grid, desc="sweep settings"):
+    for sites_name, fraction, gain, outside in tqdm(grid, desc="sweep settings"):
         sites = UP_SITE_KEYS if sites_name == "up" else SITE_KEYS
         edit_steps = tuple(range(max(1, round(steps * fraction))))
         results = []
         for config, _, before, target, _, _ in trials:
             editor = make_editor("steer", banks, target, sites, edit_steps, 1.0, config.seed)
-            editor.strength = gain
+            editor.strength, editor.outside = gain, outside
             edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             after = labeler(np.asarray(edited))["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
             results.append((iou_t, iou_o, iou_t > iou_o and iou_t > 0.5, has_object(after)))
         r = np.asarray(results, dtype=float).mean(0)
-        rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "n": len(results),
+        rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
                      "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3]})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| sites | steps edited | gain | trials | success | IoU target | IoU original | object present |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['sites']} | first {r['steps_fraction']:.2f} | {r['gain']:g} | {r['n']} | {r['success_rate']:.0%} "
+    lines = ["| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['sites']} | first {r['steps_fraction']:.2f} | {r['gain']:g} | {r['outside']:g} | {r['n']} | {r['success_rate']:.0%} "
               f"| {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} |" for r in rows]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
