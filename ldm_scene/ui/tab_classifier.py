@@ -72,9 +72,17 @@ def describe(run: Run | None) -> str:
     return "\n\n".join(lines)
 
 
+#: While a run streams, the curves are redrawn every this many steps (and at the last): drawing
+#: and encoding the matplotlib figure costs ~0.3 s, several times a toy-model step
+#: (benchmarks/bench_app.py).
+LIVE_CURVES_EVERY = 3
+
+
 def live_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
-    """Values for [curves, emergence, summary] while a run streams (curves every step)."""
-    curves = curves_figure(service, run.curves) if run is not None and run.curves is not None else gr.skip()
+    """Values for [curves, emergence, summary] while a run streams (curves every few steps and at the end)."""
+    drawn = run is not None and run.curves is not None and (
+        finished or (len(run.curves.steps) - 1) % LIVE_CURVES_EVERY == 0)
+    curves = curves_figure(service, run.curves) if drawn else gr.skip()
     if not finished:
         return [curves, gr.skip(), gr.skip()]
     return [curves, emergence_figure(run, service.shipped_emergence()), describe(run)]
