@@ -53,11 +53,16 @@ def service(tiny_model, tmp_path_factory):
     return svc
 
 
-@pytest.fixture(scope="module")
-def app(service):
+def serving(service):
+    """Fixture body: the app launched on ``service`` for the fixture's scope, then closed."""
     demo = _launch(service)
     yield demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app(service):
+    yield from serving(service)
 
 
 @pytest.fixture()

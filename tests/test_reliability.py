@@ -20,7 +20,7 @@ from PIL import Image
 from ldm_scene.capture import attached_hooks
 from ldm_scene.models import TOY_MODEL_DIR
 
-from test_app_api import _launch, _wait_idle
+from test_app_api import _wait_idle, serving
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "probes" / "foreground.safetensors").exists(),
                                 reason="the toy model and its probes are not shipped")
@@ -42,9 +42,7 @@ def toy_service():
 
 @pytest.fixture(scope="module")
 def toy_app(toy_service):
-    demo = _launch(toy_service)
-    yield demo
-    demo.close()
+    yield from serving(toy_service)
 
 
 def _client(app):
