@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -116,8 +117,6 @@ def test_every_bad_request_is_explained_and_corrupts_nothing(service, run, tiny_
         try:
             action(service, run)
         except ValueError as err:
-            import re
-
             if not re.search(message, str(err)):
                 failures.append(f"{label}: message {str(err)!r} does not say {message!r}")
         except Exception as err:  # noqa: BLE001 - anything but a ValueError is a crash
@@ -130,12 +129,6 @@ def test_every_bad_request_is_explained_and_corrupts_nothing(service, run, tiny_
     again = _generate(service)
     after = _reference(service, again)
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
-
-
-def _probe_dir_with(tiny_model, folder, name, writer):
-    write_probe_dir(tiny_model, folder)
-    writer(folder / f"{name}.safetensors")
-    return folder
 
 
 BAD_PROBE_FILES = [
@@ -177,7 +170,7 @@ def test_a_bad_probe_file_is_refused_by_name_and_the_rest_still_work(tiny_model,
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
     status = svc.status_markdown()
     assert svc.ready and task not in svc.banks, status
-    assert f"{task}.safetensors" in status and __import__("re").search(message, status), status
+    assert f"{task}.safetensors" in status and re.search(message, status), status
     assert "foreground" in svc.banks  # the good files still load
     views = list(svc.generate_stream("a red cube", 0, STEPS))
     assert len(views) == STEPS and "foreground" in views[-1].overlays
@@ -198,7 +191,7 @@ def test_a_model_path_that_is_not_a_model_is_explained(tmp_path, where, message)
         path.write_text("not a model")
     svc = Service.load(str(path), device="cpu")
     assert not svc.ready
-    assert __import__("re").search(message, svc.status_markdown()), svc.status_markdown()
+    assert re.search(message, svc.status_markdown()), svc.status_markdown()
     with pytest.raises(ValueError, match="no model is loaded"):
         next(svc.generate_stream("a red cube", 0, STEPS))
 

@@ -12,6 +12,7 @@ which this sandbox cannot reach; here pip takes the same pinned wheels from the 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -107,7 +108,7 @@ def test_dockerfile_commands_build_a_venv_that_serves_the_app(tmp_path):
             assert done.returncode == 0, f"RUN {args}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             ran.append(args)
         elif word == "CMD":
-            cmd = [_expand(a, env) for a in __import__("json").loads(args)]
+            cmd = [_expand(a, env) for a in json.loads(args)]
     assert ran and cmd, "the Dockerfile has no RUN or no CMD"
     assert (workdir / "app.py").exists() and (workdir / "weights" / "toy-scenes" / "model_index.json").exists()
 
