@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .models import Model
-from .probes import ProbeBank, class_means_bank  # noqa: F401  (re-exported)
+from .probes import CLASS_MEANS, ProbeBank, class_means_bank, load_probe_dir  # noqa: F401  (class_means_bank re-exported)
 from .sampler import GenerationConfig, StepState, sample
 from .sites import UP_SITE_KEYS
 
@@ -240,7 +240,7 @@ def make_editor(
         raise InterventionError("the target mask covers the whole image: leave some background")
     if not (np.isfinite(strength) and 0.0 <= strength <= MAX_STRENGTH):
         raise InterventionError(f"strength must be between 0 and {MAX_STRENGTH:g}, got {strength}")
-    need = "foreground" if method == "probe-gradient" else "foreground_means"
+    need = "foreground" if method == "probe-gradient" else CLASS_MEANS
     if need not in banks:
         raise InterventionError(f"method {method!r} needs the {need} probes, which this probe set lacks")
     bank = banks[need]
@@ -286,14 +286,7 @@ def intervene(
 
 def load_intervention_banks(probe_dir, expect_sites=None) -> dict[str, ProbeBank]:
     """The foreground probe and the class means from a probe directory (whichever exist)."""
-    from pathlib import Path
-
-    banks = {}
-    for name in ("foreground", "foreground_means"):
-        path = Path(probe_dir) / f"{name}.safetensors"
-        if path.exists():
-            banks[name] = ProbeBank.load(path, expect_sites=expect_sites)
-    return banks
+    return load_probe_dir(probe_dir, expect_sites=expect_sites, tasks=("foreground", CLASS_MEANS))
 
 
 def current_foreground(

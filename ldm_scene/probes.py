@@ -49,6 +49,7 @@ __all__ = [
     "parse_tensor_name",
     "probe_path",
     "load_probe_dir",
+    "CLASS_MEANS",
     "PAPER_SITE_NAMES",
     "paper_checkpoint_path",
     "import_paper_checkpoints",
@@ -509,30 +510,47 @@ def probe_path(directory: str | os.PathLike, task: str) -> Path:
     return Path(directory) / f"{task}.safetensors"
 
 
+#: A bank a probe directory may hold beside the task banks: per (site, step) background and
+#: foreground mean activations (:func:`class_means_bank`), which steering edits along.
+CLASS_MEANS = "foreground_means"
+
+
 def load_probe_dir(
     directory: str | os.PathLike,
     expect_sites: Sequence[SiteInfo] | None = None,
     expect_image_size: int | Sequence[int] | None = None,
     expect_num_steps: int | None = None,
     tasks: Sequence[str] = TASKS,
+    expect_model_id: str | None = None,
+    errors: list[str] | None = None,
 ) -> dict[str, ProbeBank]:
-    """Load ``<task>.safetensors`` for each of ``tasks`` that exists in ``directory``.
+    """Load ``<name>.safetensors`` for each of ``tasks`` (task names or :data:`CLASS_MEANS`) that
+    exists in ``directory``, a model's probe folder (``weights/<model>/probes``).
 
-    ``directory`` is a model's probe folder (``weights/<model>/probes``). Tasks without a file are
-    left out; a file that exists but does not fit raises :class:`ProbeError`, as does a missing
-    directory or a file whose metadata names another task.
+    Names without a file are left out. A missing directory raises :class:`ProbeError`. So does a
+    file that does not fit (sites, image size, steps, ``expect_model_id``, or metadata naming
+    another task), unless ``errors`` is given: then that file is left out, its message (which
+    names the file) is appended to ``errors``, and the other files are still loaded.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise ProbeError(f"{directory}: probe directory does not exist")
     banks = {}
     for task in tasks:
-        path = probe_path(directory, task)
-        if not path.exists():
+        path = directory / f"{task}.safetensors" if task == CLASS_MEANS else probe_path(directory, task)
+        if not path.is_file():
             continue
-        bank = ProbeBank.load(path, expect_sites, expect_image_size, expect_num_steps)
-        if bank.meta.task != task:
-            raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says {task!r}")
+        try:
+            bank = ProbeBank.load(path, expect_sites, expect_image_size, expect_num_steps)
+            if expect_model_id is not None and bank.meta.model_id != expect_model_id:
+                raise ProbeError(f"{path}: fit on model {bank.meta.model_id!r}, the loaded model is {expect_model_id!r}")
+            if task != CLASS_MEANS and bank.meta.task != task:
+                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says {task!r}")
+        except (ProbeError, OSError) as err:
+            if errors is None:
+                raise
+            errors.append(str(err))
+            continue
         banks[task] = bank
     return banks
 

@@ -13,9 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from ldm_scene.probes import (
+    CLASS_MEANS,
     DEPTH_MEAN,
     DEPTH_STD,
     PAPER_SITE_NAMES,
+    TASKS,
     ProbeBank,
     ProbeError,
     ProbeMeta,
@@ -250,6 +252,26 @@ def test_load_probe_dir(tmp_path):
         load_probe_dir(tmp_path)
     with pytest.raises(ProbeError, match="does not exist"):
         load_probe_dir(tmp_path / "nope")
+
+
+def test_load_probe_dir_collects_errors_and_keeps_the_good_files(tmp_path):
+    # The app's case: one bad file must not drop the others, and each refusal names its file.
+    _bank("foreground").save(tmp_path / "foreground.safetensors")
+    _bank("depth").save(tmp_path / "shading.safetensors")  # metadata names another task
+    (tmp_path / "depth.safetensors").write_bytes(b"not a safetensors file")
+    _bank("foreground").save(tmp_path / f"{CLASS_MEANS}.safetensors")  # class means carry the foreground task
+    errors: list[str] = []
+    banks = load_probe_dir(tmp_path, expect_sites=SITES, tasks=(*TASKS, CLASS_MEANS), errors=errors)
+    assert sorted(banks) == sorted(["foreground", CLASS_MEANS])
+    assert len(errors) == 2
+    assert any("shading.safetensors" in e and "file name says 'shading'" in e for e in errors)
+    assert any("depth.safetensors" in e for e in errors)
+    model_id = _bank().meta.model_id
+    errors.clear()
+    assert load_probe_dir(tmp_path, tasks=("foreground",), expect_model_id="another/model", errors=errors) == {}
+    assert errors == [f"{tmp_path / 'foreground.safetensors'}: fit on model {model_id!r}, the loaded model is 'another/model'"]
+    with pytest.raises(ProbeError, match="the loaded model is 'another/model'"):
+        load_probe_dir(tmp_path, tasks=("foreground",), expect_model_id="another/model")
 
 
 def test_paper_site_names():

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from ..capture import capture, hook_sites
 from ..models import ALIASES, Model, load_model
-from ..probes import TASKS, ProbeBank, ProbeMeta, class_means_bank, load_probe_dir, probe_path, tensor_name, task_outputs
+from ..probes import CLASS_MEANS, TASKS, ProbeBank, ProbeMeta, class_means_bank, load_probe_dir, probe_path, tensor_name, task_outputs
 from ..sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, decode, sample
 from ..sites import SITE_KEYS, SiteInfo
 from . import evaluate as ev
@@ -843,7 +843,7 @@ def save_class_means(ctx: RunContext, sol: Solution, state: FitState) -> None:
         sums[(key, step)] = xty[: train.channels].T
         counts[(key, step)] = xty[train.channels]
     bank = class_means_bank(sums, counts, _bank(ctx, sol, "foreground", UNET))
-    bank.save(Path(ctx.out) / "foreground_means.safetensors")
+    bank.save(Path(ctx.out) / f"{CLASS_MEANS}.safetensors")
 
 
 def save_solution(ctx: RunContext, sol: Solution) -> None:

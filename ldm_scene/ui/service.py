@@ -29,7 +29,7 @@ from PIL import Image
 from ..capture import hook_sites
 from ..metrics import iou
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
-from ..probes import TASKS, ProbeBank, ProbeError, load_probe_dir
+from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
 from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
 from ..sampler import DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, sample
 
@@ -743,27 +743,12 @@ def _number(value: Any, name: str) -> float:
 def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[str, ProbeBank], list[str]]:
     """Each probe file on its own: one that does not fit is refused (with the loader's message,
     which names the file) and the others are still used."""
-    from ..probes import TASKS, probe_path
-
-    sites = model.sites()
-    loaded: dict[str, ProbeBank] = {}
-    refused: list[str] = []
-    for name in (*TASKS, "foreground_means"):
-        path = probe_path(folder, name) if name in TASKS else folder / f"{name}.safetensors"
-        if not path.is_file():
-            continue
-        try:
-            bank = ProbeBank.load(path, expect_sites=sites, expect_image_size=model.image_size)
-            if bank.meta.model_id != model.model_id:
-                raise ProbeError(f"{path}: fit on model {bank.meta.model_id!r}, the loaded model is {model.model_id!r}")
-            if name in TASKS and bank.meta.task != name:
-                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says {name!r}")
-        except (ProbeError, OSError) as err:
-            refused.append(f"A probe file does not fit this model and is not used: {err}")
-            continue
-        loaded[name] = bank
+    errors: list[str] = []
+    loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
+                            tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors)
+    refused = [f"A probe file does not fit this model and is not used: {err}" for err in errors]
     banks = {t: b for t, b in loaded.items() if t in TASKS}
-    means = {t: loaded[t] for t in ("foreground", "foreground_means") if t in loaded}
+    means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
     return banks, means, refused
 
 
