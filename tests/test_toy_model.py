@@ -99,4 +99,7 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
             assert r["success"] == (r["iou_target"] > r["iou_original"] and r["iou_target"] > 0.5)
         line = next(x for x in (tmp_path / "README.md").read_text().splitlines() if x.startswith(f"| {method} |"))
         assert f"{summary['methods'][method]['iou_target']:.3f}" in line
+        well = [t[method]["success"] for t in done if t["original_shape"] == t["prompt"].split()[2]]
+        assert summary["n_well_formed"] == len(well)
+        assert summary["methods"][method]["well_formed"]["success_rate"] == (pytest.approx(np.mean(well)) if well else None)
     assert (tmp_path / "examples.png").exists()

@@ -180,6 +180,15 @@ def summarise(rows: list[dict], methods, seconds: dict) -> dict:
             "seconds": float(np.median(seconds[m])),
             "cost_vs_plain": float(np.median(seconds[m]) / np.median(seconds["plain"])),
         }
+    # The model does not always draw what it is asked for; an edit of a malformed original is a
+    # harder case, so success is also given for the trials whose original shows the prompted shape.
+    well_formed = [r for r in done if r["original_shape"] == parse_prompt(r["prompt"]).shape]
+    summary["n_well_formed"] = len(well_formed)
+    for m in methods:
+        summary["methods"][m]["well_formed"] = {
+            k: (float(np.mean([r[m][v] for r in well_formed])) if well_formed else None)
+            for k, v in (("success_rate", "success"), ("shape_kept", "shape_kept"), ("object_present", "present"))
+        }
     summary["plain_seconds"] = float(np.median(seconds["plain"]))
     summary["original_shape_prompted"] = float(np.mean([r["original_shape"] == parse_prompt(r["prompt"]).shape for r in done]))
     summary["original_colour_prompted"] = float(np.mean([r["original_colour"] == parse_prompt(r["prompt"]).colour for r in done]))
@@ -206,6 +215,12 @@ def render_table(summary: dict) -> str:
             f"| {s['shape_kept']:.0%} | {s['colour_kept']:.0%} | {s['shape_prompted']:.0%} | {s['colour_prompted']:.0%} "
             f"| {s['cost_vs_plain']:.2f}x |"
         )
+    if summary.get("n_well_formed"):
+        lines += ["", f"The {summary['n_well_formed']} trials whose unedited image shows the prompted shape (classifier):", "",
+                  "| method | success | shape kept | object present |", "|---|---|---|---|"]
+        for m, s in summary["methods"].items():
+            w = s["well_formed"]
+            lines.append(f"| {m} | {w['success_rate']:.0%} | {w['shape_kept']:.0%} | {w['object_present']:.0%} |")
     for m, s in summary["methods"].items():
         if "probe_agreement_after" in s:
             lines += ["", f"{m}: at the edited sites and steps the foreground probe agreed with the target on "
