@@ -917,6 +917,7 @@ def calibrate_foreground(ctx: RunContext, sol: Solution, progress: bool = True) 
     else:
         grid = torch.tensor(THRESHOLD_GRID)
         sums = {g: {} for g in groups}
+        readouts = {g: _Readout(ctx, {"foreground": sol.weights[g]["foreground"]}, sol) for g in groups}
         records = [r for r in ctx.records if r.split == "val"]
         for record in tqdm(records, desc="calibrate foreground", disable=not progress, unit="img"):
             trace = generate_trace(ctx, record)
@@ -927,10 +928,9 @@ def calibrate_foreground(ctx: RunContext, sol: Solution, progress: bool = True) 
             for group, acts in sources.items():
                 for key, x in acts.items():
                     hw = ctx.latent_hw if key == LATENT else next((i.height, i.width) for i in ctx.sites if i.key == key)
+                    z = readouts[group].logits(key, x).cpu()  # [S, T, 2]
                     for step in range(x.shape[0]):
-                        w, b = sol.weights[group]["foreground"][(key, step)]
-                        z = x[step].to(torch.float32) @ w.T.to(x.device, torch.float32) + b.to(x.device, torch.float32)
-                        p = ((z[:, 1] - z[:, 0] + 1) / 2).cpu()  # the ridge prediction of the cell fraction
+                        p = (z[step, :, 1] - z[step, :, 0] + 1) / 2  # the ridge prediction of the cell fraction
                         masks = (p[None] > grid[:, None]).reshape(len(grid), *hw)
                         dice = torch.from_numpy(ev.dice_rows(masks, label))
                         sums[group][(key, step)] = sums[group].get((key, step), 0) + dice
@@ -1019,7 +1019,7 @@ class _Readout:
     """Stacked probe weights for fast readouts of one group at every (site, step)."""
 
     def __init__(self, ctx: RunContext, weights: dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]], sol: Solution):
-        self.layout = ctx.layout
+        self.layout = Layout(tuple(t for t in ctx.layout.tasks if t in weights))
         self.steps = ctx.config.steps
         device = ctx.model.device
         self.w: dict[str, torch.Tensor] = {}
@@ -1041,10 +1041,14 @@ class _Readout:
         self.scale = torch.tensor(scale, device=device)
         self.shift = torch.tensor(shift, device=device)
 
+    def logits(self, key: str, acts: torch.Tensor) -> torch.Tensor:
+        """The probes' raw outputs ``[S, T, K]`` for ``acts`` ``[S, T, C]`` (all steps at once)."""
+        return torch.einsum("stc,skc->stk", acts.to(torch.float32), self.w[key].to(acts.device)) + self.b[key][:, None, :].to(acts.device)
+
     def maps(self, key: str, acts: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Readouts on the token grid ``{task: [S, h, w]}``: foreground probability; depth/shading in label units."""
-        z = torch.einsum("stc,skc->stk", acts.to(torch.float32), self.w[key]) + self.b[key][:, None, :]
-        z = z * self.scale + self.shift
+        z = self.logits(key, acts)
+        z = z * self.scale.to(z.device) + self.shift.to(z.device)
         z = z.reshape(z.shape[0], hw[0], hw[1], -1)
         out = {}
         for task, sl in self.layout.columns.items():
