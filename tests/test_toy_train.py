@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def _plan(**kw):
     from ldm_scene.toy.train import TrainPlan
 
-    return TrainPlan(**({"n_train": 40, "n_heldout": 8, "ae_steps": 2, "ae_batch": 4, "labeler_steps": 1,
+    return TrainPlan(**({"n_train": 40, "n_heldout": 8, "ae_steps": 2, "ae_batch": 4, "decoder_steps": 2, "labeler_steps": 1,
                          "classifier_steps": 1, "aux_batch": 4, "unet_steps": 2, "unet_batch": 4,
                          "checkpoint_every": 1} | kw))
 
@@ -27,7 +27,7 @@ def test_train_all_builds_a_loadable_model_and_resumes(tmp_path):
 
     work = tmp_path / "work"
     first = train_all(tmp_path / "out-a", work, _plan(unet_steps=2))
-    assert {"render_s", "autoencoder_s", "labelers_s", "unet_s"} <= set(first)
+    assert {"render_s", "autoencoder_s", "decoder_s", "labelers_s", "unet_s"} <= set(first)
     state = torch.load(work / "unet_checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and len(state["losses"]) == 2 and state["seconds"] > 0
 
@@ -37,6 +37,7 @@ def test_train_all_builds_a_loadable_model_and_resumes(tmp_path):
     state = torch.load(work / "unet_checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and len(state["losses"]) == 4
     assert second["render_s"] == first["render_s"] and second["autoencoder_s"] == first["autoencoder_s"]
+    assert second["decoder_s"] == first["decoder_s"]
     assert second["unet_s"] > first["unet_s"]
     assert len(json.loads((work / "unet_losses.json").read_text())) == 1  # every 10th of 4 losses
 
@@ -51,3 +52,24 @@ def test_unknown_stage_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="unknown stage"):
         train_all(tmp_path / "out", tmp_path / "work", _plan(), stages=("unet", "paint"))
+
+
+def test_decoder_finetune_keeps_the_latents_and_ships_the_tuned_decoder(tmp_path):
+    """The decoder stage trains the decoder alone: the encoder, hence every latent the UNet was
+    trained on, is unchanged, and the shipped model decodes with the tuned decoder."""
+    from diffusers import AutoencoderTiny
+
+    from ldm_scene.toy.train import train_all
+
+    work = tmp_path / "work"
+    train_all(tmp_path / "out", work, _plan(decoder_steps=3))
+    base = AutoencoderTiny.from_pretrained(work / "vae")
+    tuned = AutoencoderTiny.from_pretrained(work / "vae_tuned")
+    shipped = AutoencoderTiny.from_pretrained(tmp_path / "out" / "vae")
+    for name, value in base.encoder.state_dict().items():
+        assert torch.equal(value, tuned.encoder.state_dict()[name]), name
+    changed = [n for n, v in base.decoder.state_dict().items() if not torch.equal(v, tuned.decoder.state_dict()[n])]
+    assert changed, "three optimiser steps left the decoder as it was"
+    for name, value in tuned.state_dict().items():
+        assert torch.equal(value, shipped.state_dict()[name]), name
+    assert torch.load(work / "decoder_checkpoint.pt", weights_only=True)["step"] == 3

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         overrides = {f.name: getattr(args, f.name) for f in fields(TrainPlan) if getattr(args, f.name, None) is not None}
         if args.quick:
-            overrides = dict(n_train=500, n_heldout=100, ae_steps=20, labeler_steps=10, classifier_steps=10,
+            overrides = dict(n_train=500, n_heldout=100, ae_steps=20, decoder_steps=10, labeler_steps=10, classifier_steps=10,
                              unet_steps=20, checkpoint_every=10) | overrides
         plan = TrainPlan(**overrides)
         timings = train_all(Path(args.out), Path(args.work), plan, tuple(args.stages.split(",")))
