@@ -1,0 +1,39 @@
+"""REPORT.md and the model card are rendered from report.json: verdicts follow the targets, and the
+decoder's colour ceiling and the decoder stage appear when measured / trained."""
+from __future__ import annotations
+
+from ldm_scene.toy.report import TARGETS, render_model_card, render_report
+
+
+def _report(**kw) -> dict:
+    values = {
+        "object_present": 0.97, "shape_match": 0.5, "colour_match": 0.6, "position_match": 0.3,
+        "ae_psnr_db": 27.4, "labeler_dice": 0.951, "labeler_depth_spearman": 0.96, "labeler_shading_spearman": 0.85,
+        "classifier_accuracy": 0.9, "seconds_per_generation": 1.5,
+    }
+    return {"machine": "test", "n_generated": 200, "n_heldout": 500, "steps": 15, "guidance": 7.5, **values,
+            "targets": TARGETS, **kw}
+
+
+def test_report_verdicts_follow_the_targets():
+    lines = render_report(_report()).splitlines()
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and " | " in line}
+    assert "met (target >= 0.95)" in row["object_present"] and "NOT" not in row["object_present"]
+    assert "NOT met (target >= 0.9)" in row["shape_match"]
+    assert "NOT met (target >= 30)" in row["ae_psnr_db"]
+    assert "met (target <= 2)" in row["seconds_per_generation"] and "NOT" not in row["seconds_per_generation"]
+    assert set(TARGETS) <= set(row)
+
+
+def test_decoder_ceiling_and_stage_are_reported_only_when_present():
+    without = render_report(_report())
+    assert "reconstructions" not in without
+    with_ceiling = render_report(_report(ae_colour_match=0.867))
+    assert "(exact masks): 86.7%" in with_ceiling
+
+    plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
+            "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}
+    card = render_model_card(_report(ae_colour_match=0.867), plan, {"unet": "1M"})
+    assert "decoder alone" not in card and "86.7%, the ceiling for colour as prompted" in card
+    card = render_model_card(_report(), {**plan, "decoder_steps": 600, "decoder_object_weight": 10.0}, {"unet": "1M"})
+    assert "then its decoder alone 600 more (encoder frozen, object pixels weighted 11x)" in card
