@@ -13,7 +13,7 @@ from .train import STAGES, TrainPlan, train_all
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ldm_scene.toy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="render data, train autoencoder, labelers, classifier and UNet, then report")
+    tr = sub.add_parser("train", help="render data, train the autoencoder, fine-tune its decoder, train labelers, classifier and UNet, then report")
     tr.add_argument("--out", default="weights/toy-scenes")
     tr.add_argument("--work", default="runs/toy-train", help="caches and checkpoints (resumable)")
     tr.add_argument("--quick", action="store_true", help="a tiny plan to check the pipeline end to end")
