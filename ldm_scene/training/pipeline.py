@@ -1043,12 +1043,12 @@ class _Readout:
 
     def logits(self, key: str, acts: torch.Tensor) -> torch.Tensor:
         """The probes' raw outputs ``[S, T, K]`` for ``acts`` ``[S, T, C]`` (all steps at once)."""
-        return torch.einsum("stc,skc->stk", acts.to(torch.float32), self.w[key].to(acts.device)) + self.b[key][:, None, :].to(acts.device)
+        return torch.einsum("stc,skc->stk", acts.to(torch.float32), self.w[key]) + self.b[key][:, None, :]
 
     def maps(self, key: str, acts: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Readouts on the token grid ``{task: [S, h, w]}``: foreground probability; depth/shading in label units."""
         z = self.logits(key, acts)
-        z = z * self.scale.to(z.device) + self.shift.to(z.device)
+        z = z * self.scale + self.shift
         z = z.reshape(z.shape[0], hw[0], hw[1], -1)
         out = {}
         for task, sl in self.layout.columns.items():
