@@ -103,3 +103,10 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
         assert summary["n_well_formed"] == len(well)
         assert summary["methods"][method]["well_formed"]["success_rate"] == (pytest.approx(np.mean(well)) if well else None)
     assert (tmp_path / "examples.png").exists()
+    # The shipped model draws with its own scheduler; the paper's LMS can replace it for every image of a trial.
+    assert summary["scheduler"] == "EulerDiscreteScheduler"
+    assert "15 steps of EulerDiscreteScheduler" in (tmp_path / "README.md").read_text()
+    from diffusers import LMSDiscreteScheduler
+
+    lms = run_trials(TOY_MODEL_DIR, 1, tmp_path / "lms", methods=("steer",), scheduler=LMSDiscreteScheduler)
+    assert lms["scheduler"] == "LMSDiscreteScheduler" and "15 steps of LMSDiscreteScheduler" in (tmp_path / "lms" / "README.md").read_text()

@@ -37,3 +37,16 @@ def test_decoder_ceiling_and_stage_are_reported_only_when_present():
     assert "decoder alone" not in card and "86.7%, the ceiling for colour as prompted" in card
     card = render_model_card(_report(), {**plan, "decoder_steps": 600, "decoder_object_weight": 10.0}, {"unet": "1M"})
     assert "then its decoder alone 600 more (encoder frozen, object pixels weighted 11x)" in card
+
+
+def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
+    plain = render_report(_report(scheduler="EulerDiscreteScheduler"))
+    assert "15 steps of EulerDiscreteScheduler" in plain and "paper's" not in plain
+    paper = {"scheduler": "LMSDiscreteScheduler", "object_present": 1.0, "shape_match": 0.55, "colour_match": 0.74,
+             "position_match": 0.335}
+    both = render_report(_report(scheduler="EulerDiscreteScheduler", paper_scheduler=paper))
+    assert "paper's LMSDiscreteScheduler" in both and "shape 55.0%, colour 74.0%, position 33.5%" in both
+    plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
+            "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}
+    card = render_model_card(_report(scheduler="EulerDiscreteScheduler"), plan, {"unet": "1M"})
+    assert "`EulerDiscreteScheduler` with SD's scaled-linear betas" in card and "15 steps of EulerDiscreteScheduler" in card

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     iv.add_argument("--model", default="weights/toy-scenes")
     iv.add_argument("--n", type=int, default=100)
     iv.add_argument("--out", default=None, help="default: <model>/intervention")
+    iv.add_argument("--scheduler", choices=("model", "lms"), default="model",
+                    help="the model's own scheduler, or the paper's LMS for every generation of the trials")
     sw = sub.add_parser("intervene-sweep", help="steer's success per (sites, steps, gain) on seeds apart from the evaluation's")
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from .intervention_eval import run_trials
 
         out = Path(args.out) if args.out else Path(args.model) / "intervention"
-        print(json.dumps(run_trials(Path(args.model), args.n, out), indent=2))
+        from diffusers import LMSDiscreteScheduler
+
+        scheduler = LMSDiscreteScheduler if args.scheduler == "lms" else None
+        print(json.dumps(run_trials(Path(args.model), args.n, out, scheduler=scheduler), indent=2))
         return 0
 
     if args.command == "train":
