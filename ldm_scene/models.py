@@ -110,12 +110,26 @@ def load_model(
         pipe = tiny_pipeline()
     else:
         pipe = _from_pretrained(name, dtype)
+    _use_papers_scheduler_for_pndm(pipe)
     pipe = pipe.to(device=device)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     directory = Path(name).resolve() if name != "tiny" and Path(name).is_dir() else None
     return Model(pipe, _local_id(directory) if directory else name, directory)
+
+
+def _use_papers_scheduler_for_pndm(pipe: StableDiffusionPipeline) -> None:
+    """Replace PNDM (what SD v1.4's repository ships) with the paper's LMS, built from the same config.
+
+    The paper generated with LMS; and PNDM calls the UNet 16 times for 15 steps (its first timestep
+    twice), which would shift every step-indexed probe and readout by one. Other schedulers, like
+    the toy model's Euler, are kept.
+    """
+    from diffusers import LMSDiscreteScheduler, PNDMScheduler
+
+    if isinstance(pipe.scheduler, PNDMScheduler):
+        pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
 
 
 def _local_id(path: Path) -> str:

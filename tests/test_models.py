@@ -141,3 +141,33 @@ def test_word_tokenizer_one_token_per_word_with_overlapping_words():
         tok = word_tokenizer(words, 77)
         split = [w for w in set(words) if len(tok(w).input_ids) != 3]
         assert not split, (sorted(set(words)), split)
+
+
+def test_pndm_as_sd14_ships_it_is_replaced_by_the_papers_lms(tmp_path, tiny_model):
+    """SD v1.4's repository ships PNDM, which calls the UNet 16 times for 15 steps; loading swaps in LMS
+    (the paper's) so that step i is the i-th UNet call, and keeps any other scheduler."""
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    from ldm_scene.sampler import GenerationConfig, sample
+
+    pndm = PNDMScheduler.from_config(tiny_model.pipe.scheduler.config, skip_prk_steps=True)
+    pndm.set_timesteps(15)
+    assert len(pndm.timesteps) == 16  # why it must not stay
+    def ship(scheduler) -> Path:
+        scheduler.save_pretrained(tmp_path / "sd-like" / "scheduler")
+        index = json.loads((tmp_path / "sd-like" / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]
+        (tmp_path / "sd-like" / "model_index.json").write_text(json.dumps(index))
+        return tmp_path / "sd-like"
+
+    tiny_model.pipe.save_pretrained(tmp_path / "sd-like")
+    from diffusers import StableDiffusionPipeline
+
+    assert type(StableDiffusionPipeline.from_pretrained(ship(pndm)).scheduler) is PNDMScheduler  # as diffusers loads it
+    loaded = load_model(str(tmp_path / "sd-like"), device="cpu")
+    assert type(loaded.pipe.scheduler).__name__ == "LMSDiscreteScheduler"
+    assert loaded.pipe.scheduler.config.beta_schedule == pndm.config.beta_schedule
+    assert len(list(sample(loaded, GenerationConfig("a cube", 0, 15), previews=False))) == 15
+
+    euler = ship(EulerDiscreteScheduler.from_config(pndm.config))
+    assert type(load_model(str(euler), device="cpu").pipe.scheduler).__name__ == "EulerDiscreteScheduler"
