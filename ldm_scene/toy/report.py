@@ -224,7 +224,10 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         "## Measured quality (`REPORT.md`)",
         f"- object present {r['object_present']:.1%}, shape as prompted {r['shape_match']:.1%}, colour as prompted "
         f"{r['colour_match']:.1%}, position as prompted {r['position_match']:.1%} ({r['n_generated']} fresh seeds, "
-        f"{r['steps']} steps of {r.get('scheduler', 'LMSDiscreteScheduler')}, guidance {r['guidance']});",
+        f"{r['steps']} steps of {r.get('scheduler', 'LMSDiscreteScheduler')}, guidance {r['guidance']})"
+        + (f"; with the paper's {r['paper_scheduler']['scheduler']} on the same seeds: shape {r['paper_scheduler']['shape_match']:.1%},"
+           f" colour {r['paper_scheduler']['colour_match']:.1%}, position {r['paper_scheduler']['position_match']:.1%};"
+           if "paper_scheduler" in r else ";"),
         f"- autoencoder PSNR {r['ae_psnr_db']:.2f} dB on held-out renders"
         + (f"; the colour check on its reconstructions (exact masks) {r['ae_colour_match']:.1%}, the ceiling for colour as prompted;"
            if "ae_colour_match" in r else ";"),
