@@ -103,6 +103,9 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
         assert summary["n_well_formed"] == len(well)
         assert summary["methods"][method]["well_formed"]["success_rate"] == (pytest.approx(np.mean(well)) if well else None)
     assert (tmp_path / "examples.png").exists()
+    control = [t for t in done if t["random-control"]["success"]]
+    assert summary["control_successes"] == len(control)
+    assert summary["shared_with_control"] == {"steer": sum(t["steer"]["success"] for t in control)}
     # The shipped model draws with its own scheduler; the paper's LMS can replace it for every image of a trial.
     assert summary["scheduler"] == "EulerDiscreteScheduler"
     assert "15 steps of EulerDiscreteScheduler" in (tmp_path / "README.md").read_text()
