@@ -523,13 +523,15 @@ def load_probe_dir(
     tasks: Sequence[str] = TASKS,
     expect_model_id: str | None = None,
     errors: list[str] | None = None,
+    expect_scheduler: str | None = None,
 ) -> dict[str, ProbeBank]:
     """Load ``<name>.safetensors`` for each of ``tasks`` (task names or :data:`CLASS_MEANS`) that
     exists in ``directory``, a model's probe folder (``weights/<model>/probes``).
 
     Names without a file are left out. A missing directory raises :class:`ProbeError`. So does a
-    file that does not fit (sites, image size, steps, ``expect_model_id``, or metadata naming
-    another task), unless ``errors`` is given: then that file is left out, its message (which
+    file that does not fit (sites, image size, steps, ``expect_model_id``, ``expect_scheduler``
+    (a probe reads the activations of one sampler's trajectory), or metadata naming another task),
+    unless ``errors`` is given: then that file is left out, its message (which
     names the file) is appended to ``errors``, and the other files are still loaded.
     """
     directory = Path(directory)
@@ -544,6 +546,9 @@ def load_probe_dir(
             bank = ProbeBank.load(path, expect_sites, expect_image_size, expect_num_steps)
             if expect_model_id is not None and bank.meta.model_id != expect_model_id:
                 raise ProbeError(f"{path}: fit on model {bank.meta.model_id!r}, the loaded model is {expect_model_id!r}")
+            if expect_scheduler is not None and bank.meta.scheduler != expect_scheduler:
+                raise ProbeError(f"{path}: fit on runs sampled with {bank.meta.scheduler}, the loaded model samples with "
+                                 f"{expect_scheduler}; fit the probes again for this model")
             if task != CLASS_MEANS and bank.meta.task != task:
                 raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says {task!r}")
         except (ProbeError, OSError) as err:

@@ -272,6 +272,10 @@ def test_load_probe_dir_collects_errors_and_keeps_the_good_files(tmp_path):
     assert errors == [f"{tmp_path / 'foreground.safetensors'}: fit on model {model_id!r}, the loaded model is 'another/model'"]
     with pytest.raises(ProbeError, match="the loaded model is 'another/model'"):
         load_probe_dir(tmp_path, tasks=("foreground",), expect_model_id="another/model")
+    scheduler = _bank().meta.scheduler
+    assert sorted(load_probe_dir(tmp_path, tasks=("foreground", CLASS_MEANS), expect_scheduler=scheduler)) == ["foreground", CLASS_MEANS]
+    with pytest.raises(ProbeError, match=f"sampled with {scheduler}, the loaded model samples with EulerDiscreteScheduler"):
+        load_probe_dir(tmp_path, tasks=("foreground",), expect_scheduler="EulerDiscreteScheduler")
 
 
 def test_paper_site_names():

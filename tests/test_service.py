@@ -25,7 +25,8 @@ HAS_TOY = (TOY_DIR / "model_index.json").is_file()
 HAS_TOY_PROBES = (TOY_DIR / "probes" / "foreground.safetensors").is_file()
 
 
-def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None = None) -> dict[str, ProbeBank]:
+def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None = None,
+                 scheduler: str = "LMSDiscreteScheduler") -> dict[str, ProbeBank]:
     """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class means."""
     from ldm_scene.intervention import class_means_bank
 
@@ -35,7 +36,7 @@ def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None 
     norm = {"foreground": (0.0, 1.0), "depth": (12.0, 6.0), "shading": (0.6, 0.2)}
     for task in TASKS:
         k = 2 if task == "foreground" else 1
-        meta = ProbeMeta(task, model_id or model.model_id, model.image_size, "LMSDiscreteScheduler", steps, sites,
+        meta = ProbeMeta(task, model_id or model.model_id, model.image_size, scheduler, steps, sites,
                          *norm[task], training={"method": "random", "seed": seed})
         weights = {(s, t): torch.randn(k, c, generator=gen) for s, (c, _, _) in sites.items() for t in range(steps)}
         biases = {key: torch.randn(k, generator=gen) * 0.5 for key in weights}
@@ -47,10 +48,11 @@ def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None 
     return banks
 
 
-def write_probe_dir(model, folder: Path, steps: int = STEPS, seed: int = 0, model_id: str | None = None) -> Path:
+def write_probe_dir(model, folder: Path, steps: int = STEPS, seed: int = 0, model_id: str | None = None,
+                    scheduler: str = "LMSDiscreteScheduler") -> Path:
     """A probe folder as the app expects one: banks, class means, metrics.json, a README and a figure."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, bank in random_banks(model, steps, seed, model_id).items():
+    for name, bank in random_banks(model, steps, seed, model_id, scheduler).items():
         bank.save(folder / f"{name}.safetensors")
     # The layout ldm_scene.training writes: sites per step in best_site_per_step, their scores in best_per_step.
     metrics = {"steps": "0-based denoising-loop indices", "tasks": {
@@ -157,6 +159,17 @@ def test_probes_of_another_model_are_refused(tiny_model, tmp_path):
     svc = Service.load("tiny", tmp_path / "p", device="cpu", classifier=False)
     assert svc.ready and not svc.banks
     assert "some-other-model" in svc.status_markdown() and "not used" in svc.status_markdown()
+
+
+def test_probes_fit_under_another_scheduler_are_refused(tiny_model, tmp_path):
+    """A probe reads one sampler's trajectory: the tiny model samples with LMS, these were fit under Euler."""
+    from ldm_scene.ui.service import Service
+
+    write_probe_dir(tiny_model, tmp_path / "p", scheduler="EulerDiscreteScheduler")
+    svc = Service.load("tiny", tmp_path / "p", device="cpu", classifier=False)
+    assert svc.ready and not svc.banks and not svc.intervention_banks
+    status = svc.status_markdown()
+    assert "sampled with EulerDiscreteScheduler, the loaded model samples with LMSDiscreteScheduler" in status
 
 
 def test_probes_with_wrong_channels_are_refused(tiny_model, tmp_path):
