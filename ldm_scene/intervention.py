@@ -287,9 +287,10 @@ def intervene(
     return sample(model, config, editors=[editor], previews=previews)
 
 
-def load_intervention_banks(probe_dir, expect_sites=None) -> dict[str, ProbeBank]:
+def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str | None = None) -> dict[str, ProbeBank]:
     """The foreground probe and the class means from a probe directory (whichever exist)."""
-    return load_probe_dir(probe_dir, expect_sites=expect_sites, tasks=("foreground", CLASS_MEANS))
+    return load_probe_dir(probe_dir, expect_sites=expect_sites, tasks=("foreground", CLASS_MEANS),
+                          expect_scheduler=expect_scheduler)
 
 
 def current_foreground(
@@ -349,7 +350,7 @@ def run_cli(args) -> int:
     probe_dir = Path(args.probes) if args.probes else model.extra_dir("probes")
     if probe_dir is None:
         raise InterventionError(f"{model.model_id} ships no probes/ folder: pass --probes DIR")
-    banks = load_intervention_banks(probe_dir, expect_sites=model.sites())
+    banks = load_intervention_banks(probe_dir, expect_sites=model.sites(), expect_scheduler=type(model.pipe.scheduler).__name__)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     original = [s.image for s in sample(model, config)][-1]

@@ -78,3 +78,39 @@ def test_parser_defaults_are_the_papers_setting():
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["generate", "--prompt", "x"])  # --out is required
     assert info.value.code == 2
+
+
+def _intervene_args(out, *extra):
+    return ["intervene", "--model", "toy", "--device", "cpu", "--prompt", "a red cube on the left", "--seed", "1",
+            "--dx", "20", "--method", "steer", "--out", str(out), *extra]
+
+
+def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp_path, capsys):
+    """The README's intervene command, offline on the shipped model and probes: the target is the
+    original mask shifted by --dx, and the summary's IoUs are those of the written masks."""
+    from ldm_scene import metrics
+    from ldm_scene.intervention import translate_mask
+
+    out = tmp_path / "move"
+    assert main(_intervene_args(out)) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    masks = {n: np.asarray(Image.open(out / f"{n}_mask.png")) > 127 for n in ("original", "target", "result")}
+    assert masks["original"].any() and masks["original"].shape == (64, 64)
+    assert np.array_equal(masks["target"], translate_mask(masks["original"], 20, 0))
+    assert summary["iou_result_target"] == pytest.approx(metrics.iou(masks["result"], masks["target"]))
+    assert summary["iou_result_original"] == pytest.approx(metrics.iou(masks["result"], masks["original"]))
+    for name in ("original.png", "edited.png", "side_by_side.png"):
+        assert Image.open(out / name).size[0] >= 64
+    assert not np.array_equal(np.asarray(Image.open(out / "original.png")), np.asarray(Image.open(out / "edited.png")))
+
+
+def test_intervene_refuses_probes_fit_under_another_scheduler(tmp_path, capsys):
+    from test_service import write_probe_dir
+
+    from ldm_scene.models import load_model
+
+    folder = write_probe_dir(load_model("toy", device="cpu"), tmp_path / "probes", steps=15, scheduler="LMSDiscreteScheduler")
+    assert main(_intervene_args(tmp_path / "out", "--probes", str(folder))) == 2
+    err = capsys.readouterr().err
+    assert "sampled with LMSDiscreteScheduler, the loaded model samples with EulerDiscreteScheduler" in err
+    assert not (tmp_path / "out").exists()
