@@ -160,7 +160,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
         if len(examples) < 6:
             examples.append((original, before, target, results))
     summary = summarise(rows, methods, seconds)
-    summary["scheduler"] = type(model.pipe.scheduler).__name__
+    summary["scheduler"], summary["steps"] = type(model.pipe.scheduler).__name__, steps
     out.mkdir(parents=True, exist_ok=True)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
@@ -208,16 +208,12 @@ def summarise(rows: list[dict], methods, seconds: dict) -> dict:
     return summary
 
 
-def steps_text(summary: dict) -> str:
-    return f"every image drawn with 15 steps of {summary.get('scheduler', 'LMSDiscreteScheduler')}"
-
-
 def render_table(summary: dict) -> str:
     """The README table, rendered from the summary (nothing typed by hand)."""
     lines = [
         "# Intervention on the toy model", "",
         f"{summary['n_evaluated']} of {summary['n_trials']} trials evaluated (the rest drew no object to move), "
-        f"{steps_text(summary)}. "
+        f"every image drawn with {summary.get('steps', 15)} steps of {summary.get('scheduler', 'LMSDiscreteScheduler')}. "
         "Target: the original foreground shifted sideways by 25-40% of the width. Success: IoU(result, target) > "
         "IoU(result, original) and > 0.5. Masks and shapes judged by the shipped labeler and classifier. "
         "Kept: the same shape (colour) as the unedited image of the seed; prompted: the prompt's. "
