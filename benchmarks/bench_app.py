@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     demo.close()
     lib_s, first_s, total_s = (statistics.median(v) for v in (lib, firsts, totals))
     print(f"machine: {machine()}")
-    print(f"toy model, {steps} steps of {type(service.model.pipe.scheduler).__name__}, {repeats} repeats (medians), readouts of 3 probes + classifier curves in the app")
+    print(f"toy model, {steps} steps of {service.model.scheduler_name}, {repeats} repeats (medians), readouts of 3 probes + classifier curves in the app")
     print(f"  library sample() loop:            {lib_s:.3f} s")
     print(f"  app via HTTP, first streamed step: {first_s:.3f} s")
     print(f"  app via HTTP, all {steps} steps:       {total_s:.3f} s")

@@ -19,7 +19,7 @@ def random_banks(model: Model, num_steps: int, seed: int = 0) -> dict[str, Probe
     banks = {}
     for task in TASKS:
         k = 2 if task == "foreground" else 1
-        meta = ProbeMeta(task, model.model_id, model.image_size, type(model.pipe.scheduler).__name__, num_steps, sites)
+        meta = ProbeMeta(task, model.model_id, model.image_size, model.scheduler_name, num_steps, sites)
         weights = {(s, t): torch.randn(k, c, generator=gen) * 0.01 for s, (c, _, _) in sites.items() for t in range(num_steps)}
         banks[task] = ProbeBank(meta, weights).to(model.device)
     return banks

@@ -19,7 +19,7 @@ def _generate(args: argparse.Namespace) -> int:
     (out / "steps").mkdir(parents=True, exist_ok=True)
     summary = {
         "model": model.model_id, "prompt": config.prompt, "seed": config.seed, "steps": config.steps,
-        "guidance": config.guidance, "scheduler": type(model.pipe.scheduler).__name__,
+        "guidance": config.guidance, "scheduler": model.scheduler_name,
         "image_size": list(model.image_size), "timesteps": [], "previews": [],
     }
     for state in tqdm(sample(model, config, previews=True), total=config.steps, desc="denoising"):

@@ -350,7 +350,7 @@ def run_cli(args) -> int:
     probe_dir = Path(args.probes) if args.probes else model.extra_dir("probes")
     if probe_dir is None:
         raise InterventionError(f"{model.model_id} ships no probes/ folder: pass --probes DIR")
-    banks = load_intervention_banks(probe_dir, expect_sites=model.sites(), expect_scheduler=type(model.pipe.scheduler).__name__)
+    banks = load_intervention_banks(probe_dir, expect_sites=model.sites(), expect_scheduler=model.scheduler_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     original = [s.image for s in sample(model, config)][-1]

@@ -61,6 +61,11 @@ class Model:
         side = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
         return side, side
 
+    @property
+    def scheduler_name(self) -> str:
+        """The sampler's class name, as probe metadata records it and probe loading checks it."""
+        return type(self.pipe.scheduler).__name__
+
     def sites(self, image_size: tuple[int, int] | None = None, keys: Sequence[str] = SITE_KEYS) -> list[SiteInfo]:
         """The site table for this model at ``image_size`` (default: the model's own)."""
         return site_table(self.pipe.unet.config, image_size or self.image_size, self.vae_scale_factor, keys)

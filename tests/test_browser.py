@@ -65,7 +65,7 @@ def served(tmp_path_factory):
         svc = Service.load(name, device="cpu")
         if not svc.banks and svc.model is not None:  # no shipped probes yet: random ones that fit
             folder = write_probe_dir(svc.model, tmp_path_factory.mktemp("probes"), steps=15,
-                                     scheduler=type(svc.model.pipe.scheduler).__name__)
+                                     scheduler=svc.model.scheduler_name)
             svc = Service.load(name, folder, device="cpu")
     else:
         from ldm_scene.models import load_model

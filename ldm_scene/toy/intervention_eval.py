@@ -160,7 +160,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
         if len(examples) < 6:
             examples.append((original, before, target, results))
     summary = summarise(rows, methods, seconds)
-    summary["scheduler"], summary["steps"] = type(model.pipe.scheduler).__name__, steps
+    summary["scheduler"], summary["steps"] = model.scheduler_name, steps
     out.mkdir(parents=True, exist_ok=True)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))

@@ -100,7 +100,7 @@ def measure_generation(
         })
         images.append(image)
     result = {
-        "n_generated": n, "steps": steps, "guidance": guidance, "scheduler": type(model.pipe.scheduler).__name__,
+        "n_generated": n, "steps": steps, "guidance": guidance, "scheduler": model.scheduler_name,
         "object_present": float(np.mean([r["object"] for r in rows])),
         "shape_match": float(np.mean([r["shape_ok"] for r in rows])),
         "colour_match": float(np.mean([r["colour_ok"] for r in rows])),

@@ -788,7 +788,7 @@ def _meta(ctx: RunContext, sol: Solution, task: str, group: str) -> ProbeMeta:
         task=task,
         model_id=ctx.model.model_id,
         image_size=ctx.image_size,
-        scheduler=type(ctx.model.pipe.scheduler).__name__,
+        scheduler=ctx.model.scheduler_name,
         num_steps=c.steps,
         sites={i.key: (i.channels, i.height, i.width) for i in ctx.sites},
         target_mean=mean,
@@ -1287,7 +1287,7 @@ def build_metrics(ctx: RunContext, sol: Solution, stacked: dict[str, np.ndarray]
     return {
         "model": ctx.model.model_id,
         "image_size": list(ctx.image_size),
-        "scheduler": type(ctx.model.pipe.scheduler).__name__,
+        "scheduler": ctx.model.scheduler_name,
         "num_steps": steps,
         "guidance": float(c.guidance),
         "labeler": ctx.labeler.name,

@@ -746,7 +746,7 @@ def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict
     errors: list[str] = []
     loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
                             tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors,
-                            expect_scheduler=type(model.pipe.scheduler).__name__)
+                            expect_scheduler=model.scheduler_name)
     refused = [f"A probe file does not fit this model and is not used: {err}" for err in errors]
     banks = {t: b for t, b in loaded.items() if t in TASKS}
     means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
