@@ -159,6 +159,19 @@ def mean_spearman(preds: np.ndarray, targets: np.ndarray) -> float:
     return mean_ignore_nan(per_image(spearman, preds, targets))
 
 
+def spearman_tie_ceiling(targets: np.ndarray, jitter: float = 1e-4, seed: int = 0) -> float:
+    """:func:`mean_spearman` of ``targets`` against themselves plus Gaussian noise of std ``jitter``.
+
+    Labels with large tied blocks (a sky of shading 1, a lit ground of one shading) rank every
+    tied pixel the same, while a continuous prediction ranks them apart; that costs Spearman even
+    when each predicted value is right to within ``jitter``. This is the score of such a nearly
+    perfect prediction: the most a predictor that does not reproduce the exact ties can reach.
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    noise = np.random.default_rng(seed).normal(0.0, jitter, targets.shape)
+    return mean_spearman(targets + noise, targets)
+
+
 def mean_pearson(preds: np.ndarray, targets: np.ndarray) -> float:
     """Pearson per image, averaged over the images where it is defined."""
     return mean_ignore_nan(per_image(pearson, preds, targets))

@@ -88,3 +88,16 @@ def test_batched_means_skip_nan():
     assert math.isnan(metrics.mean_ignore_nan([math.nan, math.nan]))
     assert math.isnan(metrics.mean_ignore_nan([]))
     assert metrics.mean_ignore_nan([1.0, math.nan, 3.0]) == 2.0
+
+
+def test_spearman_tie_ceiling_matches_the_closed_form_for_a_tied_block():
+    # N values of which a block of m is tied: a prediction ranking the block in any order has rank
+    # correlation sqrt(1 - (m/N)(m^2 - 1)/(N^2 - 1)) with the labels (their ranks are the block's mean).
+    n, m = 100, 50
+    image = np.concatenate([np.arange(n - m) * 0.01, np.ones(m)]).reshape(10, 10)
+    batch = np.stack([image, image[::-1], image.T])
+    expected = math.sqrt(1 - (m / n) * (m * m - 1) / (n * n - 1))
+    assert metrics.spearman_tie_ceiling(batch) == pytest.approx(expected, abs=1e-12)
+    assert expected < 0.94  # half the pixels tied costs more than six points
+    untied = np.arange(300, dtype=np.float64).reshape(3, 10, 10) * 0.01
+    assert metrics.spearman_tie_ceiling(untied) == pytest.approx(1.0, abs=1e-12)

@@ -39,6 +39,15 @@ def test_decoder_ceiling_and_stage_are_reported_only_when_present():
     assert "then its decoder alone 600 more (encoder frozen, object pixels weighted 11x)" in card
 
 
+def test_spearman_ceilings_are_reported_with_the_labelers_share_of_them():
+    assert "ceiling" not in render_report(_report())
+    text = render_report(_report(labeler_depth_spearman_ceiling=0.976, labeler_shading_spearman_ceiling=0.86,
+                                 labeler_shading_spearman_object=0.89))
+    assert "depth 0.9760 and shading 0.8600" in text
+    assert "98.8% of that ceiling" in text  # 0.85 / 0.86
+    assert "on the object's pixels alone its shading Spearman is 0.8900" in text
+
+
 def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     plain = render_report(_report(scheduler="EulerDiscreteScheduler"))
     assert "15 steps of EulerDiscreteScheduler" in plain and "paper's" not in plain

@@ -73,3 +73,16 @@ def test_decoder_finetune_keeps_the_latents_and_ships_the_tuned_decoder(tmp_path
     for name, value in tuned.state_dict().items():
         assert torch.equal(value, shipped.state_dict()[name]), name
     assert torch.load(work / "decoder_checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_high_noise_share_redraws_that_share_of_timesteps_from_the_noisiest_forty_percent():
+    from ldm_scene.toy.train import TrainPlan, draw_timesteps
+
+    plain = draw_timesteps(4096, 1000, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(plain, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(1)))
+    assert (draw_timesteps(4096, 1000, 1.0, torch.Generator().manual_seed(1)) >= 600).all()
+    half = draw_timesteps(4096, 1000, 0.5, torch.Generator().manual_seed(1)).float()
+    # 50% from [600, 1000) plus 50% uniform, 40% of which also land there: 70% at t >= 600.
+    assert abs((half >= 600).float().mean().item() - 0.7) < 0.03
+    with pytest.raises(ValueError, match="unet_high_noise_share"):
+        TrainPlan(unet_high_noise_share=1.5)

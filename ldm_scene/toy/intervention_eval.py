@@ -37,6 +37,7 @@ SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
     ("up", 1 / 3, 1.0, 1.0), ("up", 1 / 3, 15.0, 1.0), ("all", 1 / 3, 15.0, 1.0),
     ("all", 2 / 3, 5.0, 1.0), ("all", 2 / 3, 15.0, 1.0), ("all", 2 / 3, 30.0, 1.0),
     ("all", 2 / 3, 15.0, 0.3), ("all", 2 / 3, 30.0, 0.3), ("all", 2 / 3, 10.0, 0.3), ("all", 1 / 2, 15.0, 0.3),
+    ("up", 2 / 3, 15.0, 0.3), ("up", 1 / 2, 20.0, 0.2), ("all", 1 / 2, 20.0, 0.2),
 )
 
 
@@ -78,8 +79,11 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     model = load_model(str(model_dir), device="cpu")
     banks = load_intervention_banks(model_dir / "probes", expect_sites=model.sites())
     labeler = ToyLabeler.load(model_dir / "labelers")
+    classifier = ToyClassifier.load(model_dir / "labelers")
     trials = [t for t in tqdm(_trials(model, labeler, SWEEP_SEED0, n, steps), total=n, desc="sweep originals")
               if t[3] is not None]
+    # Kept: the same shape as the unedited image of the seed (as in run_trials); prompted: the prompt's.
+    shapes_before = {t[0].seed: SHAPES[int(classifier.probabilities(np.asarray(t[1]))[0].argmax())] for t in trials}
     rows = []
     for sites_name, fraction, gain, outside in tqdm(grid, desc="sweep settings"):
         sites = UP_SITE_KEYS if sites_name == "up" else SITE_KEYS
@@ -91,16 +95,19 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
             edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             after = labeler(np.asarray(edited))["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
-            results.append((iou_t, iou_o, iou_t > iou_o and iou_t > 0.5, has_object(after)))
+            shape = SHAPES[int(classifier.probabilities(np.asarray(edited))[0].argmax())]
+            results.append((iou_t, iou_o, iou_t > iou_o and iou_t > 0.5, has_object(after),
+                            shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
         rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
-                     "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3]})
+                     "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3],
+                     "shape_kept": r[4], "shape_prompted": r[5]})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present | shape kept | shape prompted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sites']} | first {r['steps_fraction']:.2f} | {r['gain']:g} | {r['outside']:g} | {r['n']} | {r['success_rate']:.0%} "
-              f"| {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} |" for r in rows]
+              f"| {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} | {r['shape_kept']:.0%} | {r['shape_prompted']:.0%} |" for r in rows]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

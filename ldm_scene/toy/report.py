@@ -62,6 +62,12 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
         "labeler_dice": metrics.mean_dice(labels["mask"], heldout["mask"][:n]),
         "labeler_depth_spearman": metrics.mean_spearman(labels["depth"], heldout["depth"][:n].astype(np.float32)),
         "labeler_shading_spearman": metrics.mean_spearman(labels["shading"], heldout["shading"][:n].astype(np.float32)),
+        # What a labeler right to 1e-4 everywhere, but without the labels' exact ties, would score.
+        "labeler_depth_spearman_ceiling": metrics.spearman_tie_ceiling(heldout["depth"][:n]),
+        "labeler_shading_spearman_ceiling": metrics.spearman_tie_ceiling(heldout["shading"][:n]),
+        "labeler_shading_spearman_object": metrics.mean_ignore_nan(
+            metrics.spearman(p[m], t[m]) if m.sum() > 1 else np.nan
+            for p, t, m in zip(labels["shading"], heldout["shading"][:n].astype(np.float32), heldout["mask"][:n])),
         "classifier_accuracy": float((probs.argmax(1) == heldout["shape"][:n]).mean()),
         "n_heldout": int(len(images)),
     }
@@ -166,6 +172,14 @@ def render_report(report: dict) -> str:
         lines += ["", f"The same seeds and prompts with the paper's {p['scheduler']} (same timesteps, fourth-order "
                   f"multistep): object present {p['object_present']:.1%}, shape {p['shape_match']:.1%}, colour "
                   f"{p['colour_match']:.1%}, position {p['position_match']:.1%}."]
+    if "labeler_shading_spearman_ceiling" in report:
+        lines += ["", "Spearman ceilings: exact labels with 1e-4 noise, i.e. a labeler right everywhere but without the "
+                  "labels' exact ties, score depth "
+                  f"{report['labeler_depth_spearman_ceiling']:.4f} and shading {report['labeler_shading_spearman_ceiling']:.4f}. "
+                  "Shading has large tied blocks (the sky is 1, the lit ground one value), so no labeler with continuous "
+                  f"output can reach the 0.9 target under this metric. The shipped labeler reaches "
+                  f"{report['labeler_shading_spearman'] / report['labeler_shading_spearman_ceiling']:.1%} of that ceiling; "
+                  f"on the object's pixels alone its shading Spearman is {report['labeler_shading_spearman_object']:.4f}."]
     if "ae_colour_match" in report:
         lines += ["", f"Colour check on autoencoder reconstructions of held-out renders (exact masks): "
                   f"{report['ae_colour_match']:.1%}. Generated colours cannot be judged right more often than the "
@@ -232,7 +246,10 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         + (f"; the colour check on its reconstructions (exact masks) {r['ae_colour_match']:.1%}, the ceiling for colour as prompted;"
            if "ae_colour_match" in r else ";"),
         f"- labelers on held-out renders: foreground Dice {r['labeler_dice']:.4f}, depth Spearman {r['labeler_depth_spearman']:.4f},"
-        f" shading Spearman {r['labeler_shading_spearman']:.4f}; shape classifier accuracy {r['classifier_accuracy']:.2%};",
+        f" shading Spearman {r['labeler_shading_spearman']:.4f}"
+        + (f" (ceiling {r['labeler_shading_spearman_ceiling']:.4f} for any labeler without the labels' exact ties)"
+           if "labeler_shading_spearman_ceiling" in r else "")
+        + f"; shape classifier accuracy {r['classifier_accuracy']:.2%};",
         f"- one 15-step generation: {r['seconds_per_generation']:.2f} s on this CPU.", "",
         "## Limits",
         "- Trained for minutes on a CPU: images are 64 px and simpler than renders; the report's targets that are",

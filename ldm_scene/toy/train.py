@@ -47,6 +47,9 @@ class TrainPlan:
     unet_batch: int = 32
     unet_lr: float = 6e-4
     uncond_prob: float = 0.1
+    # Share of each UNet batch whose timestep is drawn from the noisiest 40% (t >= 600), where the
+    # layout (and so the position word) is decided; 0 draws every timestep uniformly, as SD did.
+    unet_high_noise_share: float = 0.0
     ema_decay: float = 0.999
     checkpoint_every: int = 100
     seed: int = 0
@@ -59,6 +62,8 @@ class TrainPlan:
             raise ValueError("sizes and step counts must be positive")
         if not 0 <= self.uncond_prob < 1:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
+        if not 0 <= self.unet_high_noise_share <= 1:
+            raise ValueError(f"unet_high_noise_share must be in [0, 1], got {self.unet_high_noise_share}")
 
 
 def _render_chunk(seeds: list[int]) -> dict:
@@ -257,6 +262,16 @@ def _swap_left_right(prompt: str) -> str:
     return " ".join(swap.get(w, w) for w in words)
 
 
+def draw_timesteps(batch: int, total: int, high_noise_share: float, gen: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform over ``[0, total)``, then a ``high_noise_share`` of them redrawn
+    from the noisiest 40%. With a share of 0 nothing more is drawn, so older runs resume identically."""
+    t = torch.randint(0, total, (batch,), generator=gen)
+    if high_noise_share > 0:
+        high = torch.rand(batch, generator=gen) < high_noise_share
+        t = torch.where(high, torch.randint(int(0.6 * total), total, (batch,), generator=gen), t)
+    return t
+
+
 def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torch.Tensor, work: Path, ae, out: Path):
     """Train the UNet and text encoder jointly (epsilon prediction, SD's noise schedule, EMA)."""
     tokenizer = build_tokenizer(plan.arch)
@@ -306,7 +321,7 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
         drop = torch.rand(plan.unet_batch, generator=gen) < plan.uncond_prob
         tok = torch.where(drop[:, None], empty.expand_as(tok), tok)
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (plan.unet_batch,), generator=gen)
+        t = draw_timesteps(plan.unet_batch, noise_sched.config.num_train_timesteps, plan.unet_high_noise_share, gen)
         zt = noise_sched.add_noise(z0, noise, t)
         cond = text(tok)[0]
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
