@@ -173,13 +173,14 @@ def test_steer_moves_tokens_to_the_class_means(tiny_model, banks):
 
 
 def test_method_defaults_choose_sites_and_steps(tiny_model, banks):
-    """probe-gradient keeps the paper's 9 up-block sites and first third; steer edits all 16 sites
-    through the first two-thirds; an explicit choice overrides either."""
+    """probe-gradient keeps the paper's 9 up-block sites and first third; steer and its control edit
+    the same 9 sites through the first two-thirds; an explicit choice overrides either."""
     target = _target(tiny_model)
     assert make_editor("probe-gradient", banks, target).sites == UP_SITE_KEYS
     assert make_editor("probe-gradient", banks, target).iterations == 128
-    assert set(make_editor("steer", banks, target).sites) == set(SITE_KEYS)
-    assert set(make_editor("random-control", banks, target).sites) == set(SITE_KEYS)
+    assert make_editor("steer", banks, target).sites == UP_SITE_KEYS
+    assert make_editor("random-control", banks, target).sites == UP_SITE_KEYS
+    assert make_editor("steer", banks, target, sites=SITE_KEYS).sites == tuple(SITE_KEYS)
     assert make_editor("steer", banks, target, sites=["mid_block.attentions.0"]).sites == ("mid_block.attentions.0",)
     assert default_edit_steps(15, "probe-gradient") == (0, 1, 2, 3, 4)
     assert default_edit_steps(15, "steer") == tuple(range(10))

@@ -113,3 +113,23 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
 
     lms = run_trials(TOY_MODEL_DIR, 1, tmp_path / "lms", methods=("steer",), scheduler=LMSDiscreteScheduler)
     assert lms["scheduler"] == "LMSDiscreteScheduler" and "15 steps of LMSDiscreteScheduler" in (tmp_path / "lms" / "README.md").read_text()
+
+
+def test_sweep_writes_rows_and_marks_the_shipped_default(tmp_path):
+    """Two sweep trials, two settings: sweep.md is rendered from sweep.json's rows, and only the row
+    with steer's shipped defaults carries the star."""
+    import json
+
+    from ldm_scene.intervention import METHOD_DEFAULTS
+    from ldm_scene.toy.intervention_eval import run_sweep
+
+    d = METHOD_DEFAULTS["steer"]
+    grid = ((d.sites, d.steps_fraction, d.gain, d.outside), ("all", 1 / 3, 1.0, 1.0))
+    rows = run_sweep(TOY_MODEL_DIR, 2, tmp_path, grid=grid)
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows and len(rows) == 2
+    for r in rows:
+        assert 0 <= r["success_rate"] <= 1 and 0 <= r["shape_kept"] <= 1 and 0 <= r["shape_prompted"] <= 1
+    table = [x for x in (tmp_path / "sweep.md").read_text().splitlines() if x.startswith(("| up", "| all"))]
+    assert len(table) == 2
+    assert table[0].startswith(f"| {d.sites} * |") and f"| {rows[0]['success_rate']:.0%} |" in table[0]
+    assert table[1].startswith("| all | first 0.33 | 1 | 1 |")

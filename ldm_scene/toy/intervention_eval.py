@@ -104,13 +104,30 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
                      "shape_kept": r[4], "shape_prompted": r[5]})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present | shape kept | shape prompted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['sites']} | first {r['steps_fraction']:.2f} | {r['gain']:g} | {r['outside']:g} | {r['n']} | {r['success_rate']:.0%} "
-              f"| {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} | {r['shape_kept']:.0%} | {r['shape_prompted']:.0%} |" for r in rows]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = render_sweep(rows, steps)
+    (out / "sweep.md").write_text(text)
+    print(text)
     return rows
+
+
+def render_sweep(rows: list[dict], steps: int = 15) -> str:
+    """sweep.md from sweep.json's rows (nothing typed by hand); the shipped default is marked."""
+    from ..intervention import METHOD_DEFAULTS
+
+    d = METHOD_DEFAULTS["steer"]
+    lines = ["# Steer settings on the toy model", "",
+             f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from {SWEEP_SEED0:,} "
+             f"(the evaluation's start at {TRIAL_SEED0:,}), {steps} steps. Success as in the evaluation; shape kept: the "
+             "classifier names the same shape as in the unedited image; shape prompted: the prompt's. * marks the default.", "",
+             "| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
+             "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"]) == (
+            d.sites, round(d.steps_fraction, 4), d.gain, d.outside) else ""
+        lines.append(f"| {r['sites']}{star} | first {r['steps_fraction']:.2f} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
+                     f"| {r['success_rate']:.0%} | {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} "
+                     f"| {r.get('shape_kept', float('nan')):.0%} | {r.get('shape_prompted', float('nan')):.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int = 15, scheduler: type | None = None) -> dict:
