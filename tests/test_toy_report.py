@@ -60,5 +60,8 @@ def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     card = render_model_card(_report(scheduler="EulerDiscreteScheduler"), plan, {"unet": "1M"})
     assert "`EulerDiscreteScheduler` with SD's scaled-linear betas" in card and "15 steps of EulerDiscreteScheduler" in card
     assert "paper's" not in card.split("## Measured quality")[1]
+    assert "noisiest" not in card
+    card = render_model_card(_report(), {**plan, "unet_high_noise_share": 0.5}, {"unet": "1M"})
+    assert "50% of each batch drawn from the noisiest 40% of timesteps" in card
     card = render_model_card(_report(scheduler="EulerDiscreteScheduler", paper_scheduler=paper), plan, {"unet": "1M"})
     assert "with the paper's LMSDiscreteScheduler on the same seeds: shape 55.0%, colour 74.0%, position 33.5%" in card
