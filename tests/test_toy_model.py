@@ -133,3 +133,15 @@ def test_sweep_writes_rows_and_marks_the_shipped_default(tmp_path):
     assert len(table) == 2
     assert table[0].startswith(f"| {d.sites} * |") and f"| {rows[0]['success_rate']:.0%} |" in table[0]
     assert table[1].startswith("| all | first 0.33 | 1 | 1 |")
+
+
+def test_a_shift_against_the_prompts_position_word_is_recognised():
+    from ldm_scene.toy.intervention_eval import against_prompt, moves_against_prompt
+
+    assert moves_against_prompt("a red cube on the left", 20) and not moves_against_prompt("a red cube on the left", -20)
+    assert moves_against_prompt("a red cube on the right", -20) and not moves_against_prompt("a red cube on the right", 20)
+    assert moves_against_prompt("a red cube in the middle", 20) and moves_against_prompt("a red cube in the middle", -20)
+    rows = [{"prompt": "a red cube on the left", "dx": 20, "steer": {"success": True}},
+            {"prompt": "a red cube on the left", "dx": -20, "steer": {"success": False}},
+            {"prompt": "a red cube in the middle", "dx": -20, "steer": {"success": False}}]
+    assert against_prompt(rows, ["steer"]) == {"n_against_prompt": 2, "success_against_prompt": {"steer": 0.5}}

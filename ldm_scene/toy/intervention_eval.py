@@ -226,10 +226,26 @@ def summarise(rows: list[dict], methods, seconds: dict) -> dict:
         control = [r for r in done if r["random-control"]["success"]]
         summary["control_successes"] = len(control)
         summary["shared_with_control"] = {m: int(sum(r[m]["success"] for r in control)) for m in methods if m != "random-control"}
+    summary |= against_prompt(done, methods)
     summary["plain_seconds"] = float(np.median(seconds["plain"]))
     summary["original_shape_prompted"] = float(np.mean([r["original_shape"] == parse_prompt(r["prompt"]).shape for r in done]))
     summary["original_colour_prompted"] = float(np.mean([r["original_colour"] == parse_prompt(r["prompt"]).colour for r in done]))
     return summary
+
+
+def moves_against_prompt(prompt: str, dx: int) -> bool:
+    """Does a sideways shift by ``dx`` take the object away from where its prompt puts it?
+    (Out of the middle either way; "on the left" moved right; "on the right" moved left.)"""
+    position = parse_prompt(prompt).position
+    return position == "middle" or (position == "left") == (dx > 0)
+
+
+def against_prompt(done: list[dict], methods) -> dict:
+    """How many trials move the object against its prompt's position word, and each method's success there."""
+    against = [r for r in done if moves_against_prompt(r["prompt"], r["dx"])]
+    return {"n_against_prompt": len(against),
+            "success_against_prompt": {m: (float(np.mean([r[m]["success"] for r in against])) if against else None)
+                                       for m in methods}}
 
 
 def render_table(summary: dict) -> str:
@@ -264,6 +280,10 @@ def render_table(summary: dict) -> str:
             lines += ["", f"{m}: at the edited sites and steps the foreground probe agreed with the target on "
                       f"{s['probe_agreement_before']:.0%} of tokens before the edit and {s['probe_agreement_after']:.0%} after "
                       "it (the optimisation's own objective), averaged over trials."]
+    if summary.get("n_against_prompt"):
+        rates = ", ".join(f"{m} {v:.0%}" for m, v in summary["success_against_prompt"].items())
+        lines += ["", f"{summary['n_against_prompt']} of the {summary['n_evaluated']} trials move the object away from where its "
+                  f"prompt's position word puts it (the target shifts towards the side with more room); success there: {rates}."]
     if summary.get("control_successes"):
         shared = ", ".join(f"{m} {k}" for m, k in summary["shared_with_control"].items())
         lines += ["", f"The random control succeeded in {summary['control_successes']} trials; of those, the other methods also "
