@@ -60,9 +60,10 @@ class MethodDefaults:
 #: 9 up-block sites beat all 16 sites (69% against 58% success, shape kept 81% against 71%).
 #: Re-run on the 11600-step model, the best four settings are within three trials of each other
 #: (62-67%) and these keep the shape most often (82%, all 16 sites 72%): pushing at the down and
-#: mid blocks as well costs shape and moves no more. The sampler's scheduler matters more than the dose: under a fourth-order
-#: multistep scheduler (the paper's LMS) every edited step's output is reused in the next three
-#: updates, and the same edit smears colour across the scene. The control shares steer's settings.
+#: mid blocks as well costs shape and moves no more. The sampler's scheduler matters more than
+#: the dose: under a fourth-order multistep scheduler (the paper's LMS) every edited step's output
+#: is reused in the next three updates, and the same edit smears colour across the scene. The
+#: control shares steer's settings.
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "probe-gradient": MethodDefaults("up", 1 / 3, 128),
     "steer": MethodDefaults("up", 2 / 3, 15.0, 0.3),

@@ -145,3 +145,11 @@ def test_a_shift_against_the_prompts_position_word_is_recognised():
             {"prompt": "a red cube on the left", "dx": -20, "steer": {"success": False}},
             {"prompt": "a red cube in the middle", "dx": -20, "steer": {"success": False}}]
     assert against_prompt(rows, ["steer"]) == {"n_against_prompt": 2, "success_against_prompt": {"steer": 0.5}}
+
+
+def test_classifier_names_the_most_probable_class_of_one_image(renders):
+    from ldm_scene.toy.nets import ToyClassifier
+
+    classifier = ToyClassifier.load(TOY_MODEL_DIR / "labelers")
+    probs = classifier.probabilities(renders["image"][:4])
+    assert [classifier.name(image) for image in renders["image"][:4]] == [classifier.classes[i] for i in probs.argmax(1)]

@@ -24,7 +24,7 @@ from ..models import load_model
 from ..sampler import GenerationConfig, sample
 from .nets import ToyClassifier, ToyLabeler
 from .quality import has_object, mask_colour, parse_prompt
-from .render import SHAPES, scene_from_seed
+from .render import scene_from_seed
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
 TRIAL_SEED0 = 30_000_000
@@ -83,7 +83,7 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     trials = [t for t in tqdm(_trials(model, labeler, SWEEP_SEED0, n, steps), total=n, desc="sweep originals")
               if t[3] is not None]
     # Kept: the same shape as the unedited image of the seed (as in run_trials); prompted: the prompt's.
-    shapes_before = {t[0].seed: SHAPES[int(classifier.probabilities(np.asarray(t[1]))[0].argmax())] for t in trials}
+    shapes_before = {t[0].seed: classifier.name(t[1]) for t in trials}
     rows = []
     for sites_name, fraction, gain, outside in tqdm(grid, desc="sweep settings"):
         sites = UP_SITE_KEYS if sites_name == "up" else SITE_KEYS
@@ -95,7 +95,7 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
             edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             after = labeler(np.asarray(edited))["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
-            shape = SHAPES[int(classifier.probabilities(np.asarray(edited))[0].argmax())]
+            shape = classifier.name(edited)
             results.append((iou_t, iou_o, iou_t > iou_o and iou_t > 0.5, has_object(after),
                             shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
@@ -153,7 +153,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
             rows.append({"seed": seed, "prompt": prompt, "skipped": "no object in the original"})
             continue
         orig_arr = np.asarray(original)
-        orig_shape = SHAPES[int(classifier.probabilities(orig_arr)[0].argmax())]
+        orig_shape = classifier.name(orig_arr)
         orig_colour = mask_colour(orig_arr, before)
         row = {"seed": seed, "prompt": prompt, "dx": dx, "original_shape": orig_shape, "original_colour": orig_colour}
         results = {}
@@ -165,7 +165,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
             arr = np.asarray(edited)
             after = labeler(arr)["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
-            shape = SHAPES[int(classifier.probabilities(arr)[0].argmax())]
+            shape = classifier.name(arr)
             colour = mask_colour(arr, after)
             row[method] = {
                 "iou_target": iou_t, "iou_original": iou_o, "success": bool(iou_t > iou_o and iou_t > 0.5),

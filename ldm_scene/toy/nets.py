@@ -156,3 +156,7 @@ class ToyClassifier:
         x = to_tensor(images)
         outs = [self.net(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)]
         return (torch.cat(outs) if outs else torch.zeros(0, len(self.classes))).numpy()
+
+    def name(self, image) -> str:
+        """The class named for one [H, W, 3] image (array or PIL)."""
+        return self.classes[int(self.probabilities(np.asarray(image))[0].argmax())]

@@ -23,7 +23,7 @@ from ..models import load_model
 from ..sampler import GenerationConfig, sample
 from .nets import ToyClassifier, ToyLabeler, to_tensor
 from .quality import has_object, mask_colour, mask_position, parse_prompt
-from .render import COLOURS, SHAPES, scene_from_seed
+from .render import COLOURS, scene_from_seed
 from .train import HELDOUT_SEED0, TrainPlan, psnr, render_dataset
 
 #: Fresh generation seeds start here: never used for training or held-out renders.
@@ -97,7 +97,7 @@ def measure_generation(
         arr = np.asarray(image)
         mask = labeler(arr)["mask"][0]
         words = parse_prompt(prompt)
-        shape = SHAPES[int(classifier.probabilities(arr)[0].argmax())]
+        shape = classifier.name(arr)
         rows.append({
             "seed": seed, "prompt": prompt, "object": has_object(mask), "shape": shape,
             "colour": mask_colour(arr, mask), "position": mask_position(mask),
