@@ -41,6 +41,11 @@ SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
 )
 
 
+def succeeded(iou_target: float, iou_original: float) -> bool:
+    """A trial's success: the result overlaps the target more than the original, and by IoU > 0.5."""
+    return bool(iou_target > iou_original and iou_target > 0.5)
+
+
 def trial_target(mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Shift ``mask`` by 25-40% of the width towards the side with more room."""
     w = mask.shape[1]
@@ -96,7 +101,7 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
             after = labeler(np.asarray(edited))["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
             shape = classifier.name(edited)
-            results.append((iou_t, iou_o, iou_t > iou_o and iou_t > 0.5, has_object(after),
+            results.append((iou_t, iou_o, succeeded(iou_t, iou_o), has_object(after),
                             shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
         rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
@@ -168,7 +173,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
             shape = classifier.name(arr)
             colour = mask_colour(arr, after)
             row[method] = {
-                "iou_target": iou_t, "iou_original": iou_o, "success": bool(iou_t > iou_o and iou_t > 0.5),
+                "iou_target": iou_t, "iou_original": iou_o, "success": succeeded(iou_t, iou_o),
                 "present": has_object(after),
                 # Kept: the same shape/colour as the unedited image of this seed (the model itself
                 # does not always draw the prompted ones); prompted: as the prompt says.

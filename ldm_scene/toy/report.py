@@ -50,6 +50,7 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
         x = to_tensor(images)
         rec = torch.cat([((vae.decode(vae.encode(c * 2 - 1).latents).sample + 1) / 2).clamp(0, 1) for c in x.split(100)])
     labels = labeler(images)
+    shading = heldout["shading"][:n].astype(np.float32)
     probs = classifier.probabilities(images)
     # The colour check of the report, on reconstructions of renders with their exact masks: what
     # the decoder alone allows "colour as prompted" to reach.
@@ -61,13 +62,13 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
         "ae_colour_match": float(np.mean(ae_colour)),
         "labeler_dice": metrics.mean_dice(labels["mask"], heldout["mask"][:n]),
         "labeler_depth_spearman": metrics.mean_spearman(labels["depth"], heldout["depth"][:n].astype(np.float32)),
-        "labeler_shading_spearman": metrics.mean_spearman(labels["shading"], heldout["shading"][:n].astype(np.float32)),
+        "labeler_shading_spearman": metrics.mean_spearman(labels["shading"], shading),
         # What a labeler right to 1e-4 everywhere, but without the labels' exact ties, would score.
         "labeler_depth_spearman_ceiling": metrics.spearman_tie_ceiling(heldout["depth"][:n]),
-        "labeler_shading_spearman_ceiling": metrics.spearman_tie_ceiling(heldout["shading"][:n]),
+        "labeler_shading_spearman_ceiling": metrics.spearman_tie_ceiling(shading),
         "labeler_shading_spearman_object": metrics.mean_ignore_nan(
             metrics.spearman(p[m], t[m]) if m.sum() > 1 else np.nan
-            for p, t, m in zip(labels["shading"], heldout["shading"][:n].astype(np.float32), heldout["mask"][:n])),
+            for p, t, m in zip(labels["shading"], shading, heldout["mask"][:n])),
         "classifier_accuracy": float((probs.argmax(1) == heldout["shape"][:n]).mean()),
         "n_heldout": int(len(images)),
     }
