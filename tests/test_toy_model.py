@@ -135,6 +135,16 @@ def test_sweep_writes_rows_and_marks_the_shipped_default(tmp_path):
     assert table[1].startswith("| all | first 0.33 | 1 | 1 |")
 
 
+def test_sweep_table_names_an_every_step_edit_all():
+    from ldm_scene.toy.intervention_eval import render_sweep
+
+    row = {"sites": "up", "gain": 8.0, "outside": 0.3, "n": 4, "success_rate": 0.75, "iou_target": 0.6,
+           "iou_original": 0.1, "object_present": 1.0, "shape_kept": 0.5, "shape_prompted": 0.5}
+    lines = render_sweep([{**row, "steps_fraction": 1.0}, {**row, "steps_fraction": 0.5}]).splitlines()
+    assert "| up | all | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+    assert "| up | first 0.50 | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+
+
 def test_a_shift_against_the_prompts_position_word_is_recognised():
     from ldm_scene.toy.intervention_eval import against_prompt, moves_against_prompt
 

@@ -38,6 +38,7 @@ SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
     ("all", 2 / 3, 5.0, 1.0), ("all", 2 / 3, 15.0, 1.0), ("all", 2 / 3, 30.0, 1.0),
     ("all", 2 / 3, 15.0, 0.3), ("all", 2 / 3, 30.0, 0.3), ("all", 2 / 3, 10.0, 0.3), ("all", 1 / 2, 15.0, 0.3),
     ("up", 2 / 3, 15.0, 0.3), ("up", 1 / 2, 20.0, 0.2), ("all", 1 / 2, 20.0, 0.2),
+    ("up", 1.0, 5.0, 0.3), ("up", 1.0, 8.0, 0.3),
 )
 
 
@@ -129,7 +130,8 @@ def render_sweep(rows: list[dict], steps: int = 15) -> str:
     for r in rows:
         star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"]) == (
             d.sites, round(d.steps_fraction, 4), d.gain, d.outside) else ""
-        lines.append(f"| {r['sites']}{star} | first {r['steps_fraction']:.2f} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
+        edited = "all" if r["steps_fraction"] >= 1 else f"first {r['steps_fraction']:.2f}"
+        lines.append(f"| {r['sites']}{star} | {edited} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
                      f"| {r['success_rate']:.0%} | {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} "
                      f"| {r.get('shape_kept', float('nan')):.0%} | {r.get('shape_prompted', float('nan')):.0%} |")
     return "\n".join(lines) + "\n"
