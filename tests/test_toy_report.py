@@ -65,3 +65,19 @@ def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     assert "50% of each batch drawn from the noisiest 40% of timesteps" in card
     card = render_model_card(_report(scheduler="EulerDiscreteScheduler", paper_scheduler=paper), plan, {"unet": "1M"})
     assert "with the paper's LMSDiscreteScheduler on the same seeds: shape 55.0%, colour 74.0%, position 33.5%" in card
+
+
+def test_matches_are_broken_down_per_prompted_word_with_the_commonest_miss():
+    from ldm_scene.toy.report import by_prompted_word
+
+    rows = [{"prompt": "an orange cube on the left", "colour": "red", "shape": "cube"},
+            {"prompt": "an orange cone on the left", "colour": "red", "shape": "cone"},
+            {"prompt": "an orange cone in the middle", "colour": "orange", "shape": "cylinder"},
+            {"prompt": "a red cube on the right", "colour": "red", "shape": "cube"}]
+    colour = by_prompted_word(rows, "colour")
+    assert colour == {"orange": {"n": 3, "match": 1 / 3, "commonest_miss": "red"},
+                      "red": {"n": 1, "match": 1.0, "commonest_miss": None}}
+    assert by_prompted_word(rows, "shape")["cone"] == {"n": 2, "match": 0.5, "commonest_miss": "cylinder"}
+    text = render_report(_report(shape_by_word=by_prompted_word(rows, "shape"), colour_by_word=colour))
+    assert "per prompted colour: orange 33% of 3 (else mostly red); red 100% of 1." in text
+    assert "per prompted" not in render_report(_report())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,7 @@ def measure_generation(
         "colour_match": float(np.mean([r["colour_ok"] for r in rows])),
         "position_match": float(np.mean([r["position_ok"] for r in rows])),
         "seconds_per_generation_1_thread": float(np.median(seconds)),
+        "shape_by_word": by_prompted_word(rows, "shape"), "colour_by_word": by_prompted_word(rows, "colour"),
     }
     if not timed:
         return result, list(zip(rows, images))
@@ -127,6 +129,23 @@ def measure_generation(
     result["seconds_per_generation"] = float(np.median(two_thread_s))
     result["torch_threads_timed"] = 2
     return result, list(zip(rows, images))
+
+
+def by_prompted_word(rows: list[dict], key: str) -> dict[str, dict]:
+    """Per prompted ``key`` word ("shape" or "colour"): trials, the share judged right and the commonest wrong call."""
+    out = {}
+    for word in sorted({getattr(parse_prompt(r["prompt"]), key) for r in rows}):
+        mine = [r for r in rows if getattr(parse_prompt(r["prompt"]), key) == word]
+        wrong = Counter(str(r[key]) for r in mine if r[key] != word)
+        out[word] = {"n": len(mine), "match": float(np.mean([r[key] == word for r in mine])),
+                     "commonest_miss": wrong.most_common(1)[0][0] if wrong else None}
+    return out
+
+
+def _by_word_line(title: str, table: dict) -> str:
+    cells = [f"{w} {v['match']:.0%} of {v['n']}" + (f" (else mostly {v['commonest_miss']})" if v["commonest_miss"] else "")
+             for w, v in table.items()]
+    return f"{title}: " + "; ".join(cells) + "."
 
 
 def sample_grid(samples: list, cols: int = 6, rows: int = 4, scale: int = 2) -> Image.Image:
@@ -168,6 +187,9 @@ def render_report(report: dict) -> str:
     ]
     for key in TARGETS:
         lines.append(f"| {key} | {fmt[key].format(report[key])} | {_verdict(key, report[key])} |")
+    if "shape_by_word" in report:
+        lines += ["", _by_word_line("Shape as prompted, per prompted shape", report["shape_by_word"]),
+                  "", _by_word_line("Colour as prompted, per prompted colour", report["colour_by_word"])]
     if "paper_scheduler" in report:
         p = report["paper_scheduler"]
         lines += ["", f"The same seeds and prompts with the paper's {p['scheduler']} (same timesteps, fourth-order "
