@@ -62,7 +62,9 @@ def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     assert "paper's" not in card.split("## Measured quality")[1]
     assert "noisiest" not in card
     card = render_model_card(_report(), {**plan, "unet_high_noise_share": 0.5}, {"unet": "1M"})
-    assert "50% of each batch drawn from the noisiest 40% of timesteps" in card
+    assert "50% of each batch drawn from the noisiest 40% of timesteps" in card and "latent cells" not in card
+    card = render_model_card(_report(), {**plan, "unet_object_weight": 10.0}, {"unet": "1M"})
+    assert "object's latent cells weighted 11x in the UNet loss" in card
     card = render_model_card(_report(scheduler="EulerDiscreteScheduler", paper_scheduler=paper), plan, {"unet": "1M"})
     assert "with the paper's LMSDiscreteScheduler on the same seeds: shape 55.0%, colour 74.0%, position 33.5%" in card
 

@@ -86,3 +86,27 @@ def test_high_noise_share_redraws_that_share_of_timesteps_from_the_noisiest_fort
     assert abs((half >= 600).float().mean().item() - 0.7) < 0.03
     with pytest.raises(ValueError, match="unet_high_noise_share"):
         TrainPlan(unet_high_noise_share=1.5)
+
+
+def test_object_weighted_mse_counts_object_cells_more_and_is_plain_mse_at_zero():
+    import torch.nn.functional as F
+
+    from ldm_scene.toy.train import TrainPlan, object_weighted_mse
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    cells = torch.zeros(2, 1, 8, 8)
+    cells[..., 2:4, 2:4] = 1.0
+    assert torch.allclose(object_weighted_mse(pred, target, cells, 0.0), F.mse_loss(pred, target))
+    # An error spread evenly over every cell costs the same at any weight (the loss is normalised).
+    even = torch.full_like(pred, 0.5)
+    assert torch.allclose(object_weighted_mse(even, torch.zeros_like(pred), cells, 10.0), torch.tensor(0.25))
+    # The same error inside the object costs more than outside it, by the weight's ratio.
+    inside, outside = torch.zeros_like(pred), torch.zeros_like(pred)
+    inside[..., 2, 2] = 1.0
+    outside[..., 6, 6] = 1.0
+    zero = torch.zeros_like(pred)
+    ratio = object_weighted_mse(inside, zero, cells, 10.0) / object_weighted_mse(outside, zero, cells, 10.0)
+    assert torch.isclose(ratio, torch.tensor(11.0))
+    with pytest.raises(ValueError, match="unet_object_weight"):
+        TrainPlan(unet_object_weight=-1.0)
