@@ -257,9 +257,9 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}",
         f"(epsilon prediction, {plan.get('uncond_prob'):.0%} empty prompts for classifier-free guidance, EMA {plan.get('ema_decay')}),",
         *([f"{plan['unet_high_noise_share']:.0%} of each batch drawn from the noisiest 40% of timesteps, where the layout is decided",
-           "(the shipped run did so only in its last leg; with uniform timesteps the position word was ignored),"]
+           "(in the legs whose command below sets it; with uniform timesteps the position word was ignored),"]
           if plan.get("unet_high_noise_share") else []),
-        *([f"the object's latent cells weighted {1 + plan['unet_object_weight']:g}x in the UNet loss (in the last leg only),"]
+        *([f"the object's latent cells weighted {1 + plan['unet_object_weight']:g}x in the UNet loss (in the legs whose command below sets it),"]
           if plan.get("unet_object_weight") else []),
         f"all on CPU ({r.get('train_timings', {})} seconds per stage, as recorded).",
         *render_history(history or []), "",
