@@ -106,6 +106,8 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     control = [t for t in done if t["random-control"]["success"]]
     assert summary["control_successes"] == len(control)
     assert summary["shared_with_control"] == {"steer": sum(t["steer"]["success"] for t in control)}
+    assert sum(summary["n_by_position"].values()) == len(done)
+    assert "- steer by prompted position: " in (tmp_path / "README.md").read_text()
     # The shipped model draws with its own scheduler; the paper's LMS can replace it for every image of a trial.
     assert summary["scheduler"] == "EulerDiscreteScheduler"
     assert "15 steps of EulerDiscreteScheduler" in (tmp_path / "README.md").read_text()
@@ -154,7 +156,10 @@ def test_a_shift_against_the_prompts_position_word_is_recognised():
     rows = [{"prompt": "a red cube on the left", "dx": 20, "steer": {"success": True}},
             {"prompt": "a red cube on the left", "dx": -20, "steer": {"success": False}},
             {"prompt": "a red cube in the middle", "dx": -20, "steer": {"success": False}}]
-    assert against_prompt(rows, ["steer"]) == {"n_against_prompt": 2, "success_against_prompt": {"steer": 0.5}}
+    assert against_prompt(rows, ["steer"]) == {
+        "n_against_prompt": 2, "success_against_prompt": {"steer": 0.5},
+        "n_by_position": {"left": 2, "middle": 1, "right": 0},
+        "success_by_position": {"steer": {"left": 0.5, "middle": 0.0}}}
 
 
 def test_classifier_names_the_most_probable_class_of_one_image(renders):

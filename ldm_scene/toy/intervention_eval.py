@@ -24,7 +24,7 @@ from ..models import load_model
 from ..sampler import GenerationConfig, sample
 from .nets import ToyClassifier, ToyLabeler
 from .quality import has_object, mask_colour, parse_prompt
-from .render import scene_from_seed
+from .render import POSITIONS, scene_from_seed
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
 TRIAL_SEED0 = 30_000_000
@@ -248,11 +248,16 @@ def moves_against_prompt(prompt: str, dx: int) -> bool:
 
 
 def against_prompt(done: list[dict], methods) -> dict:
-    """How many trials move the object against its prompt's position word, and each method's success there."""
+    """How many trials move the object against its prompt's position word, and each method's success
+    there and per prompted position (any shift takes a "middle" object out of the middle)."""
     against = [r for r in done if moves_against_prompt(r["prompt"], r["dx"])]
+    by_position = {pos: [r for r in done if parse_prompt(r["prompt"]).position == pos] for pos in POSITIONS}
     return {"n_against_prompt": len(against),
             "success_against_prompt": {m: (float(np.mean([r[m]["success"] for r in against])) if against else None)
-                                       for m in methods}}
+                                       for m in methods},
+            "n_by_position": {pos: len(rows) for pos, rows in by_position.items()},
+            "success_by_position": {m: {pos: float(np.mean([r[m]["success"] for r in rows]))
+                                        for pos, rows in by_position.items() if rows} for m in methods}}
 
 
 def render_table(summary: dict) -> str:
@@ -291,6 +296,12 @@ def render_table(summary: dict) -> str:
         rates = ", ".join(f"{m} {v:.0%}" for m, v in summary["success_against_prompt"].items())
         lines += ["", f"{summary['n_against_prompt']} of the {summary['n_evaluated']} trials move the object away from where its "
                   f"prompt's position word puts it (the target shifts towards the side with more room); success there: {rates}."]
+    if summary.get("success_by_position"):
+        counts = summary["n_by_position"]
+        lines.append("")
+        for m, rates in summary["success_by_position"].items():
+            split = ", ".join(f"{rate:.0%} of {counts[pos]} \"{pos}\"" for pos, rate in rates.items())
+            lines.append(f"- {m} by prompted position: {split}.")
     if summary.get("control_successes"):
         shared = ", ".join(f"{m} {k}" for m, k in summary["shared_with_control"].items())
         lines += ["", f"The random control succeeded in {summary['control_successes']} trials; of those, the other methods also "
