@@ -11,15 +11,16 @@ from tqdm import tqdm
 
 def _generate(args: argparse.Namespace) -> int:
     from .models import load_model
-    from .sampler import GenerationConfig, sample
+    from .sampler import config_for, sample
 
-    config = GenerationConfig(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
     model = load_model(args.model, device=args.device)
+    config = config_for(model, args.prompt, args.seed, args.steps, args.guidance, args.late_guidance)
     out = Path(args.out)
     (out / "steps").mkdir(parents=True, exist_ok=True)
     summary = {
         "model": model.model_id, "prompt": config.prompt, "seed": config.seed, "steps": config.steps,
-        "guidance": config.guidance, "scheduler": model.scheduler_name,
+        "guidance": config.guidance, "late_guidance": config.late_guidance, "late_from": config.late_from,
+        "scheduler": model.scheduler_name,
         "image_size": list(model.image_size), "timesteps": [], "previews": [],
     }
     for state in tqdm(sample(model, config, previews=True), total=config.steps, desc="denoising"):
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=15)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--guidance", type=float, default=None, help="default: the model's own (7.5 unless its ldm_scene.json says)")
+    gen.add_argument("--late-guidance", type=float, default=None,
+                     help="cap on guidance from the model's late_from of the steps on (default: the model's; "
+                          "equal to --guidance for a constant scale)")
     gen.add_argument("--device", default=None)
     gen.add_argument("--out", required=True)
     gen.set_defaults(func=_generate)
@@ -58,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--prompt", required=True)
     iv.add_argument("--seed", type=int, default=0)
     iv.add_argument("--steps", type=int, default=15)
-    iv.add_argument("--guidance", type=float, default=7.5)
+    iv.add_argument("--guidance", type=float, default=None, help="default: the model's own (7.5 unless its ldm_scene.json says)")
+    iv.add_argument("--late-guidance", type=float, default=None,
+                     help="cap on guidance from the model's late_from of the steps on (default: the model's; "
+                          "equal to --guidance for a constant scale)")
     group = iv.add_mutually_exclusive_group(required=True)
     group.add_argument("--dx", type=int, help="shift the current foreground right by DX pixels (with --dy)")
     group.add_argument("--mask", help="a target mask image (white = foreground), any size")

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .models import Model, default_device
-from .sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, sample
+from .sampler import DEFAULT_STEPS, config_for, sample
 
 #: An image as classifiers take it: PIL (any mode, converted to RGB) or uint8 [H, W, 3].
 ImageLike = Union[Image.Image, np.ndarray]
@@ -538,7 +538,7 @@ def evaluate(
     prompts_and_seeds: Sequence[tuple[str, int]],
     steps: int = DEFAULT_STEPS,
     reference_images: Sequence[tuple[ReferenceImage, str]] | None = None,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float | None = None,
     top_k: int = 5,
     reference_source: str = "real images",
     progress: bool = False,
@@ -551,16 +551,18 @@ def evaluate(
     ``reference`` (the classifier on ``reference_images``, (image, prompt) pairs: renders for the
     toy world, photos for SD; None when not given), one summary per run in ``runs``, and the
     prompts naming no class in ``skipped`` (not generated). ``on_run(i, curves)`` sees each run's
-    full curves (e.g. to draw examples).
+    full curves (e.g. to draw examples). ``guidance`` defaults to the model's own.
     """
     from tqdm import tqdm
+
+    guidance = model.default_guidance if guidance is None else float(guidance)
 
     runs, skipped, conf, ranks, firsts = [], [], [], [], []
     for i, (prompt, seed) in enumerate(tqdm(prompts_and_seeds, desc="classify", disable=not progress)):
         if classifier.class_for_prompt(prompt) is None:
             skipped.append({"prompt": prompt, "seed": int(seed), "reason": "names no class of the classifier"})
             continue
-        config = GenerationConfig(prompt, seed=int(seed), steps=steps, guidance=guidance)
+        config = config_for(model, prompt, int(seed), steps, guidance)
         previews = [s.preview for s in sample(model, config, previews=True, decode_final=False)]
         curves = classify_run(classifier, previews, prompt, top_k=top_k)
         if on_run is not None:
@@ -585,6 +587,7 @@ def evaluate(
         "num_classes": len(classifier.classes),
         "steps": n_steps,
         "guidance": float(guidance),
+        "late_guidance": model.late_guidance, "late_from": model.late_from,
         "top_k": int(top_k),
         "n": len(runs),
         "per_step": {
@@ -717,6 +720,8 @@ def readme_from_json(data: Mapping, figures: Sequence[str] = ()) -> str:
         "",
         f"Classifier `{data['classifier']}` ({data['num_classes']} classes) on each step's x0 preview, "
         f"{data['n']} runs, {data['steps']} steps, guidance {data['guidance']:g}"
+        + (f" (at most {data['late_guidance']:g} from {data['late_from']:.0%} of the steps on)"
+           if data.get("late_guidance") is not None else "")
         + (f"; {len(data['skipped'])} prompts naming no class skipped." if data.get("skipped") else "."),
         "",
         f"- Top-1 accuracy at the last step: {_fmt(per_step['top1_accuracy'][-1])}",
@@ -788,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reference-n", type=int, default=500, help="fresh renders for the toy reference")
     parser.add_argument("--seed0", type=int, default=CLASSIFY_SEED0, help="seed of the first run")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's own (7.5 unless its ldm_scene.json says)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--examples", type=int, default=4, help="runs drawn as per-run curve figures")
     parser.add_argument("--metrics", help="probes metrics.json (default: the model's probes/metrics.json)")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .models import Model
 from .probes import CLASS_MEANS, ProbeBank, class_means_bank, load_probe_dir  # noqa: F401  (class_means_bank re-exported)
-from .sampler import GenerationConfig, StepState, sample
+from .sampler import GenerationConfig, StepState, config_for, sample
 from .sites import UP_SITE_KEYS
 
 METHODS: tuple[str, ...] = ("steer", "probe-gradient", "random-control")
@@ -353,7 +353,7 @@ def run_cli(args) -> int:
     from .models import load_model
 
     model = load_model(args.model, device=args.device)
-    config = GenerationConfig(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    config = config_for(model, args.prompt, args.seed, args.steps, args.guidance, args.late_guidance)
     probe_dir = Path(args.probes) if args.probes else model.extra_dir("probes")
     if probe_dir is None:
         raise InterventionError(f"{model.model_id} ships no probes/ folder: pass --probes DIR")

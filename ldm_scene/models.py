@@ -24,6 +24,11 @@ TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy-scenes
 SD14_ID = "CompVis/stable-diffusion-v1-4"
 #: Short names accepted wherever a model name is.
 ALIASES = {"toy": str(TOY_MODEL_DIR), "sd14": SD14_ID}
+#: Classifier-free guidance when a model does not recommend its own (the paper's and SD's 7.5).
+PAPER_GUIDANCE = 7.5
+#: An optional file in a local model's directory with ldm-scene's settings for it:
+#: ``{"guidance": 7.5, "late_guidance": 2.5, "late_from": 0.8}`` (see ``GenerationConfig``).
+SETTINGS_FILE = "ldm_scene.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -38,6 +43,12 @@ class Model:
     model_id: str
     #: The local directory the model was loaded from (None for Hub ids and built models).
     directory: Path | None = None
+    #: The guidance scale generations use unless told otherwise: the model directory's
+    #: ``ldm_scene.json`` says (the toy model's was chosen by its guidance sweep), else 7.5.
+    default_guidance: float = PAPER_GUIDANCE
+    #: From ``late_from`` of the steps on, guidance is capped at ``late_guidance`` (None: never).
+    late_guidance: float | None = None
+    late_from: float = 2 / 3
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -121,7 +132,32 @@ def load_model(
         pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     directory = Path(name).resolve() if name != "tiny" and Path(name).is_dir() else None
-    return Model(pipe, _local_id(directory) if directory else name, directory)
+    settings = read_settings(directory) if directory else {}
+    late = settings.get("late_guidance")
+    return Model(pipe, _local_id(directory) if directory else name, directory,
+                 float(settings.get("guidance", PAPER_GUIDANCE)), None if late is None else float(late),
+                 float(settings.get("late_from", 2 / 3)))
+
+
+def read_settings(directory: Path) -> dict:
+    """The model directory's ``ldm_scene.json`` (``{}`` when there is none), checked."""
+    path = Path(directory) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, e.g. {{\"guidance\": 4.0}}")
+    for key, default, low, high in (("guidance", PAPER_GUIDANCE, 0.0, 30.0), ("late_guidance", None, 0.0, 30.0),
+                                    ("late_from", 2 / 3, 0.0, 1.0)):
+        value = settings.get(key, default)
+        if value is None and default is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ModelLoadError(f"{path}: {key} must be a number between {low:g} and {high:g}, got {value!r}")
+    return settings
 
 
 def _use_papers_scheduler_for_pndm(pipe: StableDiffusionPipeline) -> None:

@@ -74,7 +74,8 @@ def test_missing_model_exits_2_with_the_loader_message(tmp_path, capsys):
 
 def test_parser_defaults_are_the_papers_setting():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--out", "o"])
-    assert (args.model, args.seed, args.steps, args.guidance) == ("toy", 0, 15, 7.5)
+    # guidance None: the model's own (7.5, the paper's, unless the model directory recommends one)
+    assert (args.model, args.seed, args.steps, args.guidance) == ("toy", 0, 15, None)
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["generate", "--prompt", "x"])  # --out is required
     assert info.value.code == 2

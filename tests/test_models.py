@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_scene.models import ALIASES, SD14_ID, ModelLoadError, load_model, word_tokenizer
+from ldm_scene.models import ALIASES, PAPER_GUIDANCE, SD14_ID, SETTINGS_FILE, ModelLoadError, load_model, word_tokenizer
 from ldm_scene.sites import SITE_KEYS
 from ldm_scene.testing import TINY_WORDS, tiny_pipeline
 
@@ -88,6 +88,46 @@ def test_local_dir_round_trip(tmp_path, tiny_model):
     shutil.rmtree(target / "unet")
     with pytest.raises(ModelLoadError, match="could not load the model in"):
         load_model(str(target), device="cpu")
+
+
+def test_a_model_directory_may_recommend_its_guidance(tmp_path, tiny_model):
+    """Without ldm_scene.json a model generates at the paper's 7.5; with one, at the scale it names;
+    a broken or out-of-range file is refused with the file's name, not silently ignored."""
+    target = tmp_path / "m"
+    tiny_model.pipe.save_pretrained(target)
+    assert tiny_model.default_guidance == PAPER_GUIDANCE == 7.5
+    assert load_model(str(target), device="cpu").default_guidance == 7.5
+    assert tiny_model.late_guidance is None
+    (target / SETTINGS_FILE).write_text(json.dumps({"guidance": 4}))
+    loaded = load_model(str(target), device="cpu")
+    assert (loaded.default_guidance, loaded.late_guidance) == (4.0, None)
+    (target / SETTINGS_FILE).write_text(json.dumps({"guidance": 7.5, "late_guidance": 2.5, "late_from": 0.8}))
+    loaded = load_model(str(target), device="cpu")
+    assert (loaded.default_guidance, loaded.late_guidance, loaded.late_from) == (7.5, 2.5, 0.8)
+    for text, message in (("{oops", "not valid JSON"), ("[4]", "must hold a JSON object"),
+                          ('{"guidance": 31}', "guidance must be a number between 0 and 30"),
+                          ('{"guidance": "high"}', "between 0 and 30"),
+                          ('{"late_guidance": -1}', "late_guidance must be a number between 0 and 30"),
+                          ('{"late_from": 2}', "late_from must be a number between 0 and 1")):
+        (target / SETTINGS_FILE).write_text(text)
+        with pytest.raises(ModelLoadError, match=message) as info:
+            load_model(str(target), device="cpu")
+        assert SETTINGS_FILE in str(info.value)
+
+
+def test_the_toy_model_ships_the_guidance_its_sweep_chose():
+    """weights/toy-scenes/ldm_scene.json holds the row of its guidance sweep (guidance.json, seeds apart
+    from the report's) that the sweep's stated rule picks, and the loaded toy model generates with it."""
+    from ldm_scene.toy.report import sweep_choice
+
+    toy = Path(ALIASES["toy"])
+    pick = sweep_choice(json.loads((toy / "guidance.json").read_text()))
+    settings = json.loads((toy / SETTINGS_FILE).read_text())
+    model = load_model("toy", device="cpu")
+    assert settings["guidance"] == pick["guidance"] == model.default_guidance
+    assert settings["late_guidance"] == pick["late_guidance"] == model.late_guidance
+    if pick["late_guidance"] is not None:
+        assert settings["late_from"] == pytest.approx(pick["late_from"]) and model.late_from == pytest.approx(pick["late_from"])
 
 
 def test_hub_id_offline_says_how_to_get_weights_and_offers_the_toy_model():

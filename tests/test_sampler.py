@@ -278,12 +278,37 @@ def test_reader_does_not_outlive_a_closed_generator(tiny_model):
         (dict(guidance=30.5), "guidance must be between 0 and 30, got 30.5"),
         (dict(guidance="7.5"), "guidance must be a number"),
         (dict(guidance=False), "guidance must be a number"),
+        (dict(late_guidance=-1.0), "late guidance must be a number between 0 and 30, got -1.0"),
+        (dict(late_guidance="low"), "late guidance must be a number"),
+        (dict(late_from=1.5), "late_from must be a fraction of the steps between 0 and 1, got 1.5"),
+        (dict(late_from=None), "late_from must be a fraction"),
     ],
 )
 def test_generation_config_rejects(kwargs, match):
     args = dict(prompt="a cat", seed=0, steps=15, guidance=7.5) | kwargs
     with pytest.raises(GenerationError, match=match):
         GenerationConfig(**args)
+
+
+def test_late_guidance_caps_the_scale_from_its_step_on():
+    c = GenerationConfig("a cat", steps=15, guidance=7.5, late_guidance=2.5, late_from=0.8)
+    assert [c.guidance_at(i) for i in range(15)] == [7.5] * 12 + [2.5] * 3  # round(0.8 * 15) = 12
+    assert GenerationConfig("a cat", steps=15, guidance=2.0, late_guidance=4.0).guidance_at(14) == 2.0  # never raised
+    assert GenerationConfig("a cat", steps=15).guidance_at(14) == 7.5  # no cap: constant
+    assert GenerationConfig("a cat", steps=3, late_guidance=1.0, late_from=0).guidance_at(0) == 1.0
+
+
+def test_a_late_cap_changes_only_the_steps_after_it(tiny_model):
+    """Steps before the cap are the constant-guidance run's, bit for bit; the cap then changes the
+    result; a cap equal to the scale is the constant run exactly."""
+    const = generate(tiny_model, GenerationConfig(PROMPT, seed=2, steps=4, guidance=7.5))
+    capped = generate(tiny_model, GenerationConfig(PROMPT, seed=2, steps=4, guidance=7.5, late_guidance=1.5, late_from=0.5))
+    same = generate(tiny_model, GenerationConfig(PROMPT, seed=2, steps=4, guidance=7.5, late_guidance=7.5, late_from=0.5))
+    for a, b in zip(const[:2], capped[:2]):
+        assert torch.equal(a.latent, b.latent)
+    assert not torch.allclose(const[2].latent, capped[2].latent)
+    for a, b in zip(const, same):
+        assert torch.equal(a.latent, b.latent)
 
 
 def test_generation_config_accepts_edges():

@@ -2,7 +2,7 @@
 decoder's colour ceiling and the decoder stage appear when measured / trained."""
 from __future__ import annotations
 
-from ldm_scene.toy.report import TARGETS, render_model_card, render_report
+from ldm_scene.toy.report import TARGETS, render_guidance_sweep, render_model_card, render_report, sweep_choice
 
 
 def _report(**kw) -> dict:
@@ -83,3 +83,39 @@ def test_matches_are_broken_down_per_prompted_word_with_the_commonest_miss():
     text = render_report(_report(shape_by_word=by_prompted_word(rows, "shape"), colour_by_word=colour))
     assert "per prompted colour: orange 33% of 3 (else mostly red); red 100% of 1." in text
     assert "per prompted" not in render_report(_report())
+
+
+def test_guidance_sweep_picks_the_best_worse_of_shape_and_colour_and_marks_it():
+    from types import SimpleNamespace
+
+    def row(g, late, late_from, shape, colour, orange, position=1.0):
+        by = lambda words: {w: {"n": 10, "match": m, "commonest_miss": miss} for w, (m, miss) in words.items()}
+        return {"guidance": g, "late_guidance": late, "late_from": late_from, "n_generated": 200, "steps": 15,
+                "scheduler": "EulerDiscreteScheduler", "object_present": 1.0, "shape_match": shape,
+                "colour_match": colour, "position_match": position,
+                "shape_by_word": by({"cube": (1.0, None), "cylinder": (0.7, "cube")}),
+                "colour_by_word": by({"red": (1.0, None), "orange": (orange, "red")})}
+
+    rows = [row(2.5, None, None, 0.835, 0.935, 0.68), row(7.5, None, None, 0.885, 0.865, 0.26),
+            row(7.5, 2.5, 0.8, 0.91, 0.895, 0.38), row(7.5, 2.5, 2 / 3, 0.89, 0.915, 0.5)]
+    assert sweep_choice(rows) is rows[2]  # worse of shape/colour: 0.835, 0.865, 0.895, 0.89
+    tie = [row(7.5, 2.5, 0.5, 0.9, 0.9, 0.5, position=0.98), row(7.5, 2.5, 0.8, 0.9, 0.9, 0.5, position=0.99)]
+    assert sweep_choice(tie) is tie[1]  # equal worse: the better sum with position
+    model = SimpleNamespace(default_guidance=7.5, late_guidance=None, late_from=2 / 3)
+    lines = [line for line in render_guidance_sweep(rows, model).splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert lines[1].startswith("| 7.5 * | - | - |")  # the model's current setting: constant 7.5
+    assert lines[2].startswith("| **7.5** | 2.5 | 80% |") and "*" not in lines[2].replace("**", "")
+    assert "| 91.0% | 89.5% | 100.0% |" in lines[2]
+    assert "cylinder 70% (else cube)" in lines[2] and "orange 26% (else red)" in lines[1]
+    assert render_guidance_sweep([]).startswith("# Guidance")
+
+
+def test_a_model_with_its_own_guidance_is_also_reported_at_the_papers():
+    plain = render_report(_report())
+    assert "constant guidance" not in plain and "guidance 7.5," in plain
+    word = lambda w, m, miss: {w: {"n": 30, "match": m, "commonest_miss": miss}}
+    own = render_report(_report(late_guidance=2.5, late_from=0.8, paper_guidance={
+        "guidance": 7.5, "object_present": 1.0, "shape_match": 0.88, "colour_match": 0.875, "position_match": 1.0,
+        "shape_by_word": word("cylinder", 0.66, "cube"), "colour_by_word": word("orange", 0.26, "red")}))
+    assert "guidance 7.5, at most 2.5 from 80% of the steps" in own
+    assert "at constant guidance 7.5" in own and "colour 87.5%" in own and "worst cylinder 66%, orange 26%" in own

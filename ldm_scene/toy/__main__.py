@@ -36,7 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
     sw.add_argument("--out", default=None, help="default: <model>/intervention")
+    gs = sub.add_parser("guidance-sweep", help="prompt-following per guidance scale on seeds apart from the report's")
+    gs.add_argument("--model", default="weights/toy-scenes")
+    gs.add_argument("--n", type=int, default=200)
+    gs.add_argument("--out", default=None, help="default: the model directory")
+    gs.add_argument("--apply", action="store_true", help="write the pick into the model's ldm_scene.json")
     args = parser.parse_args(argv)
+
+    if args.command == "guidance-sweep":
+        from .report import GUIDANCE_GRID, guidance_sweep
+
+        guidance_sweep(Path(args.model), args.n, GUIDANCE_GRID, Path(args.out) if args.out else None, apply=args.apply)
+        return 0
 
     if args.command == "intervene-sweep":
         from .intervention_eval import run_sweep

@@ -21,9 +21,10 @@ from ..intervention import (
     METHODS, default_edit_steps, load_intervention_banks, make_editor, mask_image, side_by_side, translate_mask,
 )
 from ..models import load_model
-from ..sampler import GenerationConfig, sample
+from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
 from .quality import has_object, mask_colour, parse_prompt
+from .report import schedule_text
 from .render import POSITIONS, scene_from_seed
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
@@ -60,7 +61,7 @@ def _trials(model, labeler, seed0: int, n: int, steps: int):
     rng = np.random.default_rng(0)
     for i in range(n):
         seed = seed0 + i
-        config = GenerationConfig(scene_from_seed(seed).prompt, seed, steps)
+        config = config_for(model, scene_from_seed(seed).prompt, seed, steps)
         t0 = time.perf_counter()
         original = [s.image for s in sample(model, config, previews=False)][-1]
         seconds = time.perf_counter() - t0
@@ -192,6 +193,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
             examples.append((original, before, target, results))
     summary = summarise(rows, methods, seconds)
     summary["scheduler"], summary["steps"] = model.scheduler_name, steps
+    summary["guidance"] = schedule_text(config_for(model, "a", 0, steps))
     out.mkdir(parents=True, exist_ok=True)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
@@ -265,7 +267,8 @@ def render_table(summary: dict) -> str:
     lines = [
         "# Intervention on the toy model", "",
         f"{summary['n_evaluated']} of {summary['n_trials']} trials evaluated (the rest drew no object to move), "
-        f"every image drawn with {summary.get('steps', 15)} steps of {summary.get('scheduler', 'LMSDiscreteScheduler')}. "
+        f"every image drawn with {summary.get('steps', 15)} steps of {summary.get('scheduler', 'LMSDiscreteScheduler')}"
+        f"{', ' + summary['guidance'] if summary.get('guidance') else ''}. "
         "Target: the original foreground shifted sideways by 25-40% of the width. Success: IoU(result, target) > "
         "IoU(result, original) and > 0.5. Masks and shapes judged by the shipped labeler and classifier. "
         "Kept: the same shape (colour) as the unedited image of the seed; prompted: the prompt's. "

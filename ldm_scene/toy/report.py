@@ -11,6 +11,7 @@ import json
 import platform
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .. import metrics
-from ..models import load_model
-from ..sampler import GenerationConfig, sample
+from ..models import PAPER_GUIDANCE, SETTINGS_FILE, load_model
+from ..sampler import GenerationConfig, config_for, sample
 from .nets import ToyClassifier, ToyLabeler, to_tensor
 from .quality import has_object, mask_colour, mask_position, parse_prompt
 from .render import COLOURS, scene_from_seed
@@ -29,6 +30,29 @@ from .train import HELDOUT_SEED0, TrainPlan, psnr, render_dataset
 
 #: Fresh generation seeds start here: never used for training or held-out renders.
 REPORT_SEED0 = 20_000_000
+#: The guidance sweep that chose the model's default guidance draws its seeds here, apart from the report's.
+GUIDANCE_SEED0 = 60_000_000
+#: (guidance, late cap or None for constant, late_from) the sweep tries: constant scales (7.5 is
+#: SD's and diffusers' default), then 7.5 capped late at 2.5 or 4 from several points of the run.
+GUIDANCE_GRID: tuple[tuple[float, float | None, float], ...] = (
+    (2.5, None, 1.0), (4.0, None, 1.0), (5.5, None, 1.0), (7.5, None, 1.0),
+    (7.5, 2.5, 1 / 3), (7.5, 2.5, 1 / 2), (7.5, 2.5, 2 / 3), (7.5, 2.5, 0.8), (7.5, 4.0, 1 / 3),
+)
+
+
+def schedule_text(config: GenerationConfig) -> str:
+    """``"guidance 7.5"`` or ``"guidance 7.5, at most 2.5 from 80% of the steps"``."""
+    text = f"guidance {config.guidance:g}"
+    if config.late_guidance is not None and config.late_guidance < config.guidance and config.late_from < 1:
+        text += f", at most {config.late_guidance:g} from {config.late_from:.0%} of the steps"
+    return text
+
+
+def sweep_choice(rows: list[dict]) -> dict:
+    """The sweep's pick: the row whose worse of shape and colour as prompted is best (both targets are
+    90%), ties to the better sum of shape, colour and position."""
+    return max(rows, key=lambda r: (round(min(r["shape_match"], r["colour_match"]), 6),
+                                    round(r["shape_match"] + r["colour_match"] + r["position_match"], 6)))
 
 TARGETS = {
     "object_present": 0.95, "shape_match": 0.90, "colour_match": 0.90, "position_match": 0.80,
@@ -76,12 +100,15 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
 
 
 def measure_generation(
-    model_dir: Path, n: int, steps: int = 15, guidance: float = 7.5, scheduler: type | None = None, timed: bool = True,
+    model_dir: Path, n: int, steps: int = 15, guidance: float | None = None, scheduler: type | None = None,
+    timed: bool = True, seed0: int = REPORT_SEED0, late_guidance: float | None = None, late_from: float | None = None,
 ) -> tuple[dict, list]:
     """Generate ``n`` fresh prompts/seeds and judge each image with the shipped labelers.
 
-    ``scheduler`` (a diffusers scheduler class) replaces the model's own, built from its config;
-    ``timed`` adds the 2-thread timing of the speed target.
+    ``guidance``, ``late_guidance`` and ``late_from`` default to the model's own (``ldm_scene.json``,
+    see :func:`~ldm_scene.sampler.config_for`); ``scheduler`` (a
+    diffusers scheduler class) replaces the model's own, built from its config; ``timed`` adds the
+    2-thread timing of the speed target; ``seed0`` is the first seed (prompts follow the seeds).
     """
     torch.set_num_threads(1)  # many small runs: one thread avoids stalls on a shared machine
     model = load_model(str(model_dir), device="cpu")
@@ -89,12 +116,14 @@ def measure_generation(
         model.pipe.scheduler = scheduler.from_config(model.pipe.scheduler.config)
     labeler = ToyLabeler.load(model_dir / "labelers")
     classifier = ToyClassifier.load(model_dir / "labelers")
+    c0 = config_for(model, "a", seed0, steps, guidance, late_guidance, late_from)
     rows, images, seconds = [], [], []
-    for i in tqdm(range(n), desc="generate"):
-        seed = REPORT_SEED0 + i
-        prompt = scene_from_seed(seed).prompt
+    for i in tqdm(range(n), desc=f"generate ({schedule_text(c0)})"):
+        seed = seed0 + i
+        config = replace(c0, prompt=scene_from_seed(seed).prompt, seed=seed)
+        prompt = config.prompt
         t0 = time.perf_counter()
-        image = [s.image for s in sample(model, GenerationConfig(prompt, seed, steps, guidance))][-1]
+        image = [s.image for s in sample(model, config)][-1]
         seconds.append(time.perf_counter() - t0)
         arr = np.asarray(image)
         mask = labeler(arr)["mask"][0]
@@ -108,7 +137,8 @@ def measure_generation(
         })
         images.append(image)
     result = {
-        "n_generated": n, "steps": steps, "guidance": guidance, "scheduler": model.scheduler_name,
+        "n_generated": n, "steps": steps, "guidance": c0.guidance, "late_guidance": c0.late_guidance,
+        "late_from": c0.late_from, "scheduler": model.scheduler_name,
         "object_present": float(np.mean([r["object"] for r in rows])),
         "shape_match": float(np.mean([r["shape_ok"] for r in rows])),
         "colour_match": float(np.mean([r["colour_ok"] for r in rows])),
@@ -123,7 +153,7 @@ def measure_generation(
     two_thread_s = []
     for i in range(5):
         t0 = time.perf_counter()
-        for _ in sample(model, GenerationConfig(rows[i % len(rows)]["prompt"], REPORT_SEED0 + i, steps, guidance)):
+        for _ in sample(model, replace(c0, prompt=rows[i % len(rows)]["prompt"], seed=seed0 + i)):
             pass
         two_thread_s.append(time.perf_counter() - t0)
     result["seconds_per_generation"] = float(np.median(two_thread_s))
@@ -164,6 +194,13 @@ def sample_grid(samples: list, cols: int = 6, rows: int = 4, scale: int = 2) -> 
     return grid
 
 
+def _schedule_of(report: dict) -> str:
+    """The guidance a report (or sweep row) was measured with, in words."""
+    return schedule_text(GenerationConfig("a", steps=report.get("steps", 15), guidance=report["guidance"],
+                                          late_guidance=report.get("late_guidance"),
+                                          late_from=report.get("late_from") or 2 / 3))
+
+
 def _verdict(key: str, value: float) -> str:
     target = TARGETS[key]
     ok = value >= target if _HIGHER_IS_BETTER[key] else value <= target
@@ -181,7 +218,7 @@ def render_report(report: dict) -> str:
         "# Toy model report", "",
         f"Measured by `python -m ldm_scene.toy report` on {report['machine']}.",
         f"Generation: {report['n_generated']} fresh seeds/prompts, {report['steps']} steps of "
-        f"{report.get('scheduler', 'LMSDiscreteScheduler')}, guidance {report['guidance']}, judged by the shipped "
+        f"{report.get('scheduler', 'LMSDiscreteScheduler')}, {_schedule_of(report)}, judged by the shipped "
         f"labelers. Held-out renders: {report['n_heldout']} (exact labels).",
         "", "| quantity | measured | verdict |", "|---|---|---|",
     ]
@@ -195,6 +232,13 @@ def render_report(report: dict) -> str:
         lines += ["", f"The same seeds and prompts with the paper's {p['scheduler']} (same timesteps, fourth-order "
                   f"multistep): object present {p['object_present']:.1%}, shape {p['shape_match']:.1%}, colour "
                   f"{p['colour_match']:.1%}, position {p['position_match']:.1%}."]
+    if "paper_guidance" in report:
+        p = report["paper_guidance"]
+        worst = {k: min(p[f"{k}_by_word"].items(), key=lambda kv: kv[1]["match"]) for k in ("shape", "colour")}
+        lines += ["", f"The same seeds and prompts at constant guidance {p['guidance']:g} (the paper's; this model's own "
+                  f"setting is chosen in [guidance.md](guidance.md)): object present {p['object_present']:.1%}, shape "
+                  f"{p['shape_match']:.1%}, colour {p['colour_match']:.1%}, position {p['position_match']:.1%}; worst "
+                  + ", ".join(f"{w} {v['match']:.0%}" for w, v in worst.values()) + "."]
     if "labeler_shading_spearman_ceiling" in report:
         lines += ["", "Spearman ceilings: exact labels with 1e-4 noise, i.e. a labeler right everywhere but without the "
                   "labels' exact ties, score depth "
@@ -266,7 +310,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         "## Measured quality (`REPORT.md`)",
         f"- object present {r['object_present']:.1%}, shape as prompted {r['shape_match']:.1%}, colour as prompted "
         f"{r['colour_match']:.1%}, position as prompted {r['position_match']:.1%} ({r['n_generated']} fresh seeds, "
-        f"{r['steps']} steps of {r.get('scheduler', 'LMSDiscreteScheduler')}, guidance {r['guidance']})"
+        f"{r['steps']} steps of {r.get('scheduler', 'LMSDiscreteScheduler')}, {_schedule_of(r)})"
         + (f"; with the paper's {r['paper_scheduler']['scheduler']} on the same seeds: shape {r['paper_scheduler']['shape_match']:.1%},"
            f" colour {r['paper_scheduler']['colour_match']:.1%}, position {r['paper_scheduler']['position_match']:.1%};"
            if "paper_scheduler" in r else ";"),
@@ -278,7 +322,10 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         + (f" (ceiling {r['labeler_shading_spearman_ceiling']:.4f} for any labeler without the labels' exact ties)"
            if "labeler_shading_spearman_ceiling" in r else "")
         + f"; shape classifier accuracy {r['classifier_accuracy']:.2%};",
-        f"- one 15-step generation: {r['seconds_per_generation']:.2f} s on this CPU.", "",
+        f"- one 15-step generation: {r['seconds_per_generation']:.2f} s on this CPU.",
+        *([f"- {_schedule_of(r)} is this model's own setting (`ldm_scene.json`), chosen by `python -m ldm_scene.toy",
+           "  guidance-sweep --apply` on seeds apart from the report's ([guidance.md](guidance.md))."]
+          if r["guidance"] != 7.5 or r.get("late_guidance") is not None else []), "",
         "## Limits",
         "- Trained for minutes on a CPU: images are 64 px and simpler than renders; the report's targets that are",
         "  not met are marked there.",
@@ -300,6 +347,10 @@ def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
     if gen["scheduler"] != LMSDiscreteScheduler.__name__:
         paper, _ = measure_generation(model_dir, n_samples, scheduler=LMSDiscreteScheduler, timed=False)
         report["paper_scheduler"] = {k: paper[k] for k in ("scheduler", *_PROMPT_CHECKS)}
+    if gen["guidance"] != PAPER_GUIDANCE or gen["late_guidance"] is not None:
+        # What the model's own guidance setting changes, on the same seeds: constant 7.5, the paper's.
+        const, _ = measure_generation(model_dir, n_samples, guidance=PAPER_GUIDANCE, late_guidance=PAPER_GUIDANCE, timed=False)
+        report["paper_guidance"] = {k: const[k] for k in ("guidance", *_PROMPT_CHECKS, "shape_by_word", "colour_by_word")}
     timings = work / "timings.json"
     report["train_timings"] = json.loads(timings.read_text()) if timings.exists() else {}
     report["targets"] = TARGETS
@@ -315,3 +366,68 @@ def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     (model_dir / "README.md").write_text(render_model_card(report, plan, sizes, history))
     return report
+
+
+def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None = None, apply: bool = False) -> list[dict]:
+    """Object, shape, colour and position as prompted per guidance schedule, on seeds from :data:`GUIDANCE_SEED0`.
+
+    This is how the toy model's guidance settings (``ldm_scene.json``) are chosen: :func:`sweep_choice`
+    picks a row, and ``apply`` writes it there. The seeds are disjoint from the report's, so the
+    report does not measure the choice on the seeds that made it. Writes ``guidance.json`` and
+    ``guidance.md`` into ``out`` (default: the model directory).
+    """
+    model_dir = Path(model_dir)
+    rows = []
+    for guidance, late, late_from in grid:
+        r, _ = measure_generation(model_dir, n, guidance=guidance, timed=False, seed0=GUIDANCE_SEED0,
+                                  late_guidance=guidance if late is None else late, late_from=late_from)
+        row = {k: r[k] for k in ("guidance", "n_generated", "steps", "scheduler", *_PROMPT_CHECKS, "shape_by_word", "colour_by_word")}
+        rows.append(row | {"late_guidance": late, "late_from": late_from if late is not None else None})
+    if apply:
+        pick = sweep_choice(rows)
+        settings = {"guidance": pick["guidance"], "late_guidance": pick["late_guidance"],
+                    "late_from": pick["late_from"] if pick["late_from"] is not None else 2 / 3,
+                    "chosen_by": f"python -m ldm_scene.toy guidance-sweep --apply ({len(rows)} settings, {n} seeds from {GUIDANCE_SEED0:,})"}
+        (model_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    out = Path(out) if out is not None else model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "guidance.json").write_text(json.dumps(rows, indent=1))
+    text = render_guidance_sweep(rows, load_model(str(model_dir), device="cpu"))
+    (out / "guidance.md").write_text(text)
+    print(text)
+    return rows
+
+
+def _same_schedule(row: dict, guidance: float, late: float | None, late_from: float) -> bool:
+    if abs(row["guidance"] - guidance) > 1e-9:
+        return False
+    if row.get("late_guidance") is None or late is None:
+        return row.get("late_guidance") is None and late is None
+    return abs(row["late_guidance"] - late) < 1e-9 and abs(row["late_from"] - late_from) < 1e-6
+
+
+def render_guidance_sweep(rows: list[dict], model=None) -> str:
+    """guidance.md from guidance.json's rows (nothing typed by hand); the sweep's pick and the model's setting are marked."""
+    if not rows:
+        return "# Guidance on the toy model\n\nNo rows.\n"
+    r0, pick = rows[0], sweep_choice(rows)
+    lines = ["# Guidance on the toy model", "",
+             f"`python -m ldm_scene.toy guidance-sweep`: {r0['n_generated']} seeds from {GUIDANCE_SEED0:,} (the report's start "
+             f"at {REPORT_SEED0:,}), {r0['steps']} steps of {r0['scheduler']}, judged by the shipped labelers. A late cap lowers "
+             "guidance to at most that value from the given share of the steps on. The pick (bold) is the row whose worse of "
+             "shape and colour is best (both targets are 90%), ties to the best sum with position; * marks the model's own "
+             "setting (`ldm_scene.json`, written by `--apply`).", "",
+             "| guidance | late cap | from | object present | shape | colour | position | worst shape | worst colour |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        star = " *" if model is not None and _same_schedule(r, model.default_guidance, model.late_guidance, model.late_from) else ""
+        worst = {k: min(r[f"{k}_by_word"].items(), key=lambda kv: kv[1]["match"]) for k in ("shape", "colour")}
+        cells = {k: f"{w} {v['match']:.0%}" + (f" (else {v['commonest_miss']})" if v["commonest_miss"] else "")
+                 for k, (w, v) in worst.items()}
+        late = r.get("late_guidance")
+        g = f"**{r['guidance']:g}**" if r is pick else f"{r['guidance']:g}"
+        cap, start = ("-", "-") if late is None else (f"{late:g}", f"{r['late_from']:.0%}")
+        lines.append(f"| {g}{star} | {cap} | {start} "
+                     f"| {r['object_present']:.1%} | {r['shape_match']:.1%} | {r['colour_match']:.1%} "
+                     f"| {r['position_match']:.1%} | {cells['shape']} | {cells['colour']} |")
+    return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ from ..metrics import iou
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
 from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
 from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
-from ..sampler import DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, sample
+from ..sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, sample
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,18 @@ class Service:
     def default_steps(self) -> int:
         return self.probe_steps or DEFAULT_STEPS
 
+    @property
+    def default_guidance(self) -> float:
+        """The loaded model's own guidance scale (the toy model's ``ldm_scene.json``; else 7.5)."""
+        return self.model.default_guidance if self.model is not None else DEFAULT_GUIDANCE
+
+    def guidance_note(self) -> str | None:
+        """What the model does to guidance late in the run, for the slider's info line (None: nothing)."""
+        m = self.model
+        if m is None or m.late_guidance is None:
+            return None
+        return f"This model lowers guidance to at most {m.late_guidance:g} from {m.late_from:.0%} of the steps on."
+
     def status_markdown(self) -> str:
         """What is loaded and what is not, with how to fix it; shown at the top of the page."""
         if self.model is None:
@@ -335,7 +347,7 @@ class Service:
             if not words or any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words):
                 continue
             # Steps follow the loaded probes (readouts exist only at the length they were fit for).
-            out.append([prompt, int(row.get("seed", 0)), self.default_steps, float(row.get("guidance", 7.5))])
+            out.append([prompt, int(row.get("seed", 0)), self.default_steps, float(row.get("guidance", self.default_guidance))])
         return out
 
     # --- validation ------------------------------------------------------------------------
@@ -352,7 +364,9 @@ class Service:
             raise GenerationError(f"steps must be between 1 and {MAX_UI_STEPS} in this app, got {steps}")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)):
             raise GenerationError(f"guidance must be a number between 0 and 30, got {guidance!r}")
-        config = GenerationConfig(prompt, seed=seed, steps=steps, guidance=float(guidance))
+        # The model's late cap (its ldm_scene.json) applies under whatever scale the slider sets.
+        config = GenerationConfig(prompt, seed=seed, steps=steps, guidance=float(guidance),
+                                  late_guidance=model.late_guidance, late_from=model.late_from)
         check_prompt(model, config.prompt)
         return config
 
@@ -417,7 +431,7 @@ class Service:
         prompt: Any,
         seed: Any = 0,
         steps: Any = None,
-        guidance: Any = 7.5,
+        guidance: Any = None,
         sites: Mapping[str, str | None] | None = None,
         track_classes: bool = True,
     ) -> Iterator[StepView]:
@@ -428,7 +442,8 @@ class Service:
         far (complete on the last step, with the object's mask, the emergence scores and the
         classifier's curves). Closing the stream early stops the model and removes its hooks.
         """
-        config = self.config(prompt, seed, steps if steps is not None else self.default_steps, guidance)
+        config = self.config(prompt, seed, steps if steps is not None else self.default_steps,
+                             guidance if guidance is not None else self.default_guidance)
         choices = self.resolve_sites(sites)
         run = Run(config, choices)
         readable = self._readable(choices, config.steps, run.notes)

@@ -40,7 +40,8 @@ def create(service: Service) -> GenerateTab:
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
                 steps = gr.Slider(1, MAX_UI_STEPS, value=service.default_steps, step=1, label="Steps", elem_id="steps")
-            guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance")
+            guidance = gr.Slider(0, 15, value=service.default_guidance, step=0.5, label="Guidance scale",
+                                 info=service.guidance_note(), elem_id="guidance")
             sites = {}
             with gr.Accordion("Where the probes read (one site per task)", open=False):
                 for task in TASKS:
