@@ -107,6 +107,7 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
                             shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
         rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
+                     "guidance": schedule_text(trials[0][0]) if trials else None,
                      "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3],
                      "shape_kept": r[4], "shape_prompted": r[5]})
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,8 @@ def render_sweep(rows: list[dict], steps: int = 15) -> str:
     d = METHOD_DEFAULTS["steer"]
     lines = ["# Steer settings on the toy model", "",
              f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from {SWEEP_SEED0:,} "
-             f"(the evaluation's start at {TRIAL_SEED0:,}), {steps} steps. Success as in the evaluation; shape kept: the "
+             f"(the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
+             f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}. Success as in the evaluation; shape kept: the "
              "classifier names the same shape as in the unedited image; shape prompted: the prompt's. * marks the default.", "",
              "| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
              "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
