@@ -26,6 +26,8 @@ SD14_ID = "CompVis/stable-diffusion-v1-4"
 ALIASES = {"toy": str(TOY_MODEL_DIR), "sd14": SD14_ID}
 #: Classifier-free guidance when a model does not recommend its own (the paper's and SD's 7.5).
 PAPER_GUIDANCE = 7.5
+#: Where a late guidance cap starts, as a fraction of the steps, when a setting does not say.
+DEFAULT_LATE_FROM = 2 / 3
 #: An optional file in a local model's directory with ldm-scene's settings for it:
 #: ``{"guidance": 7.5, "late_guidance": 2.5, "late_from": 0.8}`` (see ``GenerationConfig``).
 SETTINGS_FILE = "ldm_scene.json"
@@ -48,7 +50,7 @@ class Model:
     default_guidance: float = PAPER_GUIDANCE
     #: From ``late_from`` of the steps on, guidance is capped at ``late_guidance`` (None: never).
     late_guidance: float | None = None
-    late_from: float = 2 / 3
+    late_from: float = DEFAULT_LATE_FROM
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -136,7 +138,7 @@ def load_model(
     late = settings.get("late_guidance")
     return Model(pipe, _local_id(directory) if directory else name, directory,
                  float(settings.get("guidance", PAPER_GUIDANCE)), None if late is None else float(late),
-                 float(settings.get("late_from", 2 / 3)))
+                 float(settings.get("late_from", DEFAULT_LATE_FROM)))
 
 
 def read_settings(directory: Path) -> dict:
@@ -151,7 +153,7 @@ def read_settings(directory: Path) -> dict:
     if not isinstance(settings, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, e.g. {{\"guidance\": 4.0}}")
     for key, default, low, high in (("guidance", PAPER_GUIDANCE, 0.0, 30.0), ("late_guidance", None, 0.0, 30.0),
-                                    ("late_from", 2 / 3, 0.0, 1.0)):
+                                    ("late_from", DEFAULT_LATE_FROM, 0.0, 1.0)):
         value = settings.get(key, default)
         if value is None and default is None:
             continue

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .capture import hook_sites
-from .models import PAPER_GUIDANCE, Model
+from .models import DEFAULT_LATE_FROM, PAPER_GUIDANCE, Model
 
 #: The paper's generation settings (Chen et al. 2023): LMS, 15 steps, guidance 7.5. A model may
 #: recommend its own guidance (:attr:`Model.default_guidance`), which callers that know the model use.
@@ -45,7 +45,7 @@ class GenerationConfig:
     #: keeps ``guidance`` throughout. Strong guidance late in the run over-saturates colours (the toy
     #: model draws orange as red); the layout and the shape are decided earlier.
     late_guidance: float | None = None
-    late_from: float = 2 / 3
+    late_from: float = DEFAULT_LATE_FROM
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -65,7 +65,8 @@ class GenerationConfig:
             raise GenerationError(f"guidance must be between 0 and 30, got {self.guidance}")
         if self.late_guidance is not None:
             late = self.late_guidance
-            if isinstance(late, bool) or not isinstance(late, (int, float, np.floating)) or not (0.0 <= float(late) <= 30.0):
+            if isinstance(late, bool) or not isinstance(late, (int, float, np.floating)) \
+                    or not 0.0 <= float(late) <= 30.0:
                 raise GenerationError(f"late guidance must be a number between 0 and 30, got {late!r}")
         if isinstance(self.late_from, bool) or not isinstance(self.late_from, (int, float, np.floating)) \
                 or not 0.0 <= float(self.late_from) <= 1.0:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .. import metrics
-from ..models import PAPER_GUIDANCE, SETTINGS_FILE, load_model
+from ..models import DEFAULT_LATE_FROM, PAPER_GUIDANCE, SETTINGS_FILE, load_model
 from ..sampler import GenerationConfig, config_for, sample
 from .nets import ToyClassifier, ToyLabeler, to_tensor
 from .quality import has_object, mask_colour, mask_position, parse_prompt
@@ -198,7 +198,7 @@ def _schedule_of(report: dict) -> str:
     """The guidance a report (or sweep row) was measured with, in words."""
     return schedule_text(GenerationConfig("a", steps=report.get("steps", 15), guidance=report["guidance"],
                                           late_guidance=report.get("late_guidance"),
-                                          late_from=report.get("late_from") or 2 / 3))
+                                          late_from=report.get("late_from") or DEFAULT_LATE_FROM))
 
 
 def _verdict(key: str, value: float) -> str:
@@ -386,7 +386,7 @@ def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None
     if apply:
         pick = sweep_choice(rows)
         settings = {"guidance": pick["guidance"], "late_guidance": pick["late_guidance"],
-                    "late_from": pick["late_from"] if pick["late_from"] is not None else 2 / 3,
+                    "late_from": pick["late_from"] if pick["late_from"] is not None else DEFAULT_LATE_FROM,
                     "chosen_by": f"python -m ldm_scene.toy guidance-sweep --apply ({len(rows)} settings, {n} seeds from {GUIDANCE_SEED0:,})"}
         (model_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     out = Path(out) if out is not None else model_dir

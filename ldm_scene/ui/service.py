@@ -31,7 +31,9 @@ from ..metrics import iou
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
 from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
 from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
-from ..sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, sample
+from ..sampler import (
+    DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +349,8 @@ class Service:
             if not words or any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words):
                 continue
             # Steps follow the loaded probes (readouts exist only at the length they were fit for).
-            out.append([prompt, int(row.get("seed", 0)), self.default_steps, float(row.get("guidance", self.default_guidance))])
+            guidance = float(row.get("guidance", self.default_guidance))
+            out.append([prompt, int(row.get("seed", 0)), self.default_steps, guidance])
         return out
 
     # --- validation ------------------------------------------------------------------------
@@ -365,8 +368,7 @@ class Service:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)):
             raise GenerationError(f"guidance must be a number between 0 and 30, got {guidance!r}")
         # The model's late cap (its ldm_scene.json) applies under whatever scale the slider sets.
-        config = GenerationConfig(prompt, seed=seed, steps=steps, guidance=float(guidance),
-                                  late_guidance=model.late_guidance, late_from=model.late_from)
+        config = config_for(model, prompt, seed, steps, float(guidance))
         check_prompt(model, config.prompt)
         return config
 
