@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union, runtime_checkable
 from urllib.parse import urlparse
@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .models import Model, default_device
-from .sampler import DEFAULT_STEPS, config_for, sample
+from .sampler import DEFAULT_STEPS, config_for, describe_guidance, sample
 
 #: An image as classifiers take it: PIL (any mode, converted to RGB) or uint8 [H, W, 3].
 ImageLike = Union[Image.Image, np.ndarray]
@@ -555,14 +555,15 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    guidance = model.default_guidance if guidance is None else float(guidance)
+    # The model's own guidance setting wherever the caller gives none; every run shares it.
+    setting = config_for(model, "a", 0, steps, guidance)
 
     runs, skipped, conf, ranks, firsts = [], [], [], [], []
     for i, (prompt, seed) in enumerate(tqdm(prompts_and_seeds, desc="classify", disable=not progress)):
         if classifier.class_for_prompt(prompt) is None:
             skipped.append({"prompt": prompt, "seed": int(seed), "reason": "names no class of the classifier"})
             continue
-        config = config_for(model, prompt, int(seed), steps, guidance)
+        config = replace(setting, prompt=prompt, seed=int(seed))
         previews = [s.preview for s in sample(model, config, previews=True, decode_final=False)]
         curves = classify_run(classifier, previews, prompt, top_k=top_k)
         if on_run is not None:
@@ -586,8 +587,8 @@ def evaluate(
         "classifier": classifier.name,
         "num_classes": len(classifier.classes),
         "steps": n_steps,
-        "guidance": float(guidance),
-        "late_guidance": model.late_guidance, "late_from": model.late_from,
+        "guidance": float(setting.guidance),
+        "late_guidance": setting.late_guidance, "late_from": setting.late_from,
         "top_k": int(top_k),
         "n": len(runs),
         "per_step": {
@@ -719,9 +720,8 @@ def readme_from_json(data: Mapping, figures: Sequence[str] = ()) -> str:
         f"# Classification curves: {data['model']}",
         "",
         f"Classifier `{data['classifier']}` ({data['num_classes']} classes) on each step's x0 preview, "
-        f"{data['n']} runs, {data['steps']} steps, guidance {data['guidance']:g}"
-        + (f" (at most {data['late_guidance']:g} from {data['late_from']:.0%} of the steps on)"
-           if data.get("late_guidance") is not None else "")
+        f"{data['n']} runs, {data['steps']} steps, "
+        + describe_guidance(data["guidance"], data.get("late_guidance"), data.get("late_from"))
         + (f"; {len(data['skipped'])} prompts naming no class skipped." if data.get("skipped") else "."),
         "",
         f"- Top-1 accuracy at the last step: {_fmt(per_step['top1_accuracy'][-1])}",

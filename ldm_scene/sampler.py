@@ -29,6 +29,15 @@ MAX_STEPS = 200
 MAX_SEED = 2**63 - 1
 
 
+def describe_guidance(guidance: float, late_guidance: float | None = None, late_from: float | None = None) -> str:
+    """``"guidance 7.5"``, or ``"guidance 7.5, at most 2.5 from 80% of the steps"`` when a late cap lowers it."""
+    text = f"guidance {guidance:g}"
+    late_from = DEFAULT_LATE_FROM if late_from is None else late_from
+    if late_guidance is not None and late_guidance < guidance and late_from < 1:
+        text += f", at most {late_guidance:g} from {late_from:.0%} of the steps"
+    return text
+
+
 class GenerationError(ValueError):
     """Bad generation input; the message says which value and what is allowed."""
 
@@ -71,6 +80,11 @@ class GenerationConfig:
         if isinstance(self.late_from, bool) or not isinstance(self.late_from, (int, float, np.floating)) \
                 or not 0.0 <= float(self.late_from) <= 1.0:
             raise GenerationError(f"late_from must be a fraction of the steps between 0 and 1, got {self.late_from!r}")
+
+    @property
+    def guidance_text(self) -> str:
+        """This request's guidance in words (:func:`describe_guidance`)."""
+        return describe_guidance(float(self.guidance), self.late_guidance, self.late_from)
 
     def guidance_at(self, step: int) -> float:
         """The guidance scale of 0-based ``step``: ``guidance``, capped at ``late_guidance`` from ``late_from`` on."""

@@ -296,6 +296,9 @@ def test_late_guidance_caps_the_scale_from_its_step_on():
     assert GenerationConfig("a cat", steps=15, guidance=2.0, late_guidance=4.0).guidance_at(14) == 2.0  # never raised
     assert GenerationConfig("a cat", steps=15).guidance_at(14) == 7.5  # no cap: constant
     assert GenerationConfig("a cat", steps=3, late_guidance=1.0, late_from=0).guidance_at(0) == 1.0
+    # in words, as reports and the app print it: a cap that never lowers anything is not mentioned
+    assert c.guidance_text == "guidance 7.5, at most 2.5 from 80% of the steps"
+    assert GenerationConfig("a cat", guidance=2.0, late_guidance=4.0).guidance_text == "guidance 2"
 
 
 def test_a_late_cap_changes_only_the_steps_after_it(tiny_model):

@@ -137,9 +137,8 @@ def test_sweep_writes_rows_and_marks_the_shipped_default(tmp_path):
     assert table[1].startswith("| all | first 0.33 | 1 | 1 |")
     # the trials ran under the toy model's own guidance setting (ldm_scene.json), and the table says which
     from ldm_scene.sampler import config_for
-    from ldm_scene.toy.report import schedule_text
 
-    own = schedule_text(config_for(load_model(str(TOY_MODEL_DIR), device="cpu"), "a", steps=15))
+    own = config_for(load_model(str(TOY_MODEL_DIR), device="cpu"), "a", steps=15).guidance_text
     assert "at most" in own and rows[0]["guidance"] == own
     assert f", 15 steps, {own}." in (tmp_path / "sweep.md").read_text()
 

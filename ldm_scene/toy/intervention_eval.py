@@ -24,7 +24,6 @@ from ..models import load_model
 from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
 from .quality import has_object, mask_colour, parse_prompt
-from .report import schedule_text
 from .render import POSITIONS, scene_from_seed
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
@@ -107,7 +106,7 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
                             shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
         rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
-                     "guidance": schedule_text(trials[0][0]) if trials else None,
+                     "guidance": trials[0][0].guidance_text if trials else None,
                      "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3],
                      "shape_kept": r[4], "shape_prompted": r[5]})
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +194,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
             examples.append((original, before, target, results))
     summary = summarise(rows, methods, seconds)
     summary["scheduler"], summary["steps"] = model.scheduler_name, steps
-    summary["guidance"] = schedule_text(config_for(model, "a", 0, steps))
+    summary["guidance"] = config_for(model, "a", 0, steps).guidance_text
     out.mkdir(parents=True, exist_ok=True)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))

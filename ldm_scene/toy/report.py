@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import metrics
 from ..models import DEFAULT_LATE_FROM, PAPER_GUIDANCE, SETTINGS_FILE, load_model
-from ..sampler import GenerationConfig, config_for, sample
+from ..sampler import config_for, describe_guidance, sample
 from .nets import ToyClassifier, ToyLabeler, to_tensor
 from .quality import has_object, mask_colour, mask_position, parse_prompt
 from .render import COLOURS, scene_from_seed
@@ -38,14 +38,6 @@ GUIDANCE_GRID: tuple[tuple[float, float | None, float], ...] = (
     (2.5, None, 1.0), (4.0, None, 1.0), (5.5, None, 1.0), (7.5, None, 1.0),
     (7.5, 2.5, 1 / 3), (7.5, 2.5, 1 / 2), (7.5, 2.5, 2 / 3), (7.5, 2.5, 0.8), (7.5, 4.0, 1 / 3),
 )
-
-
-def schedule_text(config: GenerationConfig) -> str:
-    """``"guidance 7.5"`` or ``"guidance 7.5, at most 2.5 from 80% of the steps"``."""
-    text = f"guidance {config.guidance:g}"
-    if config.late_guidance is not None and config.late_guidance < config.guidance and config.late_from < 1:
-        text += f", at most {config.late_guidance:g} from {config.late_from:.0%} of the steps"
-    return text
 
 
 def sweep_choice(rows: list[dict]) -> dict:
@@ -118,7 +110,7 @@ def measure_generation(
     classifier = ToyClassifier.load(model_dir / "labelers")
     c0 = config_for(model, "a", seed0, steps, guidance, late_guidance, late_from)
     rows, images, seconds = [], [], []
-    for i in tqdm(range(n), desc=f"generate ({schedule_text(c0)})"):
+    for i in tqdm(range(n), desc=f"generate ({c0.guidance_text})"):
         seed = seed0 + i
         config = replace(c0, prompt=scene_from_seed(seed).prompt, seed=seed)
         prompt = config.prompt
@@ -196,9 +188,7 @@ def sample_grid(samples: list, cols: int = 6, rows: int = 4, scale: int = 2) -> 
 
 def _schedule_of(report: dict) -> str:
     """The guidance a report (or sweep row) was measured with, in words."""
-    return schedule_text(GenerationConfig("a", steps=report.get("steps", 15), guidance=report["guidance"],
-                                          late_guidance=report.get("late_guidance"),
-                                          late_from=report.get("late_from") or DEFAULT_LATE_FROM))
+    return describe_guidance(report["guidance"], report.get("late_guidance"), report.get("late_from"))
 
 
 def _verdict(key: str, value: float) -> str:
@@ -398,19 +388,12 @@ def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None
     return rows
 
 
-def _same_schedule(row: dict, guidance: float, late: float | None, late_from: float) -> bool:
-    if abs(row["guidance"] - guidance) > 1e-9:
-        return False
-    if row.get("late_guidance") is None or late is None:
-        return row.get("late_guidance") is None and late is None
-    return abs(row["late_guidance"] - late) < 1e-9 and abs(row["late_from"] - late_from) < 1e-6
-
-
 def render_guidance_sweep(rows: list[dict], model=None) -> str:
     """guidance.md from guidance.json's rows (nothing typed by hand); the sweep's pick and the model's setting are marked."""
     if not rows:
         return "# Guidance on the toy model\n\nNo rows.\n"
     r0, pick = rows[0], sweep_choice(rows)
+    own = model and describe_guidance(model.default_guidance, model.late_guidance, model.late_from)
     lines = ["# Guidance on the toy model", "",
              f"`python -m ldm_scene.toy guidance-sweep`: {r0['n_generated']} seeds from {GUIDANCE_SEED0:,} (the report's start "
              f"at {REPORT_SEED0:,}), {r0['steps']} steps of {r0['scheduler']}, judged by the shipped labelers. A late cap lowers "
@@ -420,7 +403,7 @@ def render_guidance_sweep(rows: list[dict], model=None) -> str:
              "| guidance | late cap | from | object present | shape | colour | position | worst shape | worst colour |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        star = " *" if model is not None and _same_schedule(r, model.default_guidance, model.late_guidance, model.late_from) else ""
+        star = " *" if model is not None and _schedule_of(r) == own else ""
         worst = {k: min(r[f"{k}_by_word"].items(), key=lambda kv: kv[1]["match"]) for k in ("shape", "colour")}
         cells = {k: f"{w} {v['match']:.0%}" + (f" (else {v['commonest_miss']})" if v["commonest_miss"] else "")
                  for k, (w, v) in worst.items()}

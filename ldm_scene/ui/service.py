@@ -32,7 +32,8 @@ from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
 from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
 from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
 from ..sampler import (
-    DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, sample,
+    DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, describe_guidance,
+    sample,
 )
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class Service:
         m = self.model
         if m is None or m.late_guidance is None:
             return None
-        return f"This model lowers guidance to at most {m.late_guidance:g} from {m.late_from:.0%} of the steps on."
+        return f"This model runs at {describe_guidance(m.default_guidance, m.late_guidance, m.late_from)}; the slider sets the first number."
 
     def status_markdown(self) -> str:
         """What is loaded and what is not, with how to fix it; shown at the top of the page."""
