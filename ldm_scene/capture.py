@@ -49,17 +49,19 @@ def hook_sites(
     fn: SiteFn,
     steps: Collection[int] | None = None,
     split_guidance: bool = True,
+    layer: str = "attn1",
 ) -> Iterator[StepCounter]:
     """Call ``fn(site, step, cond_activation)`` on each chosen site's output at each chosen step.
 
-    ``steps=None`` means every step. ``split_guidance`` says the UNet batch is ``[uncond, cond]``
+    ``layer`` picks the block's self-attention (``attn1``, the default) or its cross-attention
+    (``attn2``). ``steps=None`` means every step. ``split_guidance`` says the UNet batch is ``[uncond, cond]``
     (classifier-free guidance on); then ``fn`` sees the second half and a returned tensor replaces
     that half only. Yields the :class:`StepCounter`, whose ``step`` is the UNet call in progress.
     """
     sites = _check_sites(sites)
     wanted = None if steps is None else frozenset(int(s) for s in steps)
     counter = StepCounter()
-    modules = {site: unet.get_submodule(module_path(site)) for site in sites}
+    modules = {site: unet.get_submodule(module_path(site, layer)) for site in sites}
 
     def make_hook(site: str) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None]:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
@@ -112,6 +114,7 @@ def capture(
     reduce: Callable[[str, int, torch.Tensor], Any] | None = None,
     split_guidance: bool = True,
     to_cpu: bool = True,
+    layer: str = "attn1",
 ) -> Iterator[Capture]:
     """Record the conditional output ``[B, T, C]`` of ``sites`` at ``steps`` (all steps if None).
 
@@ -129,7 +132,7 @@ def capture(
             result.values[(site, step)] = act.cpu() if to_cpu else act.clone()
         return None
 
-    with hook_sites(unet, sites, keep, steps, split_guidance) as counter:
+    with hook_sites(unet, sites, keep, steps, split_guidance, layer) as counter:
         result.counter = counter
         yield result
 

@@ -50,12 +50,19 @@ __all__ = [
     "probe_path",
     "load_probe_dir",
     "CLASS_MEANS",
+    "POSITION",
+    "POSITION_BINS",
+    "POSITION_MEANS",
     "PAPER_SITE_NAMES",
     "paper_checkpoint_path",
     "import_paper_checkpoints",
 ]
 
 TASKS: tuple[str, ...] = ("foreground", "depth", "shading")
+#: Not a probe but a means bank: per (site, step), the mean cross-attention output of runs whose
+#: object lies in each horizontal third (:data:`POSITION_BINS`), written as ``position_means``.
+POSITION = "position"
+POSITION_BINS: tuple[str, ...] = ("left", "middle", "right")
 FORMAT_VERSION = 1
 #: Key under the safetensors ``__metadata__`` that holds the JSON of :class:`ProbeMeta`.
 METADATA_KEY = "ldm_scene"
@@ -72,7 +79,10 @@ class ProbeError(ValueError):
 
 
 def task_outputs(task: str) -> int:
-    """Number of probe outputs K for ``task``: 2 logits for foreground, 1 value otherwise."""
+    """Number of probe outputs K for ``task``: 2 logits for foreground, 1 value otherwise
+    (and one mean per horizontal third for the :data:`POSITION` means)."""
+    if task == POSITION:
+        return len(POSITION_BINS)
     if task not in TASKS:
         raise ProbeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return 2 if task == "foreground" else 1
@@ -127,8 +137,8 @@ class ProbeMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ProbeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        if self.task not in TASKS and self.task != POSITION:
+            raise ProbeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)} (and {POSITION!r} means)")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ProbeError("model_id must be a non-empty string")
         if not isinstance(self.scheduler, str) or not self.scheduler:
@@ -513,6 +523,10 @@ def probe_path(directory: str | os.PathLike, task: str) -> Path:
 #: A bank a probe directory may hold beside the task banks: per (site, step) background and
 #: foreground mean activations (:func:`class_means_bank`), which steering edits along.
 CLASS_MEANS = "foreground_means"
+#: Another: the mean cross-attention output per horizontal third of the object (task
+#: :data:`POSITION`, see :func:`ldm_scene.intervention.fit_position_means`).
+POSITION_MEANS = "position_means"
+_MEANS_FILES = {CLASS_MEANS: "foreground", POSITION_MEANS: POSITION}
 
 
 def load_probe_dir(
@@ -525,7 +539,7 @@ def load_probe_dir(
     errors: list[str] | None = None,
     expect_scheduler: str | None = None,
 ) -> dict[str, ProbeBank]:
-    """Load ``<name>.safetensors`` for each of ``tasks`` (task names or :data:`CLASS_MEANS`) that
+    """Load ``<name>.safetensors`` for each of ``tasks`` (task names, :data:`CLASS_MEANS` or :data:`POSITION_MEANS`) that
     exists in ``directory``, a model's probe folder (``weights/<model>/probes``).
 
     Names without a file are left out. A missing directory raises :class:`ProbeError`. So does a
@@ -539,7 +553,7 @@ def load_probe_dir(
         raise ProbeError(f"{directory}: probe directory does not exist")
     banks = {}
     for task in tasks:
-        path = directory / f"{task}.safetensors" if task == CLASS_MEANS else probe_path(directory, task)
+        path = directory / f"{task}.safetensors" if task in _MEANS_FILES else probe_path(directory, task)
         if not path.is_file():
             continue
         try:
@@ -549,8 +563,9 @@ def load_probe_dir(
             if expect_scheduler is not None and bank.meta.scheduler != expect_scheduler:
                 raise ProbeError(f"{path}: fit on runs sampled with {bank.meta.scheduler}, the loaded model samples with "
                                  f"{expect_scheduler}; fit the probes again for this model")
-            if task != CLASS_MEANS and bank.meta.task != task:
-                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says {task!r}")
+            if bank.meta.task != _MEANS_FILES.get(task, task):
+                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says "
+                                 f"{_MEANS_FILES.get(task, task)!r}")
         except (ProbeError, OSError) as err:
             if errors is None:
                 raise

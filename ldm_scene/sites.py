@@ -36,13 +36,20 @@ SITE_KEYS: tuple[str, ...] = (
 UP_SITE_KEYS: tuple[str, ...] = tuple(k for k in SITE_KEYS if k.startswith("up_blocks"))
 
 _HOOKED_SUFFIX = "transformer_blocks.0.attn1"
+#: The attention layers of a site's transformer block that can be hooked: ``attn1`` (self-attention,
+#: the probed activation) and ``attn2`` (cross-attention to the prompt), both after their output
+#: projection and both ``[B, T, C]`` on the same token grid.
+ATTENTION_LAYERS: tuple[str, ...] = ("attn1", "attn2")
 
 
-def module_path(site: str) -> str:
-    """Return the module path (relative to the UNet) of the layer hooked for ``site``."""
+def module_path(site: str, layer: str = "attn1") -> str:
+    """Return the module path (relative to the UNet) of the layer hooked for ``site``
+    (``layer="attn2"``: the same block's cross-attention)."""
     if site not in SITE_KEYS:
         raise KeyError(f"unknown site {site!r}; known sites: {', '.join(SITE_KEYS)}")
-    return f"{site}.{_HOOKED_SUFFIX}"
+    if layer not in ATTENTION_LAYERS:
+        raise KeyError(f"unknown attention layer {layer!r}; hookable: {', '.join(ATTENTION_LAYERS)}")
+    return f"{site}.{_HOOKED_SUFFIX[: -len('attn1')]}{layer}"
 
 
 @dataclass(frozen=True)

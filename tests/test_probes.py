@@ -17,6 +17,9 @@ from ldm_scene.probes import (
     DEPTH_MEAN,
     DEPTH_STD,
     PAPER_SITE_NAMES,
+    POSITION,
+    POSITION_BINS,
+    POSITION_MEANS,
     TASKS,
     ProbeBank,
     ProbeError,
@@ -24,6 +27,7 @@ from ldm_scene.probes import (
     import_paper_checkpoints,
     load_probe_dir,
     paper_checkpoint_path,
+    task_outputs,
 )
 from ldm_scene.sites import SITE_KEYS, site_table
 
@@ -56,7 +60,7 @@ def _meta(task="foreground", **kw):
 
 
 def _bank(task="foreground", with_bias=True):
-    k = 2 if task == "foreground" else 1
+    k = task_outputs(task)
     g = torch.Generator().manual_seed(0)
     weights, biases = {}, {}
     for s in SITES[:3]:
@@ -276,6 +280,26 @@ def test_load_probe_dir_collects_errors_and_keeps_the_good_files(tmp_path):
     assert sorted(load_probe_dir(tmp_path, tasks=("foreground", CLASS_MEANS), expect_scheduler=scheduler)) == ["foreground", CLASS_MEANS]
     with pytest.raises(ProbeError, match=f"sampled with {scheduler}, the loaded model samples with EulerDiscreteScheduler"):
         load_probe_dir(tmp_path, tasks=("foreground",), expect_scheduler="EulerDiscreteScheduler")
+
+
+def test_position_means_are_their_own_kind_of_bank(tmp_path):
+    """position_means: three rows (one per third) under task 'position', loaded by its file name only."""
+    bank = _bank(POSITION, with_bias=False)
+    assert task_outputs(POSITION) == len(POSITION_BINS) == 3 and bank.meta.outputs == 3
+    bank.save(tmp_path / f"{POSITION_MEANS}.safetensors")
+    loaded = load_probe_dir(tmp_path, expect_sites=SITES, tasks=(*TASKS, POSITION_MEANS))
+    assert sorted(loaded) == [POSITION_MEANS]
+    key = bank.keys()[0]
+    assert torch.equal(loaded[POSITION_MEANS].weights[key], bank.weights[key])
+    # a foreground bank under that name, or position means under a task's name, is refused
+    _bank("foreground").save(tmp_path / f"{POSITION_MEANS}.safetensors")
+    with pytest.raises(ProbeError, match="metadata says task 'foreground', the file name says 'position'"):
+        load_probe_dir(tmp_path, tasks=(POSITION_MEANS,))
+    bank.save(tmp_path / "foreground.safetensors")
+    with pytest.raises(ProbeError, match="metadata says task 'position', the file name says 'foreground'"):
+        load_probe_dir(tmp_path, tasks=("foreground",))
+    with pytest.raises(ProbeError, match=r"shape \(2, "):  # two rows where a position bank has three
+        ProbeBank(_meta(POSITION), {key: torch.zeros(2, bank.weights[key].shape[1])})
 
 
 def test_paper_site_names():

@@ -7,6 +7,7 @@ random weights); end-to-end tests run on the shipped toy model when its weights 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ HAS_TOY_PROBES = (TOY_DIR / "probes" / "foreground.safetensors").is_file()
 
 def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None = None,
                  scheduler: str = "LMSDiscreteScheduler") -> dict[str, ProbeBank]:
-    """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class means."""
+    """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class and position means."""
     from ldm_scene.intervention import class_means_bank
 
     sites = {s.key: (s.channels, s.height, s.width) for s in model.sites()}
@@ -45,6 +46,8 @@ def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None 
     sums = {key: torch.randn(2, w.shape[1], generator=gen) for key, w in fg.weights.items()}
     counts = {key: torch.tensor([3.0, 1.0]) for key in fg.weights}
     banks["foreground_means"] = class_means_bank(sums, counts, ProbeBank(fg.meta, fg.weights))
+    banks["position_means"] = ProbeBank(replace(fg.meta, task="position", training={"method": "random"}),
+                                        {key: torch.randn(3, w.shape[1], generator=gen) for key, w in fg.weights.items()})
     return banks
 
 
@@ -114,7 +117,7 @@ def run(service):
 def test_load_reports_loaded_pieces(service):
     assert service.ready and not service.problems
     assert set(service.banks) == set(TASKS)
-    assert set(service.intervention_banks) == {"foreground", "foreground_means"}
+    assert set(service.intervention_banks) == {"foreground", "foreground_means", "position_means"}
     assert service.probe_steps == STEPS and service.default_steps == STEPS
     status = service.status_markdown()
     assert "tiny" in status and "foreground" in status
@@ -343,14 +346,15 @@ def test_drawn_target_from_editor_layers(service):
         service.drawn_target([np.zeros((2, 2, 2, 2))])
 
 
-def test_intervene_streams_and_compares(service, run, tiny_model):
+@pytest.mark.parametrize("method", ["steer", "position-steer"])
+def test_intervene_streams_and_compares(service, run, tiny_model, method):
     target = np.zeros(tiny_model.image_size, bool)
     target[4:16, 16:28] = True
-    views = list(service.intervene_stream(run, target, "steer"))
+    views = list(service.intervene_stream(run, target, method))
     assert [v.step for v in views] == list(range(STEPS))
     assert all(v.comparison is None for v in views[:-1])
     c = views[-1].comparison
-    assert c is not None and c.method == "steer" and 0.0 <= c.iou_target <= 1.0
+    assert c is not None and c.method == method and 0.0 <= c.iou_target <= 1.0
     assert c.result_mask.shape == target.shape and "IoU" in c.summary()
     assert "foreground" in views[0].overlays
     # the edit changed the image (same prompt and seed)
@@ -397,6 +401,27 @@ def test_intervene_without_class_means_says_so(tiny_model, tmp_path, run):
     target[:8, :8] = True
     with pytest.raises(InterventionError, match="foreground_means"):
         next(svc.intervene_stream(run, target, "steer"))
+
+
+def test_methods_follow_the_probe_folder(tiny_model, tmp_path, run):
+    """All four methods with every bank; without position means, position-steer and its control are
+    not offered, and asking for one names the missing file."""
+    from ldm_scene.intervention import METHODS, InterventionError
+    from ldm_scene.ui.service import Service
+
+    folder = write_probe_dir(tiny_model, tmp_path / "p")
+    svc = Service.load("tiny", folder, device="cpu", classifier=False)
+    assert svc.methods == METHODS
+    (folder / "position_means.safetensors").unlink()
+    svc = Service.load("tiny", folder, device="cpu", classifier=False)
+    svc.model = tiny_model
+    assert svc.methods == ("steer", "probe-gradient")
+    target = np.zeros(tiny_model.image_size, bool)
+    target[:8, :8] = True
+    with pytest.raises(InterventionError, match="needs the position_means probes, which this model's probe folder lacks; "
+                                                "choose one of steer, probe-gradient"):
+        next(svc.intervene_stream(run, target, "position-steer"))
+    assert attached_hooks(tiny_model.unet) == 0
 
 
 # -- results ---------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ def test_sixteen_unique_sites_in_depth_order_and_nine_up_sites():
     assert list(SITE_KEYS) == list(DESIGN_TABLE_512)  # DESIGN.md lists them in network-depth order
     assert UP_SITE_KEYS == SITE_KEYS[7:] and len(UP_SITE_KEYS) == 9  # the paper's intervention sites
     assert module_path("mid_block.attentions.0") == "mid_block.attentions.0.transformer_blocks.0.attn1"
+    assert module_path("mid_block.attentions.0", "attn2") == "mid_block.attentions.0.transformer_blocks.0.attn2"
+    with pytest.raises(KeyError, match="unknown attention layer 'ff'"):
+        module_path("mid_block.attentions.0", "ff")
     with pytest.raises(KeyError, match="unknown site 'up_blocks.0.attentions.0'"):
         module_path("up_blocks.0.attentions.0")  # UpBlock2D has no attention
 

@@ -118,23 +118,26 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
 
 
 def test_sweep_writes_rows_and_marks_the_shipped_default(tmp_path):
-    """Two sweep trials, two settings: sweep.md is rendered from sweep.json's rows, and only the row
-    with steer's shipped defaults carries the star."""
+    """Two sweep trials, three settings: sweep.md is rendered from sweep.json's rows, and only the rows
+    with steer's and position-steer's shipped defaults carry the star."""
     import json
 
     from ldm_scene.intervention import METHOD_DEFAULTS
     from ldm_scene.toy.intervention_eval import run_sweep
 
-    d = METHOD_DEFAULTS["steer"]
-    grid = ((d.sites, d.steps_fraction, d.gain, d.outside), ("all", 1 / 3, 1.0, 1.0))
+    d, p = METHOD_DEFAULTS["steer"], METHOD_DEFAULTS["position-steer"]
+    grid = ((d.sites, d.steps_fraction, d.gain, d.outside), ("all", 1 / 3, 1.0, 1.0),
+            (p.sites, p.steps_fraction, p.gain, p.outside, p.cross_sites, p.cross_gain))
     rows = run_sweep(TOY_MODEL_DIR, 2, tmp_path, grid=grid)
-    assert json.loads((tmp_path / "sweep.json").read_text()) == rows and len(rows) == 2
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows and len(rows) == 3
+    assert [r["method"] for r in rows] == ["steer", "steer", "position-steer"]
     for r in rows:
         assert 0 <= r["success_rate"] <= 1 and 0 <= r["shape_kept"] <= 1 and 0 <= r["shape_prompted"] <= 1
-    table = [x for x in (tmp_path / "sweep.md").read_text().splitlines() if x.startswith(("| up", "| all"))]
-    assert len(table) == 2
-    assert table[0].startswith(f"| {d.sites} * |") and f"| {rows[0]['success_rate']:.0%} |" in table[0]
-    assert table[1].startswith("| all | first 0.33 | 1 | 1 |")
+    table = [x for x in (tmp_path / "sweep.md").read_text().splitlines() if x.startswith(("| - |", f"| {p.cross_sites},"))]
+    assert len(table) == 3
+    assert table[0].startswith(f"| - | {d.sites} * |") and f"| {rows[0]['success_rate']:.0%} |" in table[0]
+    assert table[1].startswith("| - | all | first 0.33 | 1 | 1 |")
+    assert table[2].startswith(f"| {p.cross_sites}, {p.cross_gain:g} | {p.sites} * | all | {p.gain:g} |")
     # the trials ran under the toy model's own guidance setting (ldm_scene.json), and the table says which
     from ldm_scene.sampler import config_for
 
@@ -149,8 +152,21 @@ def test_sweep_table_names_an_every_step_edit_all():
     row = {"sites": "up", "gain": 8.0, "outside": 0.3, "n": 4, "success_rate": 0.75, "iou_target": 0.6,
            "iou_original": 0.1, "object_present": 1.0, "shape_kept": 0.5, "shape_prompted": 0.5}
     lines = render_sweep([{**row, "steps_fraction": 1.0}, {**row, "steps_fraction": 0.5}]).splitlines()
-    assert "| up | all | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
-    assert "| up | first 0.50 | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+    assert "| - | up | all | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+    assert "| - | up | first 0.50 | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+
+
+def test_shipped_position_means_fit_the_model(toy):
+    """position_means ships beside the probes, fit on this model's runs with objects in every third,
+    and position-steer is offered with it."""
+    from ldm_scene.intervention import METHODS, available_methods, load_intervention_banks
+    from ldm_scene.probes import POSITION, POSITION_MEANS
+
+    banks = load_intervention_banks(TOY_MODEL_DIR / "probes", expect_sites=toy.sites(), expect_scheduler=toy.scheduler_name)
+    bank = banks[POSITION_MEANS]
+    assert bank.meta.task == POSITION and bank.meta.model_id == toy.model_id and len(bank) == 16 * 15
+    assert min(bank.meta.training["images_per_third"]) >= 30 and bank.meta.training["layer"].startswith("attn2")
+    assert available_methods(banks) == METHODS
 
 
 def test_a_shift_against_the_prompts_position_word_is_recognised():

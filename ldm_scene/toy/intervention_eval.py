@@ -30,15 +30,21 @@ from .render import POSITIONS, scene_from_seed
 TRIAL_SEED0 = 30_000_000
 #: The sweep that chose steer's defaults draws its trials here, apart from the evaluation's.
 SWEEP_SEED0 = 40_000_000
+#: The runs that position-steer's cross-attention means average start here.
+POSITION_SEED0 = 50_000_000
 
-#: (sites, fraction of steps edited, gain, outside share) tried by ``intervene-sweep``; the first
-#: is the one-token projection at the paper's sites and steps.
-SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
+#: (sites, fraction of steps edited, gain, outside share[, cross-attention sites, cross gain]) tried
+#: by ``intervene-sweep``; the first is the one-token projection at the paper's sites and steps.
+#: Rows with cross-attention sites are ``position-steer`` (gain 0: the position edit alone).
+SWEEP_GRID: tuple[tuple, ...] = (
     ("up", 1 / 3, 1.0, 1.0), ("up", 1 / 3, 15.0, 1.0), ("all", 1 / 3, 15.0, 1.0),
     ("all", 2 / 3, 5.0, 1.0), ("all", 2 / 3, 15.0, 1.0), ("all", 2 / 3, 30.0, 1.0),
     ("all", 2 / 3, 15.0, 0.3), ("all", 2 / 3, 30.0, 0.3), ("all", 2 / 3, 10.0, 0.3), ("all", 1 / 2, 15.0, 0.3),
     ("up", 2 / 3, 15.0, 0.3), ("up", 1 / 2, 20.0, 0.2), ("all", 1 / 2, 20.0, 0.2),
     ("up", 1.0, 5.0, 0.3), ("up", 1.0, 8.0, 0.3),
+    ("up", 1.0, 0.0, 0.3, "all", 1.0), ("up", 1.0, 3.0, 0.3, "all", 1.0), ("up", 1.0, 5.0, 0.3, "all", 1.0),
+    ("up", 1.0, 8.0, 0.3, "all", 1.0), ("up", 2 / 3, 5.0, 0.3, "all", 1.0), ("up", 1.0, 5.0, 0.3, "up", 1.0),
+    ("up", 1.0, 5.0, 0.3, "all", 1.5),
 )
 
 
@@ -72,13 +78,29 @@ def _trials(model, labeler, seed0: int, n: int, steps: int):
         yield config, original, before, target, dx, seconds
 
 
+def fit_toy_position_means(model_dir: Path, n: int = 150, out: Path | None = None, steps: int = 15):
+    """Fit and save ``position_means`` for the toy model: ``n`` toy prompts and seeds from
+    :data:`POSITION_SEED0` at the model's guidance, objects found by the shipped labeler."""
+    from ..intervention import fit_position_means
+    from ..probes import POSITION_MEANS
+
+    torch.set_num_threads(1)
+    model = load_model(str(model_dir), device="cpu")
+    labeler = ToyLabeler.load(model_dir / "labelers")
+    configs = [config_for(model, scene_from_seed(s).prompt, s, steps) for s in range(POSITION_SEED0, POSITION_SEED0 + n)]
+    bank = fit_position_means(model, configs, lambda image: labeler(np.asarray(image))["mask"][0])
+    bank.save(out if out is not None else model_dir / "probes" / f"{POSITION_MEANS}.safetensors")
+    return bank
+
+
 def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 15) -> list[dict]:
     """Success of steer per (sites, steps fraction, gain) on trials drawn from :data:`SWEEP_SEED0`.
 
     This is how steer's defaults were chosen; its seeds are disjoint from :func:`run_trials`'s,
     so the evaluation does not measure the settings on the trials that chose them.
     """
-    from ..intervention import make_editor
+    from ..intervention import ComposedEditor, PositionEditor, make_editor
+    from ..probes import POSITION_MEANS
     from ..sites import SITE_KEYS, UP_SITE_KEYS
 
     torch.set_num_threads(1)
@@ -91,13 +113,18 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     # Kept: the same shape as the unedited image of the seed (as in run_trials); prompted: the prompt's.
     shapes_before = {t[0].seed: classifier.name(t[1]) for t in trials}
     rows = []
-    for sites_name, fraction, gain, outside in tqdm(grid, desc="sweep settings"):
+    for sites_name, fraction, gain, outside, *cross in tqdm(grid, desc="sweep settings"):
         sites = UP_SITE_KEYS if sites_name == "up" else SITE_KEYS
         edit_steps = tuple(range(max(1, round(steps * fraction))))
+        cross_sites, cross_gain = cross or (None, 0.0)
         results = []
         for config, _, before, target, _, _ in trials:
             editor = make_editor("steer", banks, target, sites, edit_steps, 1.0, config.seed)
             editor.strength, editor.outside = gain, outside
+            if cross_sites is not None:
+                editor = ComposedEditor((PositionEditor(banks[POSITION_MEANS], target,
+                                                        UP_SITE_KEYS if cross_sites == "up" else SITE_KEYS,
+                                                        edit_steps, cross_gain), editor))
             edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             after = labeler(np.asarray(edited))["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
@@ -105,7 +132,9 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
             results.append((iou_t, iou_o, succeeded(iou_t, iou_o), has_object(after),
                             shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
-        rows.append({"sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
+        rows.append({"method": "steer" if cross_sites is None else "position-steer", "cross_sites": cross_sites,
+                     "cross_gain": cross_gain,
+                     "sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
                      "guidance": trials[0][0].guidance_text if trials else None,
                      "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3],
                      "shape_kept": r[4], "shape_prompted": r[5]})
@@ -121,19 +150,22 @@ def render_sweep(rows: list[dict], steps: int = 15) -> str:
     """sweep.md from sweep.json's rows (nothing typed by hand); the shipped default is marked."""
     from ..intervention import METHOD_DEFAULTS
 
-    d = METHOD_DEFAULTS["steer"]
     lines = ["# Steer settings on the toy model", "",
              f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from {SWEEP_SEED0:,} "
              f"(the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
              f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}. Success as in the evaluation; shape kept: the "
-             "classifier names the same shape as in the unedited image; shape prompted: the prompt's. * marks the default.", "",
-             "| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
-             "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "classifier names the same shape as in the unedited image; shape prompted: the prompt's. Position: "
+             "position-steer's cross-attention edit (sites, gain), - for steer alone. * marks each method's default.", "",
+             "| position | sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
+             "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"]) == (
-            d.sites, round(d.steps_fraction, 4), d.gain, d.outside) else ""
+        method, cross = r.get("method", "steer"), r.get("cross_sites")
+        d = METHOD_DEFAULTS[method]
+        star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"], cross, r.get("cross_gain", 0.0)) == (
+            d.sites, round(d.steps_fraction, 4), d.gain, d.outside, d.cross_sites, d.cross_gain) else ""
         edited = "all" if r["steps_fraction"] >= 1 else f"first {r['steps_fraction']:.2f}"
-        lines.append(f"| {r['sites']}{star} | {edited} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
+        position = "-" if cross is None else f"{cross}, {r['cross_gain']:g}"
+        lines.append(f"| {position} | {r['sites']}{star} | {edited} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
                      f"| {r['success_rate']:.0%} | {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} "
                      f"| {r.get('shape_kept', float('nan')):.0%} | {r.get('shape_prompted', float('nan')):.0%} |")
     return "\n".join(lines) + "\n"

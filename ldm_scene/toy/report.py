@@ -37,6 +37,8 @@ GUIDANCE_SEED0 = 60_000_000
 GUIDANCE_GRID: tuple[tuple[float, float | None, float], ...] = (
     (2.5, None, 1.0), (4.0, None, 1.0), (5.5, None, 1.0), (7.5, None, 1.0),
     (7.5, 2.5, 1 / 3), (7.5, 2.5, 1 / 2), (7.5, 2.5, 2 / 3), (7.5, 2.5, 0.8), (7.5, 4.0, 1 / 3),
+    # Stronger early guidance, for the shape (which rises with guidance up to 7.5):
+    (10.0, None, 1.0), (10.0, 2.5, 2 / 3), (10.0, 2.5, 0.8), (12.5, 2.5, 0.8), (15.0, 2.5, 0.8),
 )
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from ..capture import hook_sites
 from ..metrics import iou
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
-from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
+from ..probes import CLASS_MEANS, POSITION_MEANS, TASKS, ProbeBank, load_probe_dir
 from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
 from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, describe_guidance,
@@ -164,7 +164,7 @@ class Service:
 
     Build it with :meth:`load`. ``model`` is None when loading failed (``problems`` says why).
     ``banks`` are the readout probes by task; ``intervention_banks`` what the edits need
-    (``foreground`` and ``foreground_means``). ``display_size`` is the side in pixels of the
+    (``foreground``, ``foreground_means`` and ``position_means``). ``display_size`` is the side in pixels of the
     pictures handed to the UI.
     """
 
@@ -489,9 +489,9 @@ class Service:
     # --- intervention -------------------------------------------------------------------------
     @property
     def methods(self) -> tuple[str, ...]:
-        from ..intervention import METHODS
+        from ..intervention import available_methods
 
-        return METHODS
+        return available_methods(self.intervention_banks)
 
     def _editable(self, run: Run | None) -> Run:
         if run is None or not run.complete:
@@ -548,14 +548,14 @@ class Service:
         return prepare_target(alpha, model.image_size)
 
     def intervene_stream(
-        self, run: Run | None, target: np.ndarray, method: str = "steer", strength: Any = 1.0
+        self, run: Run | None, target: np.ndarray, method: str = "position-steer", strength: Any = 1.0
     ) -> Iterator[InterventionView]:
         """Re-run ``run``'s prompt and seed while editing activations towards ``target``; stream it.
 
         Yields an :class:`InterventionView` per step (preview with the foreground probe's overlay);
         the last carries a :class:`Comparison` of original, target and result with IoU.
         """
-        from ..intervention import InterventionError, default_edit_steps, intervene, make_editor
+        from ..intervention import METHOD_BANKS, METHODS, InterventionError, default_edit_steps, intervene, make_editor
 
         model = self._require_model()
         if run is None or not run.complete:
@@ -564,7 +564,12 @@ class Service:
         if target.dtype != bool or target.shape != tuple(model.image_size):
             raise InterventionError(f"target must be a bool mask of {model.image_size}, got {target.dtype} {target.shape}")
         if method not in self.methods:
-            raise InterventionError(f"unknown method {method!r}; choose one of {', '.join(self.methods)}")
+            choose = f"choose one of {', '.join(self.methods)}"
+            if method in METHODS:
+                lacking = ", ".join(b for b in METHOD_BANKS[method] if b not in self.intervention_banks)
+                raise InterventionError(f"method {method!r} needs the {lacking} probes, which this model's probe "
+                                        f"folder lacks; {choose}")
+            raise InterventionError(f"unknown method {method!r}; {choose}")
         strength = _number(strength, "strength")
         edit_steps = default_edit_steps(run.config.steps, method)
         # Build the editor once up front so a missing probe is reported before any model work.
@@ -763,11 +768,11 @@ def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict
     which names the file) and the others are still used."""
     errors: list[str] = []
     loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
-                            tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors,
+                            tasks=(*TASKS, CLASS_MEANS, POSITION_MEANS), expect_model_id=model.model_id, errors=errors,
                             expect_scheduler=model.scheduler_name)
     refused = [f"A probe file does not fit this model and is not used: {err}" for err in errors]
     banks = {t: b for t, b in loaded.items() if t in TASKS}
-    means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
+    means = {t: loaded[t] for t in ("foreground", CLASS_MEANS, POSITION_MEANS) if t in loaded}
     return banks, means, refused
 
 

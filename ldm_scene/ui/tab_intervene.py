@@ -12,9 +12,11 @@ from .service import MAX_SHIFT_FRACTION, Run, Service
 
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
+    "position-steer": "give the cross-attention the target's position, and steer gently (moves the object most often "
+                      "in the toy world)",
     "steer": "move activations along the probe's foreground direction (moves the object in the toy world)",
     "probe-gradient": "the paper's method: optimise activations until the foreground probe reports the target",
-    "random-control": "a random direction of the same size (should not move anything)",
+    "random-control": "position-steer's edit along random directions of the same size (should not move anything)",
 }
 
 
