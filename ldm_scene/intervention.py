@@ -431,14 +431,14 @@ def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str 
 def fit_position_means(
     model: Model,
     configs: Sequence[GenerationConfig],
-    foreground: Callable[[Image.Image], np.ndarray],
+    foreground: Callable[[Image.Image, GenerationConfig], np.ndarray],
     min_per_third: int = 3,
     progress: bool = True,
 ) -> ProbeBank:
     """The mean cross-attention output per (site, step) of runs whose object lies in each horizontal third.
 
     Generates every config (all with the same number of steps), finds the object of each image with
-    ``foreground`` (image -> bool mask at any size; an empty mask skips the image), and averages the
+    ``foreground`` ((image, its config) -> bool mask at any size; an empty mask skips the image), and averages the
     conditional half's token-mean cross-attention output at every site and step by the third of the
     mask's centroid. Raises :class:`InterventionError` if a third has fewer than ``min_per_third`` images.
     """
@@ -462,7 +462,7 @@ def fit_position_means(
     for config in tqdm(configs, desc="position means", disable=not progress):
         with capture(model.unet, keys, reduce=reduce, split_guidance=config.uses_guidance, layer="attn2") as cap:
             image = [s.image for s in sample(model, config)][-1]
-        mask = np.asarray(foreground(image), bool)
+        mask = np.asarray(foreground(image, config), bool)
         if not mask.any():
             continue
         third = position_bin(mask)
@@ -543,6 +543,9 @@ def run_cli(args) -> int:
     if probe_dir is None:
         raise InterventionError(f"{model.model_id} ships no probes/ folder: pass --probes DIR")
     banks = load_intervention_banks(probe_dir, expect_sites=model.sites(), expect_scheduler=model.scheduler_name)
+    method = args.method or next(iter(available_methods(banks)), None)
+    if method is None:
+        raise InterventionError(f"{probe_dir} holds neither class means nor a foreground probe: no method can edit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     original = [s.image for s in sample(model, config)][-1]
@@ -551,16 +554,16 @@ def run_cli(args) -> int:
         target = prepare_target(Image.open(args.mask), model.image_size)
     else:
         target = translate_mask(before, args.dx, args.dy)
-    edit_steps = default_edit_steps(config.steps, args.method)
-    editor = make_editor(args.method, banks, target, None, edit_steps, 1.0, config.seed)
+    edit_steps = default_edit_steps(config.steps, method)
+    editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed)
     edited = [s.image for s in sample(model, config, editors=[editor])][-1]
-    replay = make_editor(args.method, banks, target, None, edit_steps, 1.0, config.seed)
+    replay = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed)
     after = current_foreground(model, edited, banks, config, editors=[replay])
     for name, im in (("original.png", original), ("edited.png", edited), ("target_mask.png", mask_image(target)),
                      ("original_mask.png", mask_image(before)), ("result_mask.png", mask_image(after))):
         im.save(out / name)
     summary = {
-        "prompt": config.prompt, "seed": config.seed, "method": args.method,
+        "prompt": config.prompt, "seed": config.seed, "method": method,
         "iou_result_target": metrics.iou(after, target), "iou_result_original": metrics.iou(after, before),
     }
     side_by_side([original, mask_image(before), mask_image(target), edited, mask_image(after)],

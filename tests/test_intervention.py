@@ -236,8 +236,7 @@ def test_fit_position_means_averages_cross_attention_by_third(tiny_model, tmp_pa
         return m
 
     configs = [GenerationConfig("a red cube on the left", seed=s, steps=STEPS) for s in thirds]
-    seen = iter(configs)
-    bank = fit_position_means(tiny_model, configs, lambda image: where(next(seen).seed), min_per_third=1, progress=False)
+    bank = fit_position_means(tiny_model, configs, lambda image, config: where(config.seed), min_per_third=1, progress=False)
     assert bank.meta.task == POSITION and bank.meta.training["images_per_third"] == [1, 1, 2]
     assert len(bank) == len(tiny_model.sites()) * STEPS and attached_hooks(tiny_model.unet) == 0
     site, step = "mid_block.attentions.0", 1
@@ -252,9 +251,8 @@ def test_fit_position_means_averages_cross_attention_by_third(tiny_model, tmp_pa
     bank.save(tmp_path / f"{POSITION_MEANS}.safetensors")
     loaded = load_probe_dir(tmp_path, expect_sites=tiny_model.sites(), tasks=(POSITION_MEANS,))[POSITION_MEANS]
     assert torch.equal(loaded.weights[(site, step)], bank.weights[(site, step)])
-    seen = iter(configs)
     with pytest.raises(InterventionError, match="at least 2 images .* 1 left, 1 middle, 2 right"):
-        fit_position_means(tiny_model, configs, lambda image: where(next(seen).seed), min_per_third=2, progress=False)
+        fit_position_means(tiny_model, configs, lambda image, config: where(config.seed), min_per_third=2, progress=False)
     assert attached_hooks(tiny_model.unet) == 0
 
 

@@ -457,6 +457,34 @@ def test_cli_runs_the_paper_reproduction_path_on_the_tiny_model(run_root, tiny_m
     assert again == metrics
 
 
+def test_cli_fits_position_means_with_the_run_labeler(run_root, tiny_model, monkeypatch, capsys):
+    """``position-means``: each seed's object from the labeler (here label files placing seed s in
+    third s % 3), one mean per third in the probe folder; too few runs per third is an error."""
+    import ldm_scene.models
+    from ldm_scene.probes import POSITION_MEANS
+    from ldm_scene.training import __main__ as cli
+
+    labels = run_root / "position-labels" / "foreground"
+    labels.mkdir(parents=True)
+    for seed in range(9):
+        mask = np.zeros((32, 32), np.float32)
+        mask[20:26, (seed % 3) * 11 + 3 : (seed % 3) * 11 + 7] = 1
+        np.save(labels / f"{seed}.npy", mask)
+    real_load = ldm_scene.models.load_model
+    monkeypatch.setattr(ldm_scene.models, "load_model",
+                        lambda name, device=None: tiny_model if name == "tiny" else real_load(name, device))
+    out = run_root / "position"
+    argv = ["position-means", "--model", "tiny", "--steps", "2", "--out", str(out), "--device", "cpu",
+            "--prompts", str(run_root / "prompts.txt"), "--labeler", f"folder:foreground={labels}"]
+    assert cli.main([*argv, "--n", "9"]) == 0
+    bank = ProbeBank.load(out / f"{POSITION_MEANS}.safetensors", expect_sites=tiny_model.sites())
+    assert bank.meta.training["images_per_third"] == [3, 3, 3] and bank.meta.num_steps == 2
+    (out / f"{POSITION_MEANS}.safetensors").unlink()
+    assert cli.main([*argv, "--n", "6"]) == 2
+    assert "at least 3 images with the object in each third; these runs gave 2 left, 2 middle, 2 right" in capsys.readouterr().err
+    assert not (out / f"{POSITION_MEANS}.safetensors").exists()
+
+
 def test_label_images_checks_the_labeler(run_root, tiny_model):
     class Bad:
         name, tasks, labels_any_image = "bad", TASKS, True

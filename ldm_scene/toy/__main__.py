@@ -36,10 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
     sw.add_argument("--out", default=None, help="default: <model>/intervention")
-    pm = sub.add_parser("position-means", help="fit the cross-attention position means that position-steer edits with")
-    pm.add_argument("--model", default="weights/toy-scenes")
-    pm.add_argument("--n", type=int, default=150, help="runs to average (seeds apart from every other use)")
-    pm.add_argument("--out", default=None, help="default: <model>/probes/position_means.safetensors")
     gs = sub.add_parser("guidance-sweep", help="prompt-following per guidance scale on seeds apart from the report's")
     gs.add_argument("--model", default="weights/toy-scenes")
     gs.add_argument("--n", type=int, default=200)
@@ -51,13 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         from .report import GUIDANCE_GRID, guidance_sweep
 
         guidance_sweep(Path(args.model), args.n, GUIDANCE_GRID, Path(args.out) if args.out else None, apply=args.apply)
-        return 0
-
-    if args.command == "position-means":
-        from .intervention_eval import fit_toy_position_means
-
-        bank = fit_toy_position_means(Path(args.model), args.n, Path(args.out) if args.out else None)
-        print(f"{bank!r}; images per third: {bank.meta.training['images_per_third']}")
         return 0
 
     if args.command == "intervene-sweep":

@@ -30,8 +30,6 @@ from .render import POSITIONS, scene_from_seed
 TRIAL_SEED0 = 30_000_000
 #: The sweep that chose steer's defaults draws its trials here, apart from the evaluation's.
 SWEEP_SEED0 = 40_000_000
-#: The runs that position-steer's cross-attention means average start here.
-POSITION_SEED0 = 50_000_000
 
 #: (sites, fraction of steps edited, gain, outside share[, cross-attention sites, cross gain]) tried
 #: by ``intervene-sweep``; the first is the one-token projection at the paper's sites and steps.
@@ -76,21 +74,6 @@ def _trials(model, labeler, seed0: int, n: int, steps: int):
             continue
         target, dx = trial_target(before, rng)
         yield config, original, before, target, dx, seconds
-
-
-def fit_toy_position_means(model_dir: Path, n: int = 150, out: Path | None = None, steps: int = 15):
-    """Fit and save ``position_means`` for the toy model: ``n`` toy prompts and seeds from
-    :data:`POSITION_SEED0` at the model's guidance, objects found by the shipped labeler."""
-    from ..intervention import fit_position_means
-    from ..probes import POSITION_MEANS
-
-    torch.set_num_threads(1)
-    model = load_model(str(model_dir), device="cpu")
-    labeler = ToyLabeler.load(model_dir / "labelers")
-    configs = [config_for(model, scene_from_seed(s).prompt, s, steps) for s in range(POSITION_SEED0, POSITION_SEED0 + n)]
-    bank = fit_position_means(model, configs, lambda image: labeler(np.asarray(image))["mask"][0])
-    bank.save(out if out is not None else model_dir / "probes" / f"{POSITION_MEANS}.safetensors")
-    return bank
 
 
 def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 15) -> list[dict]:

@@ -274,6 +274,16 @@ def _model_dir(name: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def labeler_for(model_name: str, spec: str | None = None, device: Any = None) -> Labeler:
+    """The labeler ``spec`` names, or by default the model directory's toy labeler when it ships one,
+    else DPT depth + saliency (SD v1.4's, as in the paper)."""
+    model_dir = _model_dir(model_name)
+    if spec is None:
+        has_toy = model_dir is not None and (model_dir / "labelers" / "labeler.safetensors").is_file()
+        spec = "toy" if has_toy else "dpt+tracer"
+    return build_labeler(spec, model_dir=model_dir, device=device)
+
+
 def prepare(config: RunConfig, labeler: Labeler | None = None, model: Model | None = None) -> RunContext:
     """Load the model and labeler, make the records and check ``out/work`` belongs to this run.
 
@@ -283,12 +293,7 @@ def prepare(config: RunConfig, labeler: Labeler | None = None, model: Model | No
     if model is None:
         model = load_model(config.model, device=config.device)
     if labeler is None:
-        spec = config.labeler
-        model_dir = _model_dir(config.model)
-        if spec is None:
-            has_toy = model_dir is not None and (model_dir / "labelers" / "labeler.safetensors").is_file()
-            spec = "toy" if has_toy else "dpt+tracer"
-        labeler = build_labeler(spec, model_dir=model_dir, device=model.device)
+        labeler = labeler_for(config.model, config.labeler, model.device)
     tasks = tuple(t for t in TASKS if t in labeler.tasks)
     if not tasks:
         raise ValueError(f"labeler {labeler.name} provides none of the tasks {TASKS}")
