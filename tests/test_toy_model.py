@@ -83,7 +83,7 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     summary is the mean of the rows, and the README table is rendered from that summary."""
     import json
 
-    from ldm_scene.toy.intervention_eval import run_trials
+    from ldm_scene.toy.intervention_eval import PROMPT_REFERENCE, run_trials
 
     summary = run_trials(TOY_MODEL_DIR, 2, tmp_path, methods=("steer", "random-control"))
     data = json.loads((tmp_path / "intervention.json").read_text())
@@ -91,7 +91,8 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     assert len(data["trials"]) == 2 and summary["n_evaluated"] == len(done)
     if not done:
         pytest.skip("neither seed drew an object")
-    for method in ("steer", "random-control"):
+    assert list(summary["methods"]) == ["steer", "random-control", PROMPT_REFERENCE]
+    for method in ("steer", "random-control", PROMPT_REFERENCE):
         rows = [t[method] for t in done]
         assert summary["methods"][method]["iou_target"] == pytest.approx(np.mean([r["iou_target"] for r in rows]))
         assert summary["methods"][method]["success_rate"] == pytest.approx(np.mean([r["success"] for r in rows]))
@@ -105,7 +106,7 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     assert (tmp_path / "examples.png").exists()
     control = [t for t in done if t["random-control"]["success"]]
     assert summary["control_successes"] == len(control)
-    assert summary["shared_with_control"] == {"steer": sum(t["steer"]["success"] for t in control)}
+    assert summary["shared_with_control"] == {m: sum(t[m]["success"] for t in control) for m in ("steer", PROMPT_REFERENCE)}
     assert sum(summary["n_by_position"].values()) == len(done)
     assert "- steer by prompted position: " in (tmp_path / "README.md").read_text()
     # The shipped model draws with its own scheduler; the paper's LMS can replace it for every image of a trial.
@@ -113,7 +114,8 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     assert "15 steps of EulerDiscreteScheduler" in (tmp_path / "README.md").read_text()
     from diffusers import LMSDiscreteScheduler
 
-    lms = run_trials(TOY_MODEL_DIR, 1, tmp_path / "lms", methods=("steer",), scheduler=LMSDiscreteScheduler)
+    lms = run_trials(TOY_MODEL_DIR, 1, tmp_path / "lms", methods=("steer",), scheduler=LMSDiscreteScheduler, reference=False)
+    assert list(lms["methods"]) == ["steer"]
     assert lms["scheduler"] == "LMSDiscreteScheduler" and "15 steps of LMSDiscreteScheduler" in (tmp_path / "lms" / "README.md").read_text()
 
 
@@ -154,6 +156,19 @@ def test_sweep_table_names_an_every_step_edit_all():
     lines = render_sweep([{**row, "steps_fraction": 1.0}, {**row, "steps_fraction": 0.5}]).splitlines()
     assert "| - | up | all | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
     assert "| - | up | first 0.50 | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+
+
+def test_the_reference_rewrites_only_the_place_phrase():
+    from ldm_scene.toy.render import scene_from_seed, with_position
+
+    assert with_position("an orange cube on the left", "middle") == "an orange cube in the middle"
+    assert with_position("a red torus in the middle", "right") == "a red torus on the right"
+    prompt = scene_from_seed(5).prompt
+    assert with_position(with_position(prompt, "left"), scene_from_seed(5).position) == prompt
+    with pytest.raises(ValueError, match="expected a renderer prompt"):
+        with_position("a red cube", "left")
+    with pytest.raises(ValueError, match="expected a renderer prompt"):
+        with_position("a red cube on the left", "top")
 
 
 def test_shipped_position_means_fit_the_model(toy):

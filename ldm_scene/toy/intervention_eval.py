@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,8 @@ from ..intervention import (
 from ..models import load_model
 from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
-from .quality import has_object, mask_colour, parse_prompt
-from .render import POSITIONS, scene_from_seed
+from .quality import has_object, mask_colour, mask_position, parse_prompt
+from .render import POSITIONS, scene_from_seed, with_position
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
 TRIAL_SEED0 = 30_000_000
@@ -44,6 +45,11 @@ SWEEP_GRID: tuple[tuple, ...] = (
     ("up", 1.0, 8.0, 0.3, "all", 1.0), ("up", 2 / 3, 5.0, 0.3, "all", 1.0), ("up", 1.0, 5.0, 0.3, "up", 1.0),
     ("up", 1.0, 5.0, 0.3, "all", 1.5),
 )
+
+
+#: Not an edit but a reference row of the evaluation: the same seed with the prompt's position word
+#: replaced by the target's third, i.e. the model's own way of putting the object there.
+PROMPT_REFERENCE = "reference: the target's position word"
 
 
 def succeeded(iou_target: float, iou_original: float) -> bool:
@@ -154,8 +160,12 @@ def render_sweep(rows: list[dict], steps: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int = 15, scheduler: type | None = None) -> dict:
+def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int = 15, scheduler: type | None = None,
+               reference: bool = True) -> dict:
     """Run ``n`` trials and write ``intervention.json``, ``README.md`` and figures into ``out``.
+
+    ``reference`` adds :data:`PROMPT_REFERENCE`'s row: what changing the prompt, which no method
+    may do, achieves on the same trials.
 
     ``scheduler`` (a diffusers scheduler class) replaces the model's own for every generation of
     the trials, originals included (e.g. the paper's LMS, to compare with the toy model's Euler).
@@ -167,7 +177,9 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
     banks = load_intervention_banks(model_dir / "probes", expect_sites=model.sites())
     labeler = ToyLabeler.load(model_dir / "labelers")
     classifier = ToyClassifier.load(model_dir / "labelers")
-    rows, examples, seconds = [], [], {m: [] for m in ("plain", *methods)}
+    # Every method's row, then the reference: the prompt's own position word moved to the target's third.
+    rows_of = (*methods, PROMPT_REFERENCE) if reference else tuple(methods)
+    rows, examples, seconds = [], [], {m: [] for m in ("plain", *rows_of)}
     for config, original, before, target, dx, plain_s in tqdm(_trials(model, labeler, TRIAL_SEED0, n, steps),
                                                               total=n, desc="intervention trials"):
         seconds["plain"].append(plain_s)
@@ -181,10 +193,15 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
         orig_colour = mask_colour(orig_arr, before)
         row = {"seed": seed, "prompt": prompt, "dx": dx, "original_shape": orig_shape, "original_colour": orig_colour}
         results = {}
-        for method in methods:
+        for method in rows_of:
             t0 = time.perf_counter()
-            editor = make_editor(method, banks, target, None, default_edit_steps(steps, method), 1.0, seed)
-            edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
+            if method == PROMPT_REFERENCE:
+                editor = None
+                moved = replace(config, prompt=with_position(prompt, mask_position(target)))
+                edited = [s.image for s in sample(model, moved, previews=False)][-1]
+            else:
+                editor = make_editor(method, banks, target, None, default_edit_steps(steps, method), 1.0, seed)
+                edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             seconds[method].append(time.perf_counter() - t0)
             arr = np.asarray(edited)
             after = labeler(arr)["mask"][0]
@@ -199,7 +216,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
                 "shape_kept": shape == orig_shape, "colour_kept": colour == orig_colour,
                 "shape_prompted": shape == words.shape, "colour_prompted": colour == words.colour,
             }
-            if getattr(editor, "agreement", None):
+            if editor is not None and getattr(editor, "agreement", None):
                 # Did the optimisation reach its objective? (the probe reads the target at the edited sites)
                 row[method]["probe_agreement_before"] = float(np.mean([a[2] for a in editor.agreement]))
                 row[method]["probe_agreement_after"] = float(np.mean([a[3] for a in editor.agreement]))
@@ -207,13 +224,13 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
         rows.append(row)
         if len(examples) < 6:
             examples.append((original, before, target, results))
-    summary = summarise(rows, methods, seconds)
+    summary = summarise(rows, rows_of, seconds)
     summary["scheduler"], summary["steps"] = model.scheduler_name, steps
     summary["guidance"] = config_for(model, "a", 0, steps).guidance_text
     out.mkdir(parents=True, exist_ok=True)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
-    _figures(examples, summary, methods, out)
+    _figures(examples, summary, rows_of, out)
     return summary
 
 
@@ -300,6 +317,10 @@ def render_table(summary: dict) -> str:
             f"| {s['shape_kept']:.0%} | {s['colour_kept']:.0%} | {s['shape_prompted']:.0%} | {s['colour_prompted']:.0%} "
             f"| {s['cost_vs_plain']:.2f}x |"
         )
+    if PROMPT_REFERENCE in summary["methods"]:
+        lines += ["", f"The last row edits nothing: it changes the prompt's position word to the target's third, which no "
+                  "method may do. It is the model's own way of putting the object there, and shows how often the shape "
+                  "survives a move when nothing but the wording changes."]
     if summary.get("n_well_formed"):
         lines += ["", f"The {summary['n_well_formed']} trials whose unedited image shows the prompted shape (classifier):", "",
                   "| method | success | shape kept | object present |", "|---|---|---|---|"]
@@ -337,7 +358,7 @@ def _figures(examples: list, summary: dict, methods, out: Path) -> None:
         titles = ["original", "mask", "target"]
         for m in methods:
             ims += [results[m][0]]
-            titles += [m]
+            titles += ["re-prompted" if m == PROMPT_REFERENCE else m]
         rows.append(side_by_side(ims, titles, scale=2))
     if rows:
         from PIL import Image

@@ -212,6 +212,14 @@ class Scene:
         return f"{article} {self.colour} {self.shape} {_PROMPT_PLACE[self.position]}"
 
 
+def with_position(prompt: str, position: str) -> str:
+    """A renderer prompt with its place phrase replaced by ``position``'s (one of :data:`POSITIONS`)."""
+    places = [place for place in _PROMPT_PLACE.values() if prompt.endswith(" " + place)]
+    if position not in _PROMPT_PLACE or not places:
+        raise ValueError(f"cannot place {prompt!r} {position!r}: expected a renderer prompt and one of {POSITIONS}")
+    return prompt[: -len(places[0])] + _PROMPT_PLACE[position]
+
+
 @dataclass(frozen=True)
 class Render:
     """A rendered scene and its exact per-pixel labels.
