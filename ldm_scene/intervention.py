@@ -251,11 +251,12 @@ class SteerEditor:
 
 
 def position_bin(mask: np.ndarray) -> int:
-    """The horizontal third (0 left, 1 middle, 2 right; :data:`POSITION_BINS`) of a non-empty mask's centroid."""
+    """The horizontal third (0 left, 1 middle, 2 right; :data:`POSITION_BINS`) of a non-empty mask's
+    centroid, measured at pixel centres (column c spans [c, c + 1) of the width)."""
     cols = np.nonzero(mask)[1]
     if cols.size == 0:
         raise InterventionError("the mask is empty: it has no position")
-    return min(len(POSITION_BINS) - 1, int(cols.mean() / mask.shape[1] * len(POSITION_BINS)))
+    return min(len(POSITION_BINS) - 1, int((cols.mean() + 0.5) / mask.shape[1] * len(POSITION_BINS)))
 
 
 @dataclass
@@ -288,7 +289,9 @@ class PositionEditor:
         if (site, step) not in self._planes:
             m = self.means.weights[(site, step)].double().to(device)
             centre = m.mean(0)
-            self._planes[(site, step)] = m, centre, torch.linalg.svd(m - centre, full_matrices=False).Vh[: len(m) - 1]
+            _, s, vh = torch.linalg.svd(m - centre, full_matrices=False)
+            # The plane's directions; one the means do not span (two thirds alike) is left alone.
+            self._planes[(site, step)] = m, centre, vh[: len(m) - 1][s[: len(m) - 1] > 1e-6 * s[0].clamp_min(1e-30)]
         return self._planes[(site, step)]
 
     def shift(self, site: str, step: int, act: torch.Tensor) -> torch.Tensor:
@@ -356,7 +359,8 @@ def make_editor(
     strength: float = 1.0,
     seed: int = 0,
 ):
-    """Build the editor for ``method`` from the model's probe banks (``foreground``, ``foreground_means``).
+    """Build the editor for ``method`` from the model's probe banks (``foreground``, ``foreground_means``,
+    ``position_means``; :data:`METHOD_BANKS` says which a method reads).
 
     ``strength`` scales the method's default dose (:data:`METHOD_DEFAULTS`): 0 edits nothing, 1 is
     the default; ``sites=None`` takes the method's default sites.
@@ -375,6 +379,11 @@ def make_editor(
     for need in METHOD_BANKS[method]:
         if need not in banks:
             raise InterventionError(f"method {method!r} needs the {need} probes, which this probe set lacks")
+    fit_steps = {need: banks[need].meta.num_steps for need in METHOD_BANKS[method]}
+    if len(set(fit_steps.values())) > 1:
+        found = ", ".join(f"{need} {n}" for need, n in fit_steps.items())
+        raise InterventionError(f"method {method!r} reads banks fit for different step counts ({found}): fit them "
+                                "for the same schedule")
     bank = banks[METHOD_BANKS[method][0]]
     defaults = METHOD_DEFAULTS[method]
 
@@ -451,6 +460,8 @@ def fit_position_means(
 
     if not configs:
         raise InterventionError("no runs to average: give at least one prompt and seed per third")
+    if min_per_third < 1:
+        raise InterventionError(f"min_per_third must be at least 1 (a third with no run has no mean), got {min_per_third}")
     num_steps = {c.steps for c in configs}
     if len(num_steps) != 1:
         raise InterventionError(f"all runs must have the same number of steps, got {sorted(num_steps)}")

@@ -564,8 +564,9 @@ def load_probe_dir(
                 raise ProbeError(f"{path}: fit on runs sampled with {bank.meta.scheduler}, the loaded model samples with "
                                  f"{expect_scheduler}; fit the probes again for this model")
             if bank.meta.task != _MEANS_FILES.get(task, task):
-                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, the file name says "
-                                 f"{_MEANS_FILES.get(task, task)!r}")
+                expected = f"{path.name} must hold task {_MEANS_FILES[task]!r}" if task in _MEANS_FILES else \
+                    f"the file name says {task!r}"
+                raise ProbeError(f"{path}: metadata says task {bank.meta.task!r}, {expected}")
         except (ProbeError, OSError) as err:
             if errors is None:
                 raise

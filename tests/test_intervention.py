@@ -209,6 +209,21 @@ def test_position_edit_swaps_the_position_component_for_the_targets(tiny_model, 
     assert torch.allclose(same.double(), act, atol=1e-4)
 
 
+def test_position_edit_is_hooked_on_the_cross_attention_only(tiny_model, banks, config):
+    """While the run streams, the position part's hook sits on the site's attn2 and nothing on its attn1;
+    afterwards no hook is left."""
+    from ldm_scene.sites import module_path
+
+    site = "mid_block.attentions.0"
+    editor = ComposedEditor((PositionEditor(banks[POSITION_MEANS], _target(tiny_model), [site], [0, 1]),))
+    stream = sample(tiny_model, config, editors=[editor])
+    next(stream)
+    assert len(tiny_model.unet.get_submodule(module_path(site, "attn2"))._forward_hooks) == 1
+    assert len(tiny_model.unet.get_submodule(module_path(site, "attn1"))._forward_hooks) == 0
+    stream.close()
+    assert editor.edited == [("attn2", site, 0)] and attached_hooks(tiny_model.unet) == 0
+
+
 def test_position_bin_is_the_third_of_the_centroid():
     m = np.zeros((30, 30), bool)
     m[5:9, 0:4] = True
@@ -220,6 +235,13 @@ def test_position_bin_is_the_third_of_the_centroid():
     assert position_bin(c) == 1
     with pytest.raises(InterventionError, match="empty"):
         position_bin(np.zeros((30, 30), bool))
+    # measured at pixel centres: columns 9..10 of 30 centre on 10.5 / 30 of the width, the middle third
+    edge = np.zeros((30, 30), bool)
+    edge[:, 9:11] = True
+    assert position_bin(edge) == 1
+    from ldm_scene.toy.quality import mask_position
+
+    assert mask_position(edge) == "middle" and mask_position(m) == "right"  # the toy report's rule is the same
 
 
 def test_fit_position_means_averages_cross_attention_by_third(tiny_model, tmp_path):

@@ -293,7 +293,7 @@ def test_position_means_are_their_own_kind_of_bank(tmp_path):
     assert torch.equal(loaded[POSITION_MEANS].weights[key], bank.weights[key])
     # a foreground bank under that name, or position means under a task's name, is refused
     _bank("foreground").save(tmp_path / f"{POSITION_MEANS}.safetensors")
-    with pytest.raises(ProbeError, match="metadata says task 'foreground', the file name says 'position'"):
+    with pytest.raises(ProbeError, match="metadata says task 'foreground', position_means.safetensors must hold task 'position'"):
         load_probe_dir(tmp_path, tasks=(POSITION_MEANS,))
     bank.save(tmp_path / "foreground.safetensors")
     with pytest.raises(ProbeError, match="metadata says task 'position', the file name says 'foreground'"):

@@ -55,8 +55,9 @@ def mask_position(mask: np.ndarray) -> str | None:
     """'left' / 'middle' / 'right': the third of the image holding the mask's centroid column."""
     if not mask.any():
         return None
-    col = (np.nonzero(mask)[1].mean() + 0.5) / mask.shape[1]
-    return POSITIONS[min(2, int(col * 3))]
+    from ..intervention import position_bin  # the one rule for thirds, shared with position-steer
+
+    return POSITIONS[position_bin(mask)]
 
 
 def has_object(mask: np.ndarray) -> bool:

@@ -59,10 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--model", required=True, help="Hub id, local model directory, 'toy' or 'tiny'")
     pm.add_argument("--n", type=int, default=150, help="runs to average (each third needs at least 3 with an object)")
     pm.add_argument("--out", required=True, help="the model's probe directory: writes position_means.safetensors there")
-    pm.add_argument("--steps", type=int, default=15)
+    pm.add_argument("--steps", type=int, default=None,
+                    help="default: the step count of the probes already in --out, else 15")
     pm.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     pm.add_argument("--seed", type=int, default=0, help="first seed; runs use seeds SEED..SEED+N-1")
-    pm.add_argument("--labeler", default=None, help="as for run: finds each image's object")
+    pm.add_argument("--labeler", default=None, help="as for run: finds each image's object (default: the model's toy "
+                                                      "labeler, else saliency alone)")
     pm.add_argument("--prompts", default=None, help="text file with one prompt per line (default: toy renderer prompts)")
     pm.add_argument("--device", default=None)
     pm.add_argument("--threads", type=int, default=None)
@@ -75,20 +77,27 @@ def position_means(args: argparse.Namespace):
 
     import numpy as np
 
-    from ..intervention import fit_position_means
+    from ..intervention import InterventionError, fit_position_means
     from ..models import load_model
-    from ..probes import POSITION_MEANS
+    from ..probes import CLASS_MEANS, POSITION_MEANS, ProbeBank, probe_path
     from ..sampler import config_for
-    from .dataset import make_records, read_prompts
+    from .dataset import read_prompts, toy_prompt
     from .pipeline import labeler_for
 
+    steps = args.steps
+    if steps is None:  # match the probes this folder already holds (the edit's steps are theirs)
+        fitted = [p for p in (Path(args.out) / f"{CLASS_MEANS}.safetensors", probe_path(args.out, "foreground")) if p.is_file()]
+        steps = ProbeBank.load(fitted[0]).meta.num_steps if fitted else 15
+    if args.n < 1 or args.seed < 0:
+        raise InterventionError(f"need --n >= 1 and --seed >= 0, got --n {args.n} --seed {args.seed}")
     model = load_model(args.model, device=args.device)
-    labeler = labeler_for(args.model, args.labeler, model.device)
+    labeler = labeler_for(args.model, args.labeler, model.device, otherwise="tracer")  # only the object is needed
     if "foreground" not in labeler.tasks:
-        raise SystemExit(f"labeler {labeler.name} finds no foreground, which position means need")
+        raise InterventionError(f"labeler {labeler.name} finds no foreground, which position means need")
     prompts = read_prompts(args.prompts) if args.prompts else None
-    configs = [config_for(model, r.prompt, r.seed, args.steps, args.guidance)
-               for r in make_records(args.n, args.seed, prompts)]
+    seeds = range(args.seed, args.seed + args.n)
+    configs = [config_for(model, toy_prompt(s) if prompts is None else prompts[i % len(prompts)], s, steps, args.guidance)
+               for i, s in enumerate(seeds)]
     bank = fit_position_means(model, configs,
                               lambda image, config: labeler(np.asarray(image)[None], [config.seed])["foreground"][0] > 0.5)
     path = bank.save(Path(args.out) / f"{POSITION_MEANS}.safetensors")
@@ -135,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "position-means":
         from ..intervention import InterventionError
+        from ..probes import ProbeError
+        from .labelers import LabelerError
 
         try:
             position_means(args)
-        except InterventionError as err:
+        except (InterventionError, ProbeError, LabelerError, FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0

@@ -48,7 +48,7 @@ def create(service: Service) -> InterveneTab:
         methods = []
     gr.Markdown(
         "Take the last generated image, say where its object should be, and denoise the same prompt and seed "
-        "again while the edit rewrites the UNet's activations in the first steps. The result's foreground is "
+        "again while the edit rewrites the UNet's activations (steer and probe-gradient in the first steps, position-steer at every step). The result's foreground is "
         "compared with the target (IoU)."
     )
     with gr.Row():
