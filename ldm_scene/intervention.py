@@ -86,10 +86,10 @@ class MethodDefaults:
 #: ``position-steer`` rewrites that signal instead: the token-mean cross-attention output's
 #: component in the plane spanned by the three thirds' means becomes the target third's. In the
 #: sweep (72 trials, seeds apart from the evaluation's) it alone, at all 16 sites and every step,
-#: moves the object in 58% (shape kept 83%); with steer at gain 3-8 instead of 15, in 81-82%;
+#: moves the object in 58% (shape kept 83%); with steer at gain 3, 5 or 8 instead of 15, in 81%;
 #: on the first 2/3 of the steps, or the 9 up-block cross-attention sites only, 79%; at 1.5 times
-#: the position component, 71%. Of the settings within two trials of the best, gain 3 keeps the
-#: shape most often (85%; gain 5: 81%). Tried first on 36 of those trials: the position edit on
+#: the position component, 69%. Of the settings within two trials of the best, gain 3 keeps the
+#: shape most often (86%; gain 5: 81%). Tried first on 36 of those trials: the position edit on
 #: only the first 10 steps 58%, the first 5 22%. The control draws random directions of the
 #: same norms for both of its parts.
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
