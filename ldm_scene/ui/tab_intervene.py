@@ -12,8 +12,8 @@ from .service import MAX_SHIFT_FRACTION, Run, Service
 
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
-    "position-steer": "give the cross-attention the target's position, and steer gently (moves the object most often "
-                      "in the toy world)",
+    "position-steer": "give the cross-attention the target's third of the image, and steer gently (moves the object "
+                      "most often in the toy world; for a nudge within one third, use steer)",
     "steer": "move activations along the probe's foreground direction (moves the object in the toy world)",
     "probe-gradient": "the paper's method: optimise activations until the foreground probe reports the target",
     "random-control": "position-steer's edit along random directions of the same size (should not move anything)",
