@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--quick", action="store_true", help="a tiny plan to check the pipeline end to end")
     tr.add_argument("--no-report", action="store_true")
     tr.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    tr.add_argument("--unet-init", default=None, help="a model directory whose UNet and text encoder the UNet stage starts from")
     for f in fields(TrainPlan):
-        if f.type in ("int", "float"):
-            tr.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type == "int" else float, default=None)
+        if f.type in ("int", "float", "str"):
+            tr.add_argument(f"--{f.name.replace('_', '-')}", type={"int": int, "float": float, "str": str}[f.type], default=None)
     rp = sub.add_parser("report", help="measure a trained toy model and write REPORT.md / report.json")
     rp.add_argument("--out", default="weights/toy-scenes")
     rp.add_argument("--work", default="runs/toy-train")
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = dict(n_train=500, n_heldout=100, ae_steps=20, decoder_steps=10, labeler_steps=10, classifier_steps=10,
                              unet_steps=20, checkpoint_every=10) | overrides
         plan = TrainPlan(**overrides)
-        timings = train_all(Path(args.out), Path(args.work), plan, tuple(args.stages.split(",")))
+        timings = train_all(Path(args.out), Path(args.work), plan, tuple(args.stages.split(",")),
+                            unet_init=Path(args.unet_init) if args.unet_init else None)
         print(json.dumps(timings, indent=2))
         if args.no_report:
             return 0

@@ -55,12 +55,21 @@ class TrainPlan:
     # uniform loss; each cell counts ``1 + unet_object_weight * (its object fraction)``. A 1000-step
     # leg at 10 did not help: orange, drawn as red, went from 26% to 16% right (README, toy model).
     unet_object_weight: float = 0.0
+    # Prompt words whose training images are drawn ``unet_oversample_factor`` times as often (comma
+    # list, e.g. "cylinder,orange"; an image with two such words counts factor**2). The words the
+    # model confuses most (cylinder drawn as cube, orange as red) then get more of the gradient.
+    unet_oversample: str = ""
+    unet_oversample_factor: float = 2.0
     ema_decay: float = 0.999
     checkpoint_every: int = 100
     seed: int = 0
     # One thread: on a shared 2-core machine, two OpenMP threads stall whenever one core is busy.
     threads: int = 1
     unet_threads: int = 2  # the UNet stage alone, once nothing else runs beside it
+    render_processes: int = 2
+    # Where the UNet stage trains and the latents are encoded: "cpu", or "cuda" where a GPU is
+    # lent. The weights it ships are float32 on CPU either way.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if min(self.n_train, self.n_heldout, self.ae_steps, self.unet_steps) < 1:
@@ -71,6 +80,12 @@ class TrainPlan:
             raise ValueError(f"unet_high_noise_share must be in [0, 1], got {self.unet_high_noise_share}")
         if self.unet_object_weight < 0:
             raise ValueError(f"unet_object_weight must be >= 0, got {self.unet_object_weight}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.render_processes < 1:
+            raise ValueError(f"render_processes must be >= 1, got {self.render_processes}")
+        if self.unet_oversample_factor <= 0:
+            raise ValueError(f"unet_oversample_factor must be > 0, got {self.unet_oversample_factor}")
 
 
 def _render_chunk(seeds: list[int]) -> dict:
@@ -195,16 +210,20 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
 
 
 @torch.no_grad()
-def encode_latents(ae: AutoencoderTiny, data: dict, path: Path, flip: bool = False) -> torch.Tensor:
-    """Scaled latents of every image (optionally mirrored), cached in ``path``."""
+def encode_latents(ae: AutoencoderTiny, data: dict, path: Path, flip: bool = False, device: str = "cpu") -> torch.Tensor:
+    """Scaled latents of every image (optionally mirrored), cached in ``path``; a CPU tensor."""
     if path.exists():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     zs = []
-    for i in tqdm(range(0, len(data["image"]), 500), desc=f"encode {path.stem}"):
-        x = _images(data, np.arange(i, min(i + 500, len(data["image"]))))
-        if flip:
-            x = x.flip(-1)
-        zs.append(ae.encode(x).latents * ae.config.scaling_factor)
+    ae.to(device)
+    try:
+        for i in tqdm(range(0, len(data["image"]), 500), desc=f"encode {path.stem}"):
+            x = _images(data, np.arange(i, min(i + 500, len(data["image"])))).to(device)
+            if flip:
+                x = x.flip(-1)
+            zs.append((ae.encode(x).latents * ae.config.scaling_factor).cpu())
+    finally:
+        ae.to("cpu")
     z = torch.cat(zs)
     torch.save(z, path)
     return z
@@ -290,8 +309,27 @@ def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, cells: torch.T
     return (err * w).mean() / w.expand_as(err).mean()
 
 
-def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torch.Tensor, work: Path, ae, out: Path):
-    """Train the UNet and text encoder jointly (epsilon prediction, SD's noise schedule, EMA)."""
+def sampling_weights(prompts: list[str], words: str, factor: float) -> torch.Tensor | None:
+    """Per-image draw weights: ``factor`` for each of ``words`` (comma list) in its prompt; None
+    when no word is given (uniform draws, as every leg before oversampling existed)."""
+    chosen = {w.strip() for w in words.split(",") if w.strip()}
+    if not chosen:
+        return None
+    vocab = {w for p in prompts for w in p.split()}
+    unknown = chosen - vocab
+    if unknown:
+        raise ValueError(f"oversampled word(s) {sorted(unknown)} occur in no training prompt")
+    hits = torch.tensor([sum(w in chosen for w in p.split()) for p in prompts], dtype=torch.float64)
+    return factor ** hits
+
+
+def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torch.Tensor, work: Path, ae, out: Path,
+               init: Path | None = None):
+    """Train the UNet and text encoder jointly (epsilon prediction, SD's noise schedule, EMA).
+
+    ``init``: a model directory whose UNet and text encoder a fresh run starts from (a fine-tune;
+    the optimiser, EMA and learning-rate schedule start anew); ignored once a checkpoint exists.
+    """
     tokenizer = build_tokenizer(plan.arch)
     prompts = [str(p) for p in data["prompt"]]
     ids = tokenizer(prompts, padding="max_length", max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
@@ -301,21 +339,30 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     torch.manual_seed(plan.seed + 5)
     unet = build_unet(plan.arch)
     text = build_text_encoder(plan.arch, len(tokenizer))
+    ckpt = work / "unet_checkpoint.pt"
+    if init is not None and not ckpt.exists():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init) / "unet").state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(Path(init) / "text_encoder").state_dict())
+    dev = torch.device(plan.device)
+    unet.to(dev)
+    text.to(dev)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     noise_sched = DDPMScheduler(**SD_SCHEDULER_CONFIG)
-    gen = torch.Generator().manual_seed(plan.seed + 6)
+    gen = torch.Generator().manual_seed(plan.seed + 6)  # batches are drawn on the CPU on every device
     start, losses, spent = 0, [], 0.0
-    ckpt = work / "unet_checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=dev)
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text"])
         opt.load_state_dict(state["opt"])
         for e, v in zip(ema, state["ema"]):
             e.copy_(v)
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         start, losses = int(state["step"]), state["losses"].tolist()
         spent = float(state.get("seconds", 0.0))  # training time before this run (older checkpoints: unknown)
     t0 = time.perf_counter()
@@ -334,8 +381,13 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     unet.train()
     text.train()
     bar = tqdm(range(start, plan.unet_steps), desc="unet", initial=start, total=plan.unet_steps)
+    weights = sampling_weights(prompts, plan.unet_oversample, plan.unet_oversample_factor)
+    pending: list[torch.Tensor] = []  # losses not yet read back (a read waits for the device)
     for step in bar:
-        idx = torch.randint(0, n, (plan.unet_batch,), generator=gen)
+        if weights is None:
+            idx = torch.randint(0, n, (plan.unet_batch,), generator=gen)
+        else:
+            idx = torch.multinomial(weights, plan.unet_batch, replacement=True, generator=gen)
         flip = torch.rand(plan.unet_batch, generator=gen) < 0.5
         z0 = torch.where(flip[:, None, None, None], flipped[idx], latents[idx])
         tok = torch.where(flip[:, None], ids_flip[idx], ids[idx])
@@ -344,10 +396,10 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
         noise = torch.randn(z0.shape, generator=gen)
         t = draw_timesteps(plan.unet_batch, noise_sched.config.num_train_timesteps, plan.unet_high_noise_share, gen)
         zt = noise_sched.add_noise(z0, noise, t)
+        obj = torch.where(flip[:, None, None, None], cells_flip[idx], cells[idx])
+        zt, t, tok, noise, obj = (v.to(dev, non_blocking=True) for v in (zt, t, tok, noise, obj))
         cond = text(tok)[0]
-        loss = object_weighted_mse(unet(zt, t, encoder_hidden_states=cond).sample, noise,
-                                   torch.where(flip[:, None, None, None], cells_flip[idx], cells[idx]),
-                                   plan.unet_object_weight)
+        loss = object_weighted_mse(unet(zt, t, encoder_hidden_states=cond).sample, noise, obj, plan.unet_object_weight)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -356,10 +408,11 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
         opt.step()
         decay = min(plan.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        losses.append(loss.item())
-        if step % 50 == 0:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        pending.append(loss.detach())
+        if step % 50 == 0 or (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
+            losses += torch.stack(pending).tolist()
+            pending.clear()
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
         if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
             torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
@@ -370,8 +423,8 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    unet.eval()
-    text.eval()
+    unet.to("cpu").eval()
+    text.to("cpu").eval()
     pipe = assemble_pipeline(unet, ae, text, tokenizer)
     pipe.save_pretrained(out)
     (work / "unet_losses.json").write_text(json.dumps(losses[::10]))
@@ -382,8 +435,11 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
 STAGES = ("data", "autoencoder", "decoder", "labelers", "unet")
 
 
-def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tuple[str, ...] = STAGES) -> dict:
+def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tuple[str, ...] = STAGES,
+              unet_init: Path | None = None) -> dict:
     """Run ``stages`` into ``out`` (shipped files) using ``work`` for caches and checkpoints.
+
+    ``unet_init``: a model directory the UNet stage fine-tunes from (see :func:`train_unet`).
 
     Stages whose results exist are skipped, so ``labelers`` and ``unet`` (independent once the
     autoencoder exists) can also run as two processes side by side.
@@ -396,8 +452,9 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tupl
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cached = (work / "train.npz").exists() and (work / "heldout.npz").exists()
-    data = render_dataset(range(plan.n_train), work / "train.npz")
-    heldout = render_dataset(range(HELDOUT_SEED0, HELDOUT_SEED0 + plan.n_heldout), work / "heldout.npz")
+    data = render_dataset(range(plan.n_train), work / "train.npz", plan.render_processes)
+    heldout = render_dataset(range(HELDOUT_SEED0, HELDOUT_SEED0 + plan.n_heldout), work / "heldout.npz",
+                             plan.render_processes)
     if not cached:
         _add_timing(work, "render_s", time.perf_counter() - t0)
     if {"autoencoder", "decoder", "labelers", "unet"} & set(stages):
@@ -420,9 +477,9 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tupl
             _add_timing(work, "labelers_s", time.perf_counter() - t0)
     if "unet" in stages and not (out / "model_index.json").exists():
         torch.set_num_threads(plan.unet_threads)
-        latents = encode_latents(ae, data, work / "latents.pt")
-        flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True)
-        train_unet(plan, data, latents, flipped, work, ae, out)  # records its own time (resumable)
+        latents = encode_latents(ae, data, work / "latents.pt", device=plan.device)
+        flipped = encode_latents(ae, data, work / "latents_flipped.pt", flip=True, device=plan.device)
+        train_unet(plan, data, latents, flipped, work, ae, out, init=unet_init)  # records its own time (resumable)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_plan.json").write_text(json.dumps(asdict(plan), indent=2))
     path = work / "timings.json"
