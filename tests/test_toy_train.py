@@ -110,3 +110,112 @@ def test_object_weighted_mse_counts_object_cells_more_and_is_plain_mse_at_zero()
     assert torch.isclose(ratio, torch.tensor(11.0))
     with pytest.raises(ValueError, match="unet_object_weight"):
         TrainPlan(unet_object_weight=-1.0)
+
+
+PROMPTS = ["a red cube on the left", "an orange cylinder on the right", "a blue cylinder in the middle"]
+
+
+def test_sampling_weights_multiply_the_factor_per_chosen_word_and_refuse_unknown_words():
+    from ldm_scene.toy.train import sampling_weights
+
+    # No word (or only separators) means uniform draws, so runs before oversampling are unchanged.
+    assert sampling_weights(PROMPTS, "", 2.0) is None
+    assert sampling_weights(PROMPTS, " , ", 2.0) is None
+    # Neither word; "cylinder" and "orange" (factor**2); "cylinder" alone.
+    weights = sampling_weights(PROMPTS, "cylinder, orange", 2.0)
+    assert weights.tolist() == [1.0, 4.0, 2.0]
+    # A typo would otherwise silently train uniformly; only the unknown word is named.
+    with pytest.raises(ValueError, match=r"\['purple'\]"):
+        sampling_weights(PROMPTS, "cylinder,purple", 2.0)
+
+    # The training loop draws with multinomial: each image comes up in proportion to its weight.
+    # 20000 draws give a standard error of at most sqrt(0.25 / 20000) = 0.0035 per share, so 0.02
+    # is over 5 standard errors, while uniform draws (1/3 each) would miss 4/7 by 0.24.
+    draws = torch.multinomial(weights, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    shares = torch.bincount(draws, minlength=3).double() / 20_000
+    assert torch.allclose(shares, weights / weights.sum(), atol=0.02), shares
+
+
+def test_train_plan_checks_the_new_options():
+    from ldm_scene.toy.train import TrainPlan
+
+    with pytest.raises(ValueError, match="unet_oversample_factor"):
+        TrainPlan(unet_oversample_factor=0.0)
+    with pytest.raises(ValueError, match="unet_oversample_factor"):
+        TrainPlan(unet_oversample_factor=-2.0)
+    with pytest.raises(ValueError, match="device"):
+        TrainPlan(device="tpu")
+    with pytest.raises(ValueError, match="render_processes"):
+        TrainPlan(render_processes=0)
+    # The plan names a device without touching it, so a CUDA plan can be written (and checked) anywhere.
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert TrainPlan(device=device).device == device
+
+
+def test_unet_init_fine_tunes_from_the_shipped_model(tmp_path):
+    """One step at a learning rate of ~0 from the shipped model exports the shipped UNet and text
+    encoder again, and its first loss is the trained model's, not a random one's."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ldm_scene.toy.model import ToyArch, build_unet
+    from ldm_scene.toy.train import HELDOUT_SEED0, _render_chunk, train_all
+
+    shipped = Path("weights/toy-scenes")
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    # Renders written where train_all caches them: a spawned render pool costs ~6 s to start here.
+    np.savez(work / "train.npz", **_render_chunk(list(range(32))))
+    np.savez(work / "heldout.npz", **_render_chunk(list(range(HELDOUT_SEED0, HELDOUT_SEED0 + 8))))
+    # The shipped autoencoder as both the base and the tuned one, so no autoencoder stage trains
+    # and the latents are those the shipped UNet was trained on.
+    for name in ("vae", "vae_tuned"):
+        shutil.copytree(shipped / "vae", work / name)
+    plan = _plan(n_train=32, n_heldout=8, unet_steps=1, unet_batch=8, unet_lr=1e-12, unet_threads=1)
+    train_all(out, work, plan, ("unet",), unet_init=shipped)
+
+    def max_diff(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys()
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+    unet = UNet2DConditionModel.from_pretrained(shipped / "unet").state_dict()
+    text = CLIPTextModel.from_pretrained(shipped / "text_encoder").state_dict()
+    # The EMA starts at the init weights and the step is ~1e-14 in size: float32 cannot tell.
+    assert max_diff(UNet2DConditionModel.from_pretrained(out / "unet").state_dict(), unet) < 1e-6
+    assert max_diff(CLIPTextModel.from_pretrained(out / "text_encoder").state_dict(), text) < 1e-6
+    # The comparison has power: a fresh UNet of the same layout is nowhere near the shipped one.
+    with torch.random.fork_rng():
+        assert max_diff(build_unet(ToyArch()).state_dict(), unet) > 1e-2
+
+    # Measured with this plan: the shipped model's first loss is ~0.02, a random init's ~1.1.
+    first_loss = json.loads((work / "unet_losses.json").read_text())[0]
+    assert first_loss < 0.2
+
+
+def test_cli_passes_unet_init_and_string_plan_fields_to_train_all(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from ldm_scene.toy import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    for flag in ("--unet-init", "--unet-oversample", "--unet-oversample-factor", "--device", "--render-processes"):
+        assert flag in usage, flag
+
+    calls = []
+    monkeypatch.setattr(cli, "train_all", lambda out, work, plan, stages, unet_init=None: calls.append((plan, unet_init)) or {})
+    common = ["train", "--no-report", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert cli.main(common + ["--unet-init", "weights/toy-scenes", "--unet-oversample", "cylinder,orange",
+                              "--unet-oversample-factor", "3", "--device", "cuda:1"]) == 0
+    assert cli.main(common) == 0
+    (tuned, init), (plain, no_init) = calls
+    assert (tuned.unet_oversample, tuned.unet_oversample_factor, tuned.device) == ("cylinder,orange", 3.0, "cuda:1")
+    assert init == Path("weights/toy-scenes")
+    # Without the flags the plan keeps its defaults and the UNet starts from scratch.
+    assert (plain.unet_oversample, plain.device, no_init) == ("", "cpu", None)
