@@ -12,7 +12,7 @@ from ldm_scene.sites import SITE_KEYS
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy model not shipped")
 
-#: Fresh seeds: not used by training (0..9999), held-out (10M) or any report.
+#: Fresh seeds: not used by training (0..39,999), held-out (10M) or any report.
 FRESH_SEED0 = 40_000_000
 
 
@@ -68,6 +68,43 @@ def test_labeler_beats_the_layout_priors_on_fresh_renders(renders):
         prior = renders[task].mean(0)
         residual = metrics.mean_spearman(labels[task] - prior, renders[task] - prior)
         assert residual > 0.5, task
+
+
+def test_structured_shading_restores_the_worlds_ties():
+    """Sky pixels become exactly 1, a shadowed ground exactly two levels (each its cluster's median),
+    an unshadowed ground one level, and the object's pixels stay as estimated."""
+    from ldm_scene.toy.nets import structure_shading
+    from ldm_scene.toy.render import FAR
+
+    rng = np.random.default_rng(0)
+    depth = np.full((2, 8, 8), 5.0, np.float32)
+    depth[:, :2] = FAR  # sky rows
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 4:6, 2:4] = True
+    est = np.where(depth >= FAR, 0.97, 0.7).astype(np.float32)
+    est[0, 6:, :] = 0.3  # image 0: the object's shadow on the ground
+    est += rng.uniform(-0.03, 0.03, est.shape).astype(np.float32)
+    est[mask] = np.linspace(0.4, 0.9, mask.sum())
+    out = structure_shading(est, depth, mask)
+    assert (out[:, :2] == 1.0).all()
+    ground0, ground1 = out[0][~mask[0] & (depth[0] < FAR)], out[1][~mask[1] & (depth[1] < FAR)]
+    assert sorted(np.unique(ground0)) == pytest.approx([np.median(est[0, 6:]), np.median(est[0, 2:6][~mask[0, 2:6]])])
+    assert np.unique(ground1).size == 1 and ground1[0] == pytest.approx(0.7, abs=0.03)
+    assert np.array_equal(out[mask], est[mask])
+    assert not np.shares_memory(out, est)
+
+
+def test_structured_shading_beats_the_tie_ceiling_on_fresh_renders(renders):
+    """With continuous output no labeler can pass the labels' tie ceiling (exact labels plus 1e-4
+    noise); the net's own estimate stays under it, and the structured shading, which restores the
+    sky's and the ground's ties, must pass it."""
+    from ldm_scene.toy.nets import ToyLabeler
+
+    labels = ToyLabeler.load(TOY_MODEL_DIR / "labelers")(renders["image"])
+    ceiling = metrics.spearman_tie_ceiling(renders["shading"])
+    net = metrics.mean_spearman(labels["shading_net"], renders["shading"])
+    structured = metrics.mean_spearman(labels["shading"], renders["shading"])
+    assert net < ceiling < structured
 
 
 def test_shape_classifier_is_far_above_chance(renders):

@@ -48,6 +48,14 @@ def test_spearman_ceilings_are_reported_with_the_labelers_share_of_them():
     assert "on the object's pixels alone its shading Spearman is 0.8900" in text
 
 
+def test_structured_shading_is_reported_beside_the_nets_own_estimate():
+    text = render_report(_report(labeler_shading_spearman=0.97, labeler_shading_spearman_net=0.84,
+                                 labeler_depth_spearman_ceiling=0.976, labeler_shading_spearman_ceiling=0.86,
+                                 labeler_shading_spearman_object=0.89))
+    assert "per-pixel estimate scores 0.8400 (97.7% of that ceiling)" in text  # 0.84 / 0.86
+    assert "structure_shading" in text and "which gives the 0.9700 above" in text
+
+
 def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     plain = render_report(_report(scheduler="EulerDiscreteScheduler"))
     assert "15 steps of EulerDiscreteScheduler" in plain and "paper's" not in plain

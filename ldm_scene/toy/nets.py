@@ -114,28 +114,78 @@ def _load(directory: Path, name: str, cls: type, config_cls: type) -> nn.Module:
     return net.eval()
 
 
-class ToyLabeler:
-    """Foreground, depth and shading labels for toy images, from the shipped :class:`LabelerNet`."""
+#: Off the object, a predicted depth at or beyond this share of ``FAR`` counts as sky.
+SKY_DEPTH_SHARE = 0.95
+#: The ground's shading is split into shadow and light only where the two levels differ by this much.
+SHADOW_GAP = 0.1
 
-    def __init__(self, net: LabelerNet):
+
+def structure_shading(shading: np.ndarray, depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Snap per-pixel shading estimates [N, H, W] to the toy world's structure off the object.
+
+    The renderer's shading is exact and tied in large blocks: the sky is 1 and the ground takes two
+    values per scene, ``ambient + (1 - ambient) * light_y`` in light and ``ambient`` in the object's
+    shadow (``render.py``). A per-pixel regressor spreads each block into a narrow range, which a
+    rank correlation counts as misordering; this puts the ties back: sky pixels (predicted depth at
+    or beyond ``SKY_DEPTH_SHARE * FAR``, not object) become 1, and the ground's estimates are split
+    by two-means into shadow and light (one level when the two means are closer than
+    ``SHADOW_GAP``), each cluster replaced by its median. The object's pixels are left as estimated.
+    """
+    out = np.array(shading, dtype=np.float32, copy=True)
+    for img, d, m in zip(out, np.asarray(depth), np.asarray(mask, dtype=bool)):
+        sky = (d >= SKY_DEPTH_SHARE * FAR) & ~m
+        img[sky] = 1.0
+        ground = ~sky & ~m
+        v = img[ground]
+        if v.size == 0:
+            continue
+        lo, hi = np.percentile(v, 5), np.percentile(v, 95)
+        for _ in range(20):  # two-means in one dimension, from the spread's ends
+            cut = (lo + hi) / 2
+            dark, light = v[v < cut], v[v >= cut]
+            if dark.size == 0 or light.size == 0:
+                break
+            lo, hi = float(dark.mean()), float(light.mean())
+        cut = (lo + hi) / 2
+        if hi - lo > SHADOW_GAP and (v < cut).any() and (v >= cut).any():
+            img[ground] = np.where(v < cut, np.median(v[v < cut]), np.median(v[v >= cut]))
+        else:
+            img[ground] = np.median(v)
+    return out
+
+
+class ToyLabeler:
+    """Foreground, depth and shading labels for toy images, from the shipped :class:`LabelerNet`.
+
+    ``structured`` (default): the shading is the net's estimate snapped to the world's exact ties
+    off the object (:func:`structure_shading`); the net's own estimate is returned as ``shading_net``.
+    """
+
+    def __init__(self, net: LabelerNet, structured: bool = True):
         self.net = net.eval()
+        self.structured = structured
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ToyLabeler":
-        return cls(_load(Path(directory), "labeler", LabelerNet, LabelerConfig))
+    def load(cls, directory: str | Path, structured: bool = True) -> "ToyLabeler":
+        return cls(_load(Path(directory), "labeler", LabelerNet, LabelerConfig), structured)
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """Label [N, H, W, 3] images: ``mask`` bool, ``foreground`` probability, ``depth``, ``shading``."""
+        """Label [N, H, W, 3] images: ``mask`` bool, ``foreground`` probability, ``depth``, ``shading``
+        (and ``shading_net``, the net's estimate before :func:`structure_shading`)."""
         x = to_tensor(images)
         outs = [self.net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         y = torch.cat(outs) if outs else torch.zeros(0, 3, *x.shape[-2:])
         prob = torch.sigmoid(y[:, 0])
+        mask = (prob > 0.5).numpy()
+        depth = (y[:, 1] * self.net.config.depth_scale).numpy()
+        shading_net = y[:, 2].clamp(0, 1).numpy()
         return {
             "foreground": prob.numpy(),
-            "mask": (prob > 0.5).numpy(),
-            "depth": (y[:, 1] * self.net.config.depth_scale).numpy(),
-            "shading": y[:, 2].clamp(0, 1).numpy(),
+            "mask": mask,
+            "depth": depth,
+            "shading": structure_shading(shading_net, depth, mask) if self.structured else shading_net,
+            "shading_net": shading_net,
         }
 
 
