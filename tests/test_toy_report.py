@@ -127,3 +127,19 @@ def test_a_model_with_its_own_guidance_is_also_reported_at_the_papers():
         "shape_by_word": word("cylinder", 0.66, "cube"), "colour_by_word": word("orange", 0.26, "red")}))
     assert "guidance 7.5, at most 2.5 from 80% of the steps" in own
     assert "at constant guidance 7.5" in own and "colour 87.5%" in own and "worst cylinder 66%, orange 26%" in own
+
+
+def test_model_card_names_gpu_and_fine_tune_legs_only_when_there_are_some():
+    plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
+            "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}
+    cpu_leg = {"stage": "UNet", "steps": "0-3", "command": "python -m ldm_scene.toy train --stages unet", "threads": 1,
+               "minutes": 1}
+    cpu_only = render_model_card(_report(), plan, {"unet": "1M"}, [cpu_leg])
+    assert "all on CPU" in cpu_only and "GPU" not in cpu_only and "--unet-init" not in cpu_only
+    gpu_leg = {"stage": "UNet fine-tune", "steps": "3 + 5 at batch 8",
+               "command": "python -m ldm_scene.toy train --unet-init M --device cuda --unet-oversample cube", "threads": 4,
+               "device": "NVIDIA H200", "minutes": 2}
+    card = render_model_card(_report(), plan, {"unet": "1M"}, [cpu_leg, gpu_leg])
+    assert "3 steps of batch 2 then 5 at batch 8 on a GPU" in card
+    assert "on CPU but for the legs on a lent GPU (NVIDIA H200)" in card and "all on CPU" not in card
+    assert "| 4 (NVIDIA H200) | 2 |" in card and "`--unet-oversample`" in card and "fresh optimiser" in card

@@ -305,7 +305,8 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         + (f" then its decoder alone {plan['decoder_steps']} more (encoder frozen, object pixels weighted"
            f" {1 + plan.get('decoder_object_weight', 0):g}x)" if plan.get("decoder_steps") else "") + ", labeler",
         f"{plan.get('labeler_steps')} and classifier {plan.get('classifier_steps')} steps on renders and their autoencoder",
-        f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}",
+        f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}"
+        + ("".join(f" then {leg['steps'].split(' + ', 1)[-1]} on a GPU" for leg in history or [] if "device" in leg)),
         f"(epsilon prediction, {plan.get('uncond_prob'):.0%} empty prompts for classifier-free guidance, EMA {plan.get('ema_decay')}),",
         *([f"{plan['unet_high_noise_share']:.0%} of each batch drawn from the noisiest 40% of timesteps, where the layout is decided",
            "(in the legs whose command below sets it; with uniform timesteps the position word was ignored),"]
