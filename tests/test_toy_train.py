@@ -4,6 +4,7 @@ timings keep what finished stages cost."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -194,6 +195,12 @@ def test_unet_init_fine_tunes_from_the_shipped_model(tmp_path):
     # Measured with this plan: the shipped model's first loss is ~0.02, a random init's ~1.1.
     first_loss = json.loads((work / "unet_losses.json").read_text())[0]
     assert first_loss < 0.2
+
+    # Once a checkpoint exists the run resumes from it and ignores ``init``: a folder that does not
+    # exist would fail to load if it were read.
+    shutil.rmtree(out)
+    train_all(out, work, replace(plan, unet_steps=2), ("unet",), unet_init=tmp_path / "missing")
+    assert torch.load(work / "unet_checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_cli_passes_unet_init_and_string_plan_fields_to_train_all(tmp_path, monkeypatch, capsys):
