@@ -280,6 +280,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
     """The model card (weights/toy-scenes/README.md), with every number taken from the report."""
     arch = plan.get("arch", {})
     r = report
+    gpus = sorted({leg["device"] for leg in history or [] if "device" in leg})  # legs run on a lent GPU
     return "\n".join([
         "# toy-scenes: a small text-to-image latent diffusion model of rendered 3D scenes", "",
         "The embedded default model of ldm-scene: a controlled copy of Stable Diffusion v1.4's setting, small",
@@ -315,8 +316,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
           if plan.get("unet_object_weight") else []),
         *(["prompts with the words the model confused most drawn more often (in the legs whose command below sets",
            "`--unet-oversample`),"] if any("--unet-oversample" in leg.get("command", "") for leg in history or []) else []),
-        (f"on CPU but for the legs on a lent GPU ({', '.join(sorted({leg['device'] for leg in history if 'device' in leg}))})"
-         if any("device" in leg for leg in history or []) else "all on CPU")
+        (f"on CPU but for the legs on a lent GPU ({', '.join(gpus)})" if gpus else "all on CPU")
         + f" ({r.get('train_timings', {})} seconds per stage, as recorded; the weights run on CPU).",
         *render_history(history or []), "",
         "## Measured quality (`REPORT.md`)",
@@ -339,8 +339,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
            "  guidance-sweep --apply` on seeds apart from the report's ([guidance.md](guidance.md))."]
           if r["guidance"] != 7.5 or r.get("late_guidance") is not None else []), "",
         "## Limits",
-        ("- Trained for hours on a CPU and minutes on a GPU" if any("device" in leg for leg in history or [])
-         else "- Trained for minutes on a CPU") + ": images are 64 px and simpler than renders; the report's targets that are",
+        ("- Trained for hours on a CPU and minutes on a GPU" if gpus else "- Trained for minutes on a CPU") + ": images are 64 px and simpler than renders; the report's targets that are",
         "  not met are marked there.",
         "- Judged by small labelers trained on renders, which can err on generated images as TRACER and MiDaS can on SD's.",
         "- One object per scene, a fixed vocabulary of 17 words; anything else falls back to letters and is off-distribution.", "",
