@@ -67,8 +67,8 @@ class TrainPlan:
     threads: int = 1
     unet_threads: int = 2  # the UNet stage alone, once nothing else runs beside it
     render_processes: int = 2
-    # Where the UNet stage trains and the latents are encoded: "cpu", or "cuda" where a GPU is
-    # lent. The weights it ships are float32 on CPU either way.
+    # Where the decoder and UNet stages train and the latents are encoded: "cpu", or "cuda" where a
+    # GPU is lent. The weights they ship are float32 on CPU either way.
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -176,25 +176,27 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
     out = work / "vae_tuned"
     if (out / "config.json").exists():
         return AutoencoderTiny.from_pretrained(out)
-    latents = encode_latents(ae, data, work / "latents.pt") / ae.config.scaling_factor
+    latents = encode_latents(ae, data, work / "latents.pt", device=plan.device) / ae.config.scaling_factor
     mask = torch.from_numpy(data["mask"])
+    dev = torch.device(plan.device)
+    ae.decoder.to(dev)
     opt = torch.optim.AdamW(ae.decoder.parameters(), lr=5e-4, weight_decay=0.0)
     sched = _warmup_cosine(opt, plan.decoder_steps)
     gen = torch.Generator().manual_seed(plan.seed + 7)
     start, ckpt = 0, work / "decoder_checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=dev)
         ae.decoder.load_state_dict(state["decoder"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         start = int(state["step"])
     ae.decoder.train()
     for step in tqdm(range(start, plan.decoder_steps), desc="decoder", initial=start, total=plan.decoder_steps):
         idx = torch.randint(0, len(latents), (plan.aux_batch,), generator=gen)
-        x = _images(data, idx.numpy())
-        weight = 1 + plan.decoder_object_weight * mask[idx].float()[:, None]
-        err = ae.decoder(latents[idx]) - x
+        x = _images(data, idx.numpy()).to(dev)
+        weight = (1 + plan.decoder_object_weight * mask[idx].float()[:, None]).to(dev)
+        err = ae.decoder(latents[idx].to(dev)) - x
         loss = (err.pow(2) * weight).mean() + 0.5 * (err.abs() * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,7 +206,7 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
             torch.save({"decoder": ae.decoder.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "step": step + 1}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
-    ae.eval()
+    ae.to("cpu").eval()
     ae.save_pretrained(out)
     return ae
 
