@@ -412,11 +412,12 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         pending.append(loss.detach())
-        if step % 50 == 0 or (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
+        checkpoint = (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps
+        if step % 50 == 0 or checkpoint:  # a checkpoint holds every loss so far
             losses += torch.stack(pending).tolist()
             pending.clear()
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
-        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.unet_steps:
+        if checkpoint:
             torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
                         "ema": ema, "gen": gen.get_state(), "step": step + 1,
                         "losses": torch.tensor(losses), "seconds": spent + time.perf_counter() - t0},
