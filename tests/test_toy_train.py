@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def _plan(**kw):
     from ldm_scene.toy.train import TrainPlan
 
-    return TrainPlan(**({"n_train": 40, "n_heldout": 8, "ae_steps": 2, "ae_batch": 4, "decoder_steps": 2, "labeler_steps": 1,
+    return TrainPlan(**({"n_train": 40, "n_heldout": 8, "ae_steps": 2, "ae_batch": 4, "decoder_steps": 2, "decoder_batch": 4, "labeler_steps": 1,
                          "classifier_steps": 1, "aux_batch": 4, "unet_steps": 2, "unet_batch": 4,
                          "checkpoint_every": 1} | kw))
 
@@ -74,6 +74,30 @@ def test_decoder_finetune_keeps_the_latents_and_ships_the_tuned_decoder(tmp_path
     for name, value in tuned.state_dict().items():
         assert torch.equal(value, shipped.state_dict()[name]), name
     assert torch.load(work / "decoder_checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_decoder_width_trains_a_fresh_wider_decoder_behind_the_same_encoder(tmp_path):
+    """``decoder_width`` swaps in a new decoder of that width; the encoder (so the latents) is the
+    autoencoder's own, and the result round-trips through diffusers at the model's image size."""
+    from diffusers import AutoencoderTiny
+
+    from ldm_scene.toy.train import TrainPlan, train_all
+
+    work = tmp_path / "work"
+    plan = _plan(decoder_steps=2, decoder_width=48)
+    train_all(tmp_path / "out", work, plan, stages=("data", "autoencoder", "decoder"))
+    base = AutoencoderTiny.from_pretrained(work / "vae")
+    wide = AutoencoderTiny.from_pretrained(work / "vae_tuned")
+    assert list(wide.config.decoder_block_out_channels) == [48] * 3
+    assert wide.decoder.layers[0].out_channels == 48 != base.decoder.layers[0].out_channels
+    for name, value in base.encoder.state_dict().items():
+        assert torch.equal(value, wide.encoder.state_dict()[name]), name
+    assert wide.config.scaling_factor == base.config.scaling_factor
+    size = plan.arch.image_size
+    z = torch.randn(1, 4, size // 4, size // 4)
+    assert wide.decode(z).sample.shape == (1, 3, size, size)
+    with pytest.raises(ValueError, match="decoder_width"):
+        TrainPlan(decoder_width=-1)
 
 
 def test_high_noise_share_redraws_that_share_of_timesteps_from_the_noisiest_forty_percent():

@@ -39,7 +39,13 @@ class TrainPlan:
     ae_steps: int = 700
     ae_batch: int = 16
     decoder_steps: int = 600
+    decoder_batch: int = 32
+    decoder_lr: float = 5e-4
     decoder_object_weight: float = 10.0
+    # 0: the decoder stage trains the autoencoder's own decoder on. N: it trains a fresh decoder N
+    # channels wide behind the same frozen encoder (the latents, hence the UNet, stay valid); a
+    # wider decoder has more room for the ground's detail, where most of the error is.
+    decoder_width: int = 0
     labeler_steps: int = 500
     classifier_steps: int = 450
     aux_batch: int = 32
@@ -82,6 +88,8 @@ class TrainPlan:
             raise ValueError(f"unet_object_weight must be >= 0, got {self.unet_object_weight}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.decoder_batch < 1 or self.decoder_width < 0:
+            raise ValueError(f"decoder_batch must be >= 1 and decoder_width >= 0, got {self.decoder_batch}, {self.decoder_width}")
         if self.render_processes < 1:
             raise ValueError(f"render_processes must be >= 1, got {self.render_processes}")
         if self.unet_oversample_factor <= 0:
@@ -164,8 +172,20 @@ def train_autoencoder(plan: TrainPlan, data: dict, heldout: dict, out: Path) -> 
     return ae
 
 
+def with_fresh_decoder(ae: AutoencoderTiny, width: int, seed: int) -> AutoencoderTiny:
+    """A copy of ``ae`` with its encoder (and so its latents) kept and a new, randomly initialised
+    decoder ``width`` channels wide."""
+    torch.manual_seed(seed)  # module constructors draw from the global RNG
+    # Private keys dropped: "_use_default_values" would reset a scaling_factor set after training.
+    config = {k: v for k, v in ae.config.items() if not k.startswith("_")}
+    wide = AutoencoderTiny.from_config({**config, "decoder_block_out_channels": [width] * 3})
+    wide.encoder.load_state_dict(ae.encoder.state_dict())
+    return wide
+
+
 def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Path) -> AutoencoderTiny:
-    """Train the decoder on, with the encoder frozen, weighting the object's pixels up.
+    """Train the decoder on (or a fresh one, ``plan.decoder_width``), with the encoder frozen,
+    weighting the object's pixels up.
 
     Latents stay exactly as they were (the UNet is trained on them), so this can run before or
     after the UNet. The object covers a few percent of the image, so a plain reconstruction loss
@@ -177,10 +197,13 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
     if (out / "config.json").exists():
         return AutoencoderTiny.from_pretrained(out)
     latents = encode_latents(ae, data, work / "latents.pt", device=plan.device) / ae.config.scaling_factor
-    mask = torch.from_numpy(data["mask"])
+    if plan.decoder_width and plan.decoder_width != ae.config.decoder_block_out_channels[0]:
+        ae = with_fresh_decoder(ae, plan.decoder_width, plan.seed + 8)
     dev = torch.device(plan.device)
+    # The renders stay uint8 and live where the decoder trains (40,000 of them are 0.5 GB).
+    images, mask, latents = torch.from_numpy(data["image"]).to(dev), torch.from_numpy(data["mask"]).to(dev), latents.to(dev)
     ae.decoder.to(dev)
-    opt = torch.optim.AdamW(ae.decoder.parameters(), lr=5e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(ae.decoder.parameters(), lr=plan.decoder_lr, weight_decay=0.0)
     sched = _warmup_cosine(opt, plan.decoder_steps)
     gen = torch.Generator().manual_seed(plan.seed + 7)
     start, ckpt = 0, work / "decoder_checkpoint.pt"
@@ -193,10 +216,10 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
         start = int(state["step"])
     ae.decoder.train()
     for step in tqdm(range(start, plan.decoder_steps), desc="decoder", initial=start, total=plan.decoder_steps):
-        idx = torch.randint(0, len(latents), (plan.aux_batch,), generator=gen)
-        x = _images(data, idx.numpy()).to(dev)
-        weight = (1 + plan.decoder_object_weight * mask[idx].float()[:, None]).to(dev)
-        err = ae.decoder(latents[idx].to(dev)) - x
+        idx = torch.randint(0, len(latents), (plan.decoder_batch,), generator=gen).to(dev)
+        x = images[idx].permute(0, 3, 1, 2).float() / 255.0 * 2 - 1
+        weight = 1 + plan.decoder_object_weight * mask[idx].float()[:, None]
+        err = ae.decoder(latents[idx]) - x
         loss = (err.pow(2) * weight).mean() + 0.5 * (err.abs() * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
