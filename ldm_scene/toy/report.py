@@ -78,6 +78,8 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
     ae_colour = [mask_colour(rec_rgb[i], heldout["mask"][i]) == colours[int(heldout["colour"][i])] for i in range(len(images))]
     return {
         "ae_psnr_db": float(psnr(rec, x).mean()),
+        "ae_widths": {"encoder": list(vae.config.encoder_block_out_channels),
+                      "decoder": list(vae.config.decoder_block_out_channels)},
         "ae_colour_match": float(np.mean(ae_colour)),
         "labeler_dice": metrics.mean_dice(labels["mask"], heldout["mask"][:n]),
         "labeler_depth_spearman": metrics.mean_spearman(labels["depth"], heldout["depth"][:n].astype(np.float32)),
@@ -281,6 +283,11 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
     arch = plan.get("arch", {})
     r = report
     gpus = sorted({leg["device"] for leg in history or [] if "device" in leg})  # legs run on a lent GPU
+    gpu_legs = {part: [leg for leg in history or [] if "device" in leg and leg["stage"].startswith(part)]
+                for part in ("UNet", "decoder")}
+    widths = r.get("ae_widths", {})
+    ae_widths = (f"encoder widths {tuple(widths['encoder'])}, decoder widths {tuple(widths['decoder'])}"
+                 if widths.get("encoder") and widths["encoder"] != widths.get("decoder") else f"widths {tuple(arch.get('ae_channels', ()))}")
     return "\n".join([
         "# toy-scenes: a small text-to-image latent diffusion model of rendered 3D scenes", "",
         "The embedded default model of ldm-scene: a controlled copy of Stable Diffusion v1.4's setting, small",
@@ -290,7 +297,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         f"- diffusers `StableDiffusionPipeline` directory: `UNet2DConditionModel` with SD v1.4's block types and",
         f"  `layers_per_block=2` (the same 16 self-attention site names), channels {tuple(arch.get('unet_channels', ()))},",
         "  plus a pooled-text term added to the time embedding (`addition_embed_type='text'`);",
-        f"  `AutoencoderTiny` (normalisation-free, 4x down-scaling, widths {tuple(arch.get('ae_channels', ()))});",
+        f"  `AutoencoderTiny` (normalisation-free, 4x down-scaling, {ae_widths});",
         f"  a {arch.get('text_layers')}-layer, {arch.get('text_width')}-wide `CLIPTextModel` over a word-level `CLIPTokenizer`;",
         f"  `{r.get('scheduler', 'LMSDiscreteScheduler')}` with SD's scaled-linear betas (0.00085..0.012) and the paper's"
         " 15 timesteps (Euler is the paper's LMS at order 1; see REPORT.md for both).",
@@ -304,10 +311,11 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         f"`python -m ldm_scene.toy train` with the plan in `train_plan.json`: {plan.get('n_train')} rendered scenes",
         f"(mirrored with left/right swapped as augmentation), autoencoder {plan.get('ae_steps')} steps"
         + (f" then its decoder alone {plan['decoder_steps']} more (encoder frozen, object pixels weighted"
-           f" {1 + plan.get('decoder_object_weight', 0):g}x)" if plan.get("decoder_steps") else "") + ", labeler",
+           f" {1 + plan.get('decoder_object_weight', 0):g}x)" if plan.get("decoder_steps") else "")
+        + "".join(f", then a fresh decoder {leg['steps']} on a GPU (the shipped one)" for leg in gpu_legs["decoder"]) + ", labeler",
         f"{plan.get('labeler_steps')} and classifier {plan.get('classifier_steps')} steps on renders and their autoencoder",
         f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}"
-        + ("".join(f" then {leg['steps'].split(' + ', 1)[-1]} on a GPU" for leg in history or [] if "device" in leg)),
+        + "".join(f" then {leg['steps'].split(' + ', 1)[-1]} on a GPU" for leg in gpu_legs["UNet"]),
         f"(epsilon prediction, {plan.get('uncond_prob'):.0%} empty prompts for classifier-free guidance, EMA {plan.get('ema_decay')}),",
         *([f"{plan['unet_high_noise_share']:.0%} of each batch drawn from the noisiest 40% of timesteps, where the layout is decided",
            "(in the legs whose command below sets it; with uniform timesteps the position word was ignored),"]
