@@ -40,6 +40,16 @@ def test_loads_offline_with_sd_site_names(toy):
         pipe.unet.get_submodule(f"{key}.transformer_blocks.0.attn1")
 
 
+def test_shipped_weights_fit_the_25_mib_budget():
+    """The issue's budget for everything shipped in the model directory (UNet, autoencoder, text
+    encoder, labelers, probes); caches that training leaves in ignored ``work`` folders do not ship."""
+    from pathlib import Path
+
+    files = [p for p in Path(TOY_MODEL_DIR).rglob("*.safetensors") if "work" not in p.relative_to(TOY_MODEL_DIR).parts]
+    assert {p.parent.name for p in files} >= {"unet", "vae", "text_encoder", "labelers"}
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+
+
 def test_generation_is_deterministic_per_seed(toy):
     def final(seed):
         return np.asarray([s.image for s in sample(toy, GenerationConfig("a red cube on the left", seed, steps=4))][-1])
