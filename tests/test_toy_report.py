@@ -129,6 +129,17 @@ def test_a_model_with_its_own_guidance_is_also_reported_at_the_papers():
     assert "at constant guidance 7.5" in own and "colour 87.5%" in own and "worst cylinder 66%, orange 26%" in own
 
 
+def test_model_card_quotes_how_its_guidance_setting_was_chosen():
+    plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
+            "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}
+    card = render_model_card(_report(late_guidance=2.5, late_from=0.8), plan, {"unet": "1M"})
+    assert "chosen by `python -m ldm_scene.toy" in card and "as recorded there" not in card
+    card = render_model_card(_report(late_guidance=2.5, late_from=0.8, guidance_chosen_by="a sweep of 3 settings"),
+                             plan, {"unet": "1M"})
+    assert "([guidance.md](guidance.md)); as recorded there: a sweep of 3 settings." in card
+    assert "as recorded there" not in render_model_card(_report(guidance_chosen_by="x"), plan, {"unet": "1M"})
+
+
 def test_model_card_names_gpu_and_fine_tune_legs_only_when_there_are_some():
     plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
             "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}

@@ -344,7 +344,8 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         + f"; shape classifier accuracy {r['classifier_accuracy']:.2%};",
         f"- one 15-step generation: {r['seconds_per_generation']:.2f} s on this CPU.",
         *([f"- {_schedule_of(r)} is this model's own setting (`ldm_scene.json`), chosen by `python -m ldm_scene.toy",
-           "  guidance-sweep --apply` on seeds apart from the report's ([guidance.md](guidance.md))."]
+           "  guidance-sweep --apply` on seeds apart from the report's ([guidance.md](guidance.md))"
+           + (f"; as recorded there: {r['guidance_chosen_by']}." if r.get("guidance_chosen_by") else ".")]
           if r["guidance"] != 7.5 or r.get("late_guidance") is not None else []), "",
         "## Limits",
         ("- Trained for hours on a CPU and minutes on a GPU" if gpus else "- Trained for minutes on a CPU") + ": images are 64 px and simpler than renders; the report's targets that are",
@@ -371,6 +372,9 @@ def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
         # What the model's own guidance setting changes, on the same seeds: constant 7.5, the paper's.
         const, _ = measure_generation(model_dir, n_samples, guidance=PAPER_GUIDANCE, late_guidance=PAPER_GUIDANCE, timed=False)
         report["paper_guidance"] = {k: const[k] for k in ("guidance", *_PROMPT_CHECKS, "shape_by_word", "colour_by_word")}
+    settings = model_dir / SETTINGS_FILE
+    if settings.exists():
+        report["guidance_chosen_by"] = json.loads(settings.read_text()).get("chosen_by")
     timings = work / "timings.json"
     report["train_timings"] = json.loads(timings.read_text()) if timings.exists() else {}
     report["targets"] = TARGETS
