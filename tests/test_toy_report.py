@@ -118,6 +118,22 @@ def test_guidance_sweep_picks_the_best_worse_of_shape_and_colour_and_marks_it():
     assert render_guidance_sweep([]).startswith("# Guidance")
 
 
+def test_applying_the_sweep_writes_its_pick_where_the_model_loader_reads_it(tmp_path):
+    import json
+
+    from ldm_scene.models import SETTINGS_FILE
+    from ldm_scene.toy.report import apply_sweep_choice
+
+    rows = [{"guidance": 7.5, "late_guidance": None, "late_from": None, "n_generated": 200, "shape_match": 0.9,
+             "colour_match": 0.8, "position_match": 1.0},
+            {"guidance": 7.5, "late_guidance": 2.5, "late_from": 2 / 3, "n_generated": 200, "shape_match": 0.9,
+             "colour_match": 0.95, "position_match": 1.0}]
+    settings = apply_sweep_choice(tmp_path, rows)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings
+    assert (settings["guidance"], settings["late_guidance"], settings["late_from"]) == (7.5, 2.5, 2 / 3)
+    assert "2 settings, 200 seeds" in settings["chosen_by"]
+
+
 def test_a_model_with_its_own_guidance_is_also_reported_at_the_papers():
     plain = render_report(_report())
     assert "constant guidance" not in plain and "guidance 7.5," in plain

@@ -408,11 +408,7 @@ def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None
         row = {k: r[k] for k in ("guidance", "n_generated", "steps", "scheduler", *_PROMPT_CHECKS, "shape_by_word", "colour_by_word")}
         rows.append(row | {"late_guidance": late, "late_from": late_from if late is not None else None})
     if apply:
-        pick = sweep_choice(rows)
-        settings = {"guidance": pick["guidance"], "late_guidance": pick["late_guidance"],
-                    "late_from": pick["late_from"] if pick["late_from"] is not None else DEFAULT_LATE_FROM,
-                    "chosen_by": f"python -m ldm_scene.toy guidance-sweep --apply ({len(rows)} settings, {n} seeds from {GUIDANCE_SEED0:,})"}
-        (model_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+        apply_sweep_choice(model_dir, rows)
     out = Path(out) if out is not None else model_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "guidance.json").write_text(json.dumps(rows, indent=1))
@@ -420,6 +416,17 @@ def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None
     (out / "guidance.md").write_text(text)
     print(text)
     return rows
+
+
+def apply_sweep_choice(model_dir: Path, rows: list[dict]) -> dict:
+    """Write :func:`sweep_choice`'s pick among the sweep's ``rows`` into the model's ``ldm_scene.json``."""
+    pick = sweep_choice(rows)
+    settings = {"guidance": pick["guidance"], "late_guidance": pick["late_guidance"],
+                "late_from": pick["late_from"] if pick["late_from"] is not None else DEFAULT_LATE_FROM,
+                "chosen_by": f"python -m ldm_scene.toy guidance-sweep --apply ({len(rows)} settings,"
+                             f" {rows[0]['n_generated']} seeds from {GUIDANCE_SEED0:,})"}
+    (Path(model_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    return settings
 
 
 def render_guidance_sweep(rows: list[dict], model=None) -> str:
