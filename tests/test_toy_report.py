@@ -170,7 +170,7 @@ def test_model_card_names_gpu_and_fine_tune_legs_only_when_there_are_some():
     assert "3 steps of batch 2 then 5 at batch 8 on a GPU" in card
     assert "on CPU but for the legs on a lent GPU (NVIDIA H200)" in card and "all on CPU" not in card
     assert "| 4 (NVIDIA H200) | 2 |" in card and "`--unet-oversample`" in card and "fresh optimiser" in card
-    assert "widths ()" in card and "fresh decoder" not in card
+    assert "widths ()" in card and "fresh decoder" not in card  # no measured widths and none in the plan
     # A decoder leg on the GPU is named with the autoencoder, not appended to the UNet's steps.
     decoder_leg = {"stage": "decoder (encoder frozen), fresh and 64 wide", "steps": "650 at batch 16",
                    "command": "python -m ldm_scene.toy train --stages decoder --decoder-width 64 --device cuda",
@@ -178,5 +178,9 @@ def test_model_card_names_gpu_and_fine_tune_legs_only_when_there_are_some():
     card = render_model_card(_report(ae_widths={"encoder": [32] * 3, "decoder": [64] * 3}), plan, {"unet": "1M"},
                              [cpu_leg, gpu_leg, decoder_leg])
     assert "encoder widths (32, 32, 32), decoder widths (64, 64, 64)" in card
-    assert "autoencoder 7 steps, then a fresh decoder 650 at batch 16 on a GPU (the shipped one), labeler" in card
+    assert "autoencoder 7 steps, then a fresh decoder 650 at batch 16 on a GPU, labeler" in card
+    same = render_model_card(_report(ae_widths={"encoder": [32] * 3, "decoder": [32] * 3}), plan, {"unet": "1M"})
+    assert "4x down-scaling, widths (32, 32, 32))" in same
+    on = {**decoder_leg, "command": "python -m ldm_scene.toy train --stages decoder --device cuda"}
+    assert "then its decoder 650 at batch 16 on a GPU" in render_model_card(_report(), plan, {"unet": "1M"}, [on])
     assert "3 steps of batch 2 then 5 at batch 8 on a GPU(" in card.replace("\n", "")

@@ -81,7 +81,7 @@ def test_decoder_width_trains_a_fresh_wider_decoder_behind_the_same_encoder(tmp_
     autoencoder's own, and the result round-trips through diffusers at the model's image size."""
     from diffusers import AutoencoderTiny
 
-    from ldm_scene.toy.train import TrainPlan, train_all
+    from ldm_scene.toy.train import train_all
 
     work = tmp_path / "work"
     plan = _plan(decoder_steps=2, decoder_width=48)
@@ -96,8 +96,22 @@ def test_decoder_width_trains_a_fresh_wider_decoder_behind_the_same_encoder(tmp_
     size = plan.arch.image_size
     z = torch.randn(1, 4, size // 4, size // 4)
     assert wide.decode(z).sample.shape == (1, 3, size, size)
+
+    # A cached decoder or checkpoint of another width is refused, not silently used.
+    with pytest.raises(ValueError, match="vae_tuned holds a decoder 48 channels wide.*64"):
+        train_all(tmp_path / "out", work, replace(plan, decoder_width=64), stages=("decoder",))
+    (work / "vae_tuned" / "config.json").unlink()
+    with pytest.raises(ValueError, match="decoder_checkpoint.pt holds a decoder 48 channels wide.*64"):
+        train_all(tmp_path / "out", work, replace(plan, decoder_width=64, decoder_steps=4), stages=("decoder",))
+
+
+def test_decoder_plan_fields_are_checked():
+    from ldm_scene.toy.train import TrainPlan
+
     with pytest.raises(ValueError, match="decoder_width"):
         TrainPlan(decoder_width=-1)
+    with pytest.raises(ValueError, match="decoder_batch"):
+        TrainPlan(decoder_batch=0)
 
 
 def test_high_noise_share_redraws_that_share_of_timesteps_from_the_noisiest_forty_percent():

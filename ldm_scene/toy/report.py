@@ -283,11 +283,13 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
     arch = plan.get("arch", {})
     r = report
     gpus = sorted({leg["device"] for leg in history or [] if "device" in leg})  # legs run on a lent GPU
-    gpu_legs = {part: [leg for leg in history or [] if "device" in leg and leg["stage"].startswith(part)]
+    gpu_legs = {part: [leg for leg in history or [] if "device" in leg and leg.get("stage", "").startswith(part)]
                 for part in ("UNet", "decoder")}
-    widths = r.get("ae_widths", {})
-    ae_widths = (f"encoder widths {tuple(widths['encoder'])}, decoder widths {tuple(widths['decoder'])}"
-                 if widths.get("encoder") and widths["encoder"] != widths.get("decoder") else f"widths {tuple(arch.get('ae_channels', ()))}")
+    widths = r.get("ae_widths") or {"encoder": arch.get("ae_channels", ()), "decoder": arch.get("ae_channels", ())}
+    ae_widths = (f"widths {tuple(widths['encoder'])}" if list(widths["encoder"]) == list(widths["decoder"])
+                 else f"encoder widths {tuple(widths['encoder'])}, decoder widths {tuple(widths['decoder'])}")
+    decoder_legs = [f", then {'a fresh decoder' if '--decoder-width' in leg.get('command', '') else 'its decoder'}"
+                    f" {leg['steps']} on a GPU" for leg in gpu_legs["decoder"]]
     return "\n".join([
         "# toy-scenes: a small text-to-image latent diffusion model of rendered 3D scenes", "",
         "The embedded default model of ldm-scene: a controlled copy of Stable Diffusion v1.4's setting, small",
@@ -312,7 +314,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         f"(mirrored with left/right swapped as augmentation), autoencoder {plan.get('ae_steps')} steps"
         + (f" then its decoder alone {plan['decoder_steps']} more (encoder frozen, object pixels weighted"
            f" {1 + plan.get('decoder_object_weight', 0):g}x)" if plan.get("decoder_steps") else "")
-        + "".join(f", then a fresh decoder {leg['steps']} on a GPU (the shipped one)" for leg in gpu_legs["decoder"]) + ", labeler",
+        + "".join(decoder_legs) + ", labeler",
         f"{plan.get('labeler_steps')} and classifier {plan.get('classifier_steps')} steps on renders and their autoencoder",
         f"reconstructions, UNet and text encoder {plan.get('unet_steps')} steps of batch {plan.get('unet_batch')}"
         + "".join(f" then {leg['steps'].split(' + ', 1)[-1]} on a GPU" for leg in gpu_legs["UNet"]),

@@ -42,9 +42,10 @@ class TrainPlan:
     decoder_batch: int = 32
     decoder_lr: float = 5e-4
     decoder_object_weight: float = 10.0
-    # 0: the decoder stage trains the autoencoder's own decoder on. N: it trains a fresh decoder N
-    # channels wide behind the same frozen encoder (the latents, hence the UNet, stay valid); a
-    # wider decoder has more room for the ground's detail, where most of the error is.
+    # 0 (or the decoder's own width): the decoder stage trains the autoencoder's decoder on. Another
+    # N: it trains a fresh decoder N channels wide behind the same frozen encoder (the latents,
+    # hence the UNet, stay valid); a wider decoder has more room for the ground's detail, where
+    # most of the reconstruction error is.
     decoder_width: int = 0
     labeler_steps: int = 500
     classifier_steps: int = 450
@@ -177,10 +178,20 @@ def with_fresh_decoder(ae: AutoencoderTiny, width: int, seed: int) -> Autoencode
     decoder ``width`` channels wide."""
     torch.manual_seed(seed)  # module constructors draw from the global RNG
     # Private keys dropped: "_use_default_values" would reset a scaling_factor set after training.
+    # "block_out_channels" (not an argument, kept in the config) is what the pipeline counts for its
+    # vae_scale_factor, 2 ** (3 - 1) = 4, so it stays.
     config = {k: v for k, v in ae.config.items() if not k.startswith("_")}
     wide = AutoencoderTiny.from_config({**config, "decoder_block_out_channels": [width] * 3})
     wide.encoder.load_state_dict(ae.encoder.state_dict())
     return wide
+
+
+def _check_decoder_width(plan: TrainPlan, found: int, where: Path, expected: int | None = None) -> None:
+    """Refuse a cached decoder (or checkpoint) of another width than the plan asks for."""
+    expected = expected if expected is not None else plan.decoder_width
+    if expected and found != expected:
+        raise ValueError(f"{where} holds a decoder {found} channels wide, but this plan trains one {expected} wide;"
+                         f" remove {where.name} (or pass --decoder-width {found}) to go on")
 
 
 def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Path) -> AutoencoderTiny:
@@ -195,10 +206,13 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
     """
     out = work / "vae_tuned"
     if (out / "config.json").exists():
-        return AutoencoderTiny.from_pretrained(out)
+        tuned = AutoencoderTiny.from_pretrained(out)
+        _check_decoder_width(plan, tuned.config.decoder_block_out_channels[0], out)
+        return tuned
     latents = encode_latents(ae, data, work / "latents.pt", device=plan.device) / ae.config.scaling_factor
     if plan.decoder_width and plan.decoder_width != ae.config.decoder_block_out_channels[0]:
         ae = with_fresh_decoder(ae, plan.decoder_width, plan.seed + 8)
+    width = ae.config.decoder_block_out_channels[0]
     dev = torch.device(plan.device)
     # The renders stay uint8 and live where the decoder trains (40,000 of them are 0.5 GB).
     images, mask, latents = torch.from_numpy(data["image"]).to(dev), torch.from_numpy(data["mask"]).to(dev), latents.to(dev)
@@ -209,6 +223,7 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
     start, ckpt = 0, work / "decoder_checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=dev)
+        _check_decoder_width(plan, int(state.get("width", width)), ckpt, expected=width)
         ae.decoder.load_state_dict(state["decoder"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -227,7 +242,7 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
         sched.step()
         if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.decoder_steps:
             torch.save({"decoder": ae.decoder.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "step": step + 1}, ckpt.with_suffix(".tmp"))
+                        "gen": gen.get_state(), "step": step + 1, "width": width}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
     ae.to("cpu").eval()
     ae.save_pretrained(out)
