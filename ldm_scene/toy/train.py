@@ -186,9 +186,8 @@ def with_fresh_decoder(ae: AutoencoderTiny, width: int, seed: int) -> Autoencode
     return wide
 
 
-def _check_decoder_width(plan: TrainPlan, found: int, where: Path, expected: int | None = None) -> None:
-    """Refuse a cached decoder (or checkpoint) of another width than the plan asks for."""
-    expected = expected if expected is not None else plan.decoder_width
+def _check_decoder_width(found: int, expected: int, where: Path) -> None:
+    """Refuse a cached decoder (or checkpoint) ``found`` channels wide where ``expected`` (0: any) is wanted."""
     if expected and found != expected:
         raise ValueError(f"{where} holds a decoder {found} channels wide, but this plan trains one {expected} wide;"
                          f" remove {where.name} (or pass --decoder-width {found}) to go on")
@@ -207,7 +206,7 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
     out = work / "vae_tuned"
     if (out / "config.json").exists():
         tuned = AutoencoderTiny.from_pretrained(out)
-        _check_decoder_width(plan, tuned.config.decoder_block_out_channels[0], out)
+        _check_decoder_width(tuned.config.decoder_block_out_channels[0], plan.decoder_width, out)
         return tuned
     latents = encode_latents(ae, data, work / "latents.pt", device=plan.device) / ae.config.scaling_factor
     if plan.decoder_width and plan.decoder_width != ae.config.decoder_block_out_channels[0]:
@@ -223,7 +222,7 @@ def finetune_decoder(plan: TrainPlan, data: dict, ae: AutoencoderTiny, work: Pat
     start, ckpt = 0, work / "decoder_checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=dev)
-        _check_decoder_width(plan, int(state.get("width", width)), ckpt, expected=width)
+        _check_decoder_width(int(state.get("width", width)), width, ckpt)
         ae.decoder.load_state_dict(state["decoder"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
