@@ -24,7 +24,7 @@ from common import machine  # noqa: E402
 
 from ldm_scene.sampler import GenerationConfig, sample  # noqa: E402
 
-PROMPT = "a red cube on the left"
+PROMPT = "a red cube"
 
 
 def _free_port() -> int:

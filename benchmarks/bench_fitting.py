@@ -48,7 +48,7 @@ def _child(args: argparse.Namespace) -> None:
 
         labeler = Luma()
         prompts = Path(args.out) / "prompts.txt"  # the tiny tokenizer knows only a few words
-        prompts.write_text("a red cat on the left\na blue dog in the middle\na green cube on the right\n")
+        prompts.write_text("a red cat\na blue dog\na green cube\n")
     n_total = int(args.n / 0.4) + 3  # enough records that at least n of them are fitting images
     config = RunConfig(model=args.model, n=n_total, out=args.out, steps=args.steps, permuted=False, adam_keys=(),
                        checkpoint_every=10**9, device="cpu", prompts=str(prompts) if prompts else None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from common import interleaved, machine, random_banks  # noqa: E402
 
 from ldm_scene.intervention import METHODS, class_means_bank, intervene, load_intervention_banks  # noqa: E402
 from ldm_scene.models import TOY_MODEL_DIR, load_model  # noqa: E402
-from ldm_scene.probes import POSITION, POSITION_MEANS, ProbeBank  # noqa: E402
 from ldm_scene.sampler import GenerationConfig, sample  # noqa: E402
 
 
@@ -35,13 +33,11 @@ def main(argv=None) -> int:
     have_toy = (TOY_MODEL_DIR / "model_index.json").exists()
     model = load_model(str(TOY_MODEL_DIR) if have_toy else "tiny", device="cpu")
     banks = load_intervention_banks(TOY_MODEL_DIR / "probes", model.sites()) if have_toy else {}
-    if set(banks) != {"foreground", "foreground_means", POSITION_MEANS}:
+    if set(banks) != {"foreground", "foreground_means"}:
         fg = random_banks(model, 15)["foreground"]
         sums = {k: torch.randn(2, w.shape[1]) for k, w in fg.weights.items()}
-        position = ProbeBank(replace(fg.meta, task=POSITION), {k: torch.randn(3, w.shape[1]) for k, w in fg.weights.items()})
-        banks = {"foreground": fg, "foreground_means": class_means_bank(sums, {k: torch.ones(2) for k in sums}, fg),
-                 POSITION_MEANS: position}
-    config = GenerationConfig("a red cube on the left", seed=0, steps=15)
+        banks = {"foreground": fg, "foreground_means": class_means_bank(sums, {k: torch.ones(2) for k in sums}, fg)}
+    config = GenerationConfig("a red cube", seed=0, steps=15)
     h, w = model.image_size
     target = np.zeros((h, w), bool)
     target[h // 2 :, w // 2 :] = True
@@ -61,7 +57,6 @@ def main(argv=None) -> int:
     from ldm_scene.intervention import METHOD_DEFAULTS
 
     defaults = "; ".join(f"{m}: {d.sites} sites, first {d.steps_fraction:.2f} of the steps, gain {d.gain:g}"
-                         + (f", cross-attention at {d.cross_sites} sites" if d.cross_sites else "")
                          for m, d in METHOD_DEFAULTS.items())
     print(f"machine: {machine()}; model: {model.model_id}; 15 steps with previews, app defaults ({defaults})")
     print("| run | seconds | vs plain (goal <= 2x) |")

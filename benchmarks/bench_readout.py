@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     rows = []
     if not args.no_toy:
         toy = load_model(str(TOY_MODEL_DIR) if (TOY_MODEL_DIR / "model_index.json").exists() else "tiny", device="cpu")
-        rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube on the left", 15, 3 if args.quick else 7)))
+        rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube", 15, 3 if args.quick else 7)))
     if not args.no_sd:
         sd = sd14_random("cpu")
         rows.append(("SD v1.4 UNet, random weights, 512 px (CPU)", measure(sd, "a photo of a lemon", 1 if args.quick else 2,

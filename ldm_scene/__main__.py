@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mask", help="a target mask image (white = foreground), any size")
     iv.add_argument("--dy", type=int, default=0)
     iv.add_argument("--method", default=None,
-                    help="position-steer, steer, probe-gradient (the paper's) or random-control; default: the first "
-                         "of these that the model's probe folder supports")
+                    help="steer, probe-gradient (the paper's) or random-control (steer along random directions); "
+                         "default: the first of these that the model's probe folder supports")
     iv.add_argument("--probes", default=None, help="probe directory (default: the model's probes/)")
     iv.add_argument("--device", default=None)
     iv.add_argument("--out", required=True)

@@ -277,7 +277,7 @@ class ToyShapeClassifier:
         return np.concatenate([self.toy.probabilities(a[None]) for a in arrays])
 
     def class_for_prompt(self, prompt: str) -> int | None:
-        """The shape word in ``prompt`` ("a red cone on the left" -> cone)."""
+        """The shape word in ``prompt`` ("a red cone" -> cone)."""
         return match_class(prompt, self.classes)
 
 

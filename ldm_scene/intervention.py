@@ -9,11 +9,8 @@ denoising resumes from there. Methods share one interface (``make_editor``):
 - ``steer``: move each token along the foreground-minus-background mean direction of its
   (site, step), by how far it is from the target (towards foreground inside the target, away from
   it outside), with a gain (default: the 9 up-block sites, the first two-thirds of the steps);
-- ``position-steer``: also rewrite where the cross-attention says the object is: at every site's
-  cross-attention output, replace the component that varies with the object's horizontal third
-  (the span of :data:`~ldm_scene.probes.POSITION_MEANS`) by the target's, and steer more gently
-  (default: all 16 cross-attention sites and the 9 up-block self-attention sites, every step);
-- ``random-control``: ``position-steer``'s edit along random directions of the same norms.
+- ``random-control``: ``steer``'s edit along random directions of the same norms, at the same
+  sites and steps (the baseline that says how much of steer's effect its direction explains).
 
 :data:`METHOD_DEFAULTS` holds each method's defaults; ``strength`` scales the dose.
 """
@@ -21,7 +18,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,13 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .models import Model
-from .probes import (  # noqa: F401  (class_means_bank re-exported)
-    CLASS_MEANS, POSITION, POSITION_BINS, POSITION_MEANS, ProbeBank, ProbeMeta, class_means_bank, load_probe_dir,
-)
+from .probes import CLASS_MEANS, ProbeBank, class_means_bank, load_probe_dir  # noqa: F401  (class_means_bank re-exported)
 from .sampler import GenerationConfig, StepState, config_for, sample
 from .sites import SITE_KEYS, UP_SITE_KEYS
 
-METHODS: tuple[str, ...] = ("position-steer", "steer", "probe-gradient", "random-control")
+METHODS: tuple[str, ...] = ("steer", "probe-gradient", "random-control")
 DEFAULT_STEPS: tuple[int, ...] = (0, 1, 2, 3, 4)
 #: The largest accepted ``strength`` (a multiple of the method's default dose).
 MAX_STRENGTH = 4.0
@@ -49,17 +44,13 @@ class MethodDefaults:
     ``steps_fraction``: the edited steps are the first this fraction of the run; ``gain``: what
     ``strength=1`` means (steer: the multiple of the fg-minus-bg direction per unit of
     target-minus-current; probe-gradient: Adam iterations); ``outside`` (steer): the share of
-    that push applied where a token should lose foreground (outside the target);
-    ``cross_sites`` (``"up"``, ``"all"`` or None for no cross-attention edit) and ``cross_gain``:
-    where and how much of the target's position component the cross-attention outputs get.
+    that push applied where a token should lose foreground (outside the target).
     """
 
     sites: str
     steps_fraction: float
     gain: float
     outside: float = 1.0
-    cross_sites: str | None = None
-    cross_gain: float = 0.0
 
 
 #: The paper's probe-gradient settings; steer's were chosen on the toy model with seeds outside
@@ -68,35 +59,18 @@ class MethodDefaults:
 #: run does; pushing the background away from the object as hard as the target towards it washes
 #: the scene out (hence ``outside`` 0.3). On 72 sweep trials of the 10100-step model, the paper's
 #: 9 up-block sites beat all 16 sites (69% against 58% success, shape kept 81% against 71%).
-#: Re-run on the 11600-step model, the best four settings are within three trials of each other
-#: (62-67%) and these keep the shape most often (82%, all 16 sites 72%): pushing at the down and
-#: mid blocks as well costs shape and moves no more. On the 14600-step model, which obeys the
-#: position word, every setting moves the object less often (these 49%; every step at gain 8: 53%
-#: but shape kept 71% against 78%), and none beat these by the 4 points, with at most 2 points of
-#: shape lost, that changing the default asked for; six more settings around the best (gain 8-20,
-#: first 2/3 to all steps, outside 0.3-0.5, same 72 trials) gave 44-53%. Re-run under the model's
-#: late guidance cap (2.5 for the last 20% of the steps), these are the best of the 15 (46%; every
-#: step at gain 8: 43%). The sampler's scheduler matters more than the dose: under a fourth-order
+#: Re-run on the 11600-step and 14600-step models, no setting beat these by the 4 points, with at
+#: most 2 points of shape lost, that changing the default asked for. Those models' prompts also
+#: said where the object was, which steering had to overpower; re-run the sweep on a model whose
+#: prompts do not. The sampler's scheduler matters more than the dose: under a fourth-order
 #: multistep scheduler (the paper's LMS) every edited step's output is reused in the next three
-#: updates, and the same edit smears colour across the scene.
-#:
-#: Why steer needs so hard a push on that model: it reads the position word as a signal that its
-#: cross-attention adds to every token alike (making each site's cross-attention output uniform
-#: over the image leaves the object where it was), and steering must overpower it.
-#: ``position-steer`` rewrites that signal instead: the token-mean cross-attention output's
-#: component in the plane spanned by the three thirds' means becomes the target third's. In the
-#: sweep (72 trials, seeds apart from the evaluation's) it alone, at all 16 sites and every step,
-#: moves the object in 58% (shape kept 83%); with steer at gain 3, 5 or 8 instead of 15, in 81%;
-#: on the first 2/3 of the steps, or the 9 up-block cross-attention sites only, 79%; at 1.5 times
-#: the position component, 69%. Of the settings within two trials of the best, gain 3 keeps the
-#: shape most often (86%; gain 5: 81%). Tried first on 36 of those trials: the position edit on
-#: only the first 10 steps 58%, the first 5 22%. The control draws random directions of the
-#: same norms for both of its parts.
+#: updates, and the same edit smears colour across the scene. The control is steer, at steer's
+#: defaults whatever they become, with random directions of the same norms.
+_STEER_DEFAULTS = MethodDefaults("up", 2 / 3, 15.0, 0.3)
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
-    "position-steer": MethodDefaults("up", 1.0, 3.0, 0.3, cross_sites="all", cross_gain=1.0),
-    "steer": MethodDefaults("up", 2 / 3, 15.0, 0.3),
+    "steer": _STEER_DEFAULTS,
     "probe-gradient": MethodDefaults("up", 1 / 3, 128),
-    "random-control": MethodDefaults("up", 1.0, 3.0, 0.3, cross_sites="all", cross_gain=1.0),
+    "random-control": _STEER_DEFAULTS,
 }
 
 
@@ -211,11 +185,11 @@ class SteerEditor:
     """Move tokens along the fg-minus-bg class-mean direction, by how far they are from the target.
 
     ``means`` holds, per (site, step), the mean background and foreground activation ([2, C], as a
-    ProbeBank with rows (background, foreground)). A token's current foreground-ness is its
-    position between the two means along their difference, clipped to [0, 1]; the edit adds
+    ProbeBank with rows (background, foreground)). A token's current foreground-ness is where
+    it lies between the two means along their difference, clipped to [0, 1]; the edit adds
     ``strength * (target - current) * direction``, with negative pushes (tokens that should lose
-    foreground) scaled by ``outside``. ``direction_override`` replaces the direction
-    (the random control) while keeping its norm.
+    foreground) scaled by ``outside``. ``random_seed`` (the random control) replaces the
+    direction by a random one of the same norm, drawn per (site, step).
     """
 
     means: ProbeBank
@@ -250,98 +224,11 @@ class SteerEditor:
         return (x + self.strength * push * self._direction(site, step, fg_dir)).to(act.dtype)
 
 
-def position_bin(mask: np.ndarray) -> int:
-    """The horizontal third (0 left, 1 middle, 2 right; :data:`POSITION_BINS`) of a non-empty mask's
-    centroid, measured at pixel centres (column c spans [c, c + 1) of the width)."""
-    cols = np.nonzero(mask)[1]
-    if cols.size == 0:
-        raise InterventionError("the mask is empty: it has no position")
-    return min(len(POSITION_BINS) - 1, int((cols.mean() + 0.5) / mask.shape[1] * len(POSITION_BINS)))
-
-
-@dataclass
-class PositionEditor:
-    """Give a site's cross-attention output the target's horizontal position.
-
-    ``means`` (task :data:`~ldm_scene.probes.POSITION`) holds, per (site, step), the mean
-    cross-attention output of runs whose object lies in each horizontal third ([3, C]). Their
-    deviations from their average span a plane; the edit moves every token by one vector, which
-    replaces the token-averaged activation's component in that plane by the target third's mean
-    deviation, times ``strength``. ``random_seed`` (the control) keeps that vector's norm and
-    draws its direction at random.
-    """
-
-    means: ProbeBank
-    target: np.ndarray
-    sites: Sequence[str] = SITE_KEYS
-    steps: Collection[int] | None = None
-    strength: float = 1.0
-    random_seed: int | None = None
-    layer: str = "attn2"
-    edited: list[tuple[str, int]] = field(default_factory=list)
-    _planes: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self.bin = position_bin(self.target)
-
-    def _plane(self, site: str, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(means [3, C], their centre [C], an orthonormal basis of their plane [2, C]), float64, computed once."""
-        if (site, step) not in self._planes:
-            m = self.means.weights[(site, step)].double().to(device)
-            centre = m.mean(0)
-            _, s, vh = torch.linalg.svd(m - centre, full_matrices=False)
-            # The plane's directions; one the means do not span (two thirds alike) is left alone.
-            self._planes[(site, step)] = m, centre, vh[: len(m) - 1][s[: len(m) - 1] > 1e-6 * s[0].clamp_min(1e-30)]
-        return self._planes[(site, step)]
-
-    def shift(self, site: str, step: int, act: torch.Tensor) -> torch.Tensor:
-        """The vector added to every token of ``act`` ([B, T, C]) at full strength: [B, C], float64."""
-        m, centre, basis = self._plane(site, step, act.device)
-        now = ((act.double().mean(1) - centre) @ basis.T) @ basis
-        shift = (m[self.bin] - centre) - now
-        if self.random_seed is not None:
-            gen = torch.Generator().manual_seed(self.random_seed * 100_003 + step * 1009 + zlib.crc32(site.encode()) + 7)
-            r = torch.randn(shift.shape, generator=gen, dtype=shift.dtype).to(shift.device)
-            shift = r * (shift.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
-        return shift
-
-    def edit(self, site: str, step: int, act: torch.Tensor) -> torch.Tensor:
-        if (site, step) not in self.means:
-            return act
-        self.edited.append((site, step))
-        return (act.double() + self.strength * self.shift(site, step, act)[:, None, :]).to(act.dtype)
-
-
-@dataclass
-class ComposedEditor:
-    """Several editors run as one (the sampler hooks each of ``parts`` on its own layer)."""
-
-    parts: tuple
-
-    @property
-    def sites(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(s for p in self.parts for s in p.sites))
-
-    @property
-    def steps(self) -> Collection[int] | None:
-        steps = [p.steps for p in self.parts]
-        return None if any(s is None for s in steps) else tuple(sorted({t for s in steps for t in s}))
-
-    @property
-    def edited(self) -> list[tuple[str, str, int]]:
-        """``(layer, site, step)`` of every edit made, part by part."""
-        return [(getattr(p, "layer", "attn1"), s, t) for p in self.parts for s, t in p.edited]
-
-    def edit(self, site: str, step: int, act: torch.Tensor) -> torch.Tensor:
-        raise TypeError("a ComposedEditor is hooked through its parts; pass it to sample(editors=...)")
-
-
 #: The banks each method reads from a probe directory.
 METHOD_BANKS: dict[str, tuple[str, ...]] = {
     "probe-gradient": ("foreground",),
     "steer": (CLASS_MEANS,),
-    "position-steer": (CLASS_MEANS, POSITION_MEANS),
-    "random-control": (CLASS_MEANS, POSITION_MEANS),
+    "random-control": (CLASS_MEANS,),
 }
 
 
@@ -359,8 +246,8 @@ def make_editor(
     strength: float = 1.0,
     seed: int = 0,
 ):
-    """Build the editor for ``method`` from the model's probe banks (``foreground``, ``foreground_means``,
-    ``position_means``; :data:`METHOD_BANKS` says which a method reads).
+    """Build the editor for ``method`` from the model's probe banks (``foreground``, ``foreground_means``;
+    :data:`METHOD_BANKS` says which a method reads).
 
     ``strength`` scales the method's default dose (:data:`METHOD_DEFAULTS`): 0 edits nothing, 1 is
     the default; ``sites=None`` takes the method's default sites.
@@ -379,32 +266,18 @@ def make_editor(
     for need in METHOD_BANKS[method]:
         if need not in banks:
             raise InterventionError(f"method {method!r} needs the {need} probes, which this probe set lacks")
-    fit_steps = {need: banks[need].meta.num_steps for need in METHOD_BANKS[method]}
-    if len(set(fit_steps.values())) > 1:
-        found = ", ".join(f"{need} {n}" for need, n in fit_steps.items())
-        raise InterventionError(f"method {method!r} reads banks fit for different step counts ({found}): fit them "
-                                "for the same schedule")
-    bank = banks[METHOD_BANKS[method][0]]
+    bank = banks[METHOD_BANKS[method][0]]  # every method reads one bank
     defaults = METHOD_DEFAULTS[method]
-
-    def choose(kind: str, bank: ProbeBank) -> tuple[str, ...]:
-        if sites is not None:
-            return tuple(sites)
-        return tuple(s for s in (UP_SITE_KEYS if kind == "up" else SITE_KEYS) if s in bank.meta.sites)
-
-    chosen = choose(defaults.sites, bank)
+    if sites is not None:
+        chosen = tuple(sites)
+    else:
+        chosen = tuple(s for s in (UP_SITE_KEYS if defaults.sites == "up" else SITE_KEYS) if s in bank.meta.sites)
     if method == "probe-gradient":
         iterations = int(round(defaults.gain * strength))
         return ProbeGradientEditor(bank, target, chosen, tuple(steps), iterations=iterations)
     random_seed = seed + 1 if method == "random-control" else None
-    steer = SteerEditor(bank, target, chosen, tuple(steps), defaults.gain * strength,
-                        random_seed=random_seed, outside=defaults.outside)
-    if defaults.cross_sites is None:
-        return steer
-    position = banks[POSITION_MEANS]
-    cross = PositionEditor(position, target, choose(defaults.cross_sites, position), tuple(steps),
-                           defaults.cross_gain * strength, random_seed=random_seed)
-    return ComposedEditor((cross, steer))
+    return SteerEditor(bank, target, chosen, tuple(steps), defaults.gain * strength,
+                       random_seed=random_seed, outside=defaults.outside)
 
 
 def intervene(
@@ -435,68 +308,9 @@ def intervene(
 
 
 def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str | None = None) -> dict[str, ProbeBank]:
-    """The foreground probe, the class means and the position means from a probe directory (whichever exist)."""
-    return load_probe_dir(probe_dir, expect_sites=expect_sites, tasks=("foreground", CLASS_MEANS, POSITION_MEANS),
+    """The foreground probe and the class means from a probe directory (whichever exist)."""
+    return load_probe_dir(probe_dir, expect_sites=expect_sites, tasks=("foreground", CLASS_MEANS),
                           expect_scheduler=expect_scheduler)
-
-
-def fit_position_means(
-    model: Model,
-    configs: Sequence[GenerationConfig],
-    foreground: Callable[[Image.Image, GenerationConfig], np.ndarray],
-    min_per_third: int = 3,
-    progress: bool = True,
-) -> ProbeBank:
-    """The mean cross-attention output per (site, step) of runs whose object lies in each horizontal third.
-
-    Generates every config (all with the same number of steps), finds the object of each image with
-    ``foreground`` ((image, its config) -> bool mask at any size; an empty mask skips the image), and averages the
-    conditional half's token-mean cross-attention output at every site and step by the third of the
-    mask's centroid. Raises :class:`InterventionError` if a third has fewer than ``min_per_third`` images.
-    """
-    from tqdm import tqdm
-
-    from .capture import capture
-
-    if not configs:
-        raise InterventionError("no runs to average: give at least one prompt and seed per third")
-    if min_per_third < 1:
-        raise InterventionError(f"min_per_third must be at least 1 (a third with no run has no mean), got {min_per_third}")
-    num_steps = {c.steps for c in configs}
-    if len(num_steps) != 1:
-        raise InterventionError(f"all runs must have the same number of steps, got {sorted(num_steps)}")
-    sites = model.sites()
-    keys = [s.key for s in sites]
-    sums: dict[tuple[str, int], torch.Tensor] = {}
-    counts = np.zeros(len(POSITION_BINS), np.int64)
-
-    def reduce(site: str, step: int, act: torch.Tensor) -> torch.Tensor:
-        return act.double().mean(1).sum(0).cpu()
-
-    for config in tqdm(configs, desc="position means", disable=not progress):
-        with capture(model.unet, keys, reduce=reduce, split_guidance=config.uses_guidance, layer="attn2") as cap:
-            image = [s.image for s in sample(model, config)][-1]
-        mask = np.asarray(foreground(image, config), bool)
-        if not mask.any():
-            continue
-        third = position_bin(mask)
-        counts[third] += 1
-        for key, value in cap.values.items():
-            sums.setdefault(key, torch.zeros(len(POSITION_BINS), value.shape[-1], dtype=torch.float64))[third] += value
-    if counts.min() < min_per_third:
-        found = ", ".join(f"{n} {b}" for b, n in zip(POSITION_BINS, counts))
-        raise InterventionError(f"position means need at least {min_per_third} images with the object in each "
-                                f"third; these runs gave {found}")
-    config = configs[0]
-    meta = ProbeMeta(POSITION, model.model_id, model.image_size, model.scheduler_name, config.steps,
-                     {s.key: (s.channels, s.height, s.width) for s in sites},
-                     training={"method": "position-means", "layer": "attn2 (cross-attention output)",
-                               "reduction": "mean over the conditional half's tokens",
-                               "bins": "horizontal third of the object's centroid: " + ", ".join(POSITION_BINS),
-                               "images_per_third": counts.tolist(), "n_runs": len(configs),
-                               "seeds": {"first": min(c.seed for c in configs), "count": len(configs)},
-                               "guidance": config.guidance_text})
-    return ProbeBank(meta, {k: (v / torch.from_numpy(counts)[:, None]).float() for k, v in sums.items()})
 
 
 def current_foreground(

@@ -50,19 +50,12 @@ __all__ = [
     "probe_path",
     "load_probe_dir",
     "CLASS_MEANS",
-    "POSITION",
-    "POSITION_BINS",
-    "POSITION_MEANS",
     "PAPER_SITE_NAMES",
     "paper_checkpoint_path",
     "import_paper_checkpoints",
 ]
 
 TASKS: tuple[str, ...] = ("foreground", "depth", "shading")
-#: Not a probe but a means bank: per (site, step), the mean cross-attention output of runs whose
-#: object lies in each horizontal third (:data:`POSITION_BINS`), written as ``position_means``.
-POSITION = "position"
-POSITION_BINS: tuple[str, ...] = ("left", "middle", "right")
 FORMAT_VERSION = 1
 #: Key under the safetensors ``__metadata__`` that holds the JSON of :class:`ProbeMeta`.
 METADATA_KEY = "ldm_scene"
@@ -79,10 +72,7 @@ class ProbeError(ValueError):
 
 
 def task_outputs(task: str) -> int:
-    """Number of probe outputs K for ``task``: 2 logits for foreground, 1 value otherwise
-    (and one mean per horizontal third for the :data:`POSITION` means)."""
-    if task == POSITION:
-        return len(POSITION_BINS)
+    """Number of probe outputs K for ``task``: 2 logits for foreground, 1 value otherwise."""
     if task not in TASKS:
         raise ProbeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return 2 if task == "foreground" else 1
@@ -137,8 +127,8 @@ class ProbeMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS and self.task != POSITION:
-            raise ProbeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)} (and {POSITION!r} means)")
+        if self.task not in TASKS:
+            raise ProbeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ProbeError("model_id must be a non-empty string")
         if not isinstance(self.scheduler, str) or not self.scheduler:
@@ -523,10 +513,7 @@ def probe_path(directory: str | os.PathLike, task: str) -> Path:
 #: A bank a probe directory may hold beside the task banks: per (site, step) background and
 #: foreground mean activations (:func:`class_means_bank`), which steering edits along.
 CLASS_MEANS = "foreground_means"
-#: Another: the mean cross-attention output per horizontal third of the object (task
-#: :data:`POSITION`, see :func:`ldm_scene.intervention.fit_position_means`).
-POSITION_MEANS = "position_means"
-_MEANS_FILES = {CLASS_MEANS: "foreground", POSITION_MEANS: POSITION}
+_MEANS_FILES = {CLASS_MEANS: "foreground"}
 
 
 def load_probe_dir(
@@ -539,7 +526,7 @@ def load_probe_dir(
     errors: list[str] | None = None,
     expect_scheduler: str | None = None,
 ) -> dict[str, ProbeBank]:
-    """Load ``<name>.safetensors`` for each of ``tasks`` (task names, :data:`CLASS_MEANS` or :data:`POSITION_MEANS`) that
+    """Load ``<name>.safetensors`` for each of ``tasks`` (task names or :data:`CLASS_MEANS`) that
     exists in ``directory``, a model's probe folder (``weights/<model>/probes``).
 
     Names without a file are left out. A missing directory raises :class:`ProbeError`. So does a

@@ -114,7 +114,7 @@ class Editor(Protocol):
     """Replaces site activations during chosen steps.
 
     An editor may also say which attention ``layer`` it edits (``"attn1"`` when absent, see
-    :func:`~ldm_scene.capture.hook_sites`), or hold ``parts``: editors hooked in its place.
+    :func:`~ldm_scene.capture.hook_sites`).
     """
 
     sites: Sequence[str]
@@ -242,9 +242,8 @@ def sample(
         for reader in readers:
             stack.enter_context(hook_sites(pipe.unet, reader.sites, _reading(reader), reader.steps, guided))
         for editor in editors:
-            for part in getattr(editor, "parts", (editor,)):
-                stack.enter_context(hook_sites(pipe.unet, part.sites, part.edit, part.steps, guided,
-                                               getattr(part, "layer", "attn1")))
+            stack.enter_context(hook_sites(pipe.unet, editor.sites, editor.edit, editor.steps, guided,
+                                           getattr(editor, "layer", "attn1")))
         for step, t in enumerate(sched.timesteps):
             model_in = torch.cat([latent] * 2) if guided else latent
             model_in = sched.scale_model_input(model_in, t)

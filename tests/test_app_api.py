@@ -72,7 +72,7 @@ def client(app):
     return Client(app.local_url, verbose=False, download_files=False)
 
 
-def _generate(client, prompt="a red cube on the left", seed=3, steps=STEPS, guidance=7.5):
+def _generate(client, prompt="a red cube", seed=3, steps=STEPS, guidance=7.5):
     return client.submit(prompt, seed, steps, guidance, None, None, None, api_name="/generate")
 
 

@@ -120,7 +120,7 @@ def test_generate_classify_draw_and_intervene(page, served):
     _shot(page, "0_start")
 
     # Generate: type a prompt and watch the steps arrive one by one.
-    page.fill("#prompt textarea", "a red cube on the left")
+    page.fill("#prompt textarea", "a red cube")
     page.click("#generate-btn")
     seen_steps, seen_previews = set(), set()
     deadline = time.monotonic() + 180

@@ -11,7 +11,7 @@ from ldm_scene.capture import attached_hooks, capture, edit, hook_sites
 from ldm_scene.sampler import GenerationConfig, generate, sample
 from ldm_scene.sites import SITE_KEYS
 
-PROMPT = "a photo of a blue dog on the right"
+PROMPT = "a photo of a blue dog"
 STEPS = 3
 
 

@@ -70,7 +70,8 @@ def test_match_class_whole_words_longest_wins():
     assert classes[match_class("a tiger shark", classes)] == "tiger shark"
     assert classes[match_class("A Photo of a LEMON", classes)] == "lemon"
     assert classes[match_class("two lemons", classes)] == "lemon"
-    assert classes[match_class("a red cone on the left", classes)] == "cone"
+    assert classes[match_class("a red cone", classes)] == "cone"
+    assert classes[match_class("a red cone at the top left", classes)] == "cone"  # words of place name no class
     assert match_class("a pinecone", classes) is None  # not a whole word
     assert match_class("nice weather", classes) is None
     assert match_class("", classes) is None
@@ -124,7 +125,7 @@ def toy_classifier(tmp_path_factory):
 
 def test_curve_tracker_streams_and_refuses_unordered_steps():
     rows = [[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8], [0.1, 0.9]]
-    tracker = CurveTracker(FixedClassifier(rows), "a red cube on the left")
+    tracker = CurveTracker(FixedClassifier(rows), "a red cube")
     image = np.zeros((8, 8, 3), np.uint8)
     seen = []
     for step in range(5):
@@ -142,7 +143,7 @@ def test_curve_tracker_streams_and_refuses_unordered_steps():
 def test_toy_shape_classifier(toy_classifier, tmp_path):
     assert isinstance(toy_classifier, Classifier)
     assert toy_classifier.classes == SHAPES
-    assert SHAPES[toy_classifier.class_for_prompt("a red cone on the left")] == "cone"
+    assert SHAPES[toy_classifier.class_for_prompt("a red cone")] == "cone"
     assert toy_classifier.class_for_prompt("a red thing") is None
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
@@ -154,7 +155,7 @@ def test_toy_shape_classifier(toy_classifier, tmp_path):
     np.testing.assert_allclose(toy_classifier.probabilities(mixed)[:2], probs[:2], rtol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         toy_classifier.probabilities(batch.astype(np.float32) / 255)
-    curves = classify_run(toy_classifier, list(batch), "a blue torus in the middle", top_k=3)
+    curves = classify_run(toy_classifier, list(batch), "a blue torus", top_k=3)
     assert curves.probabilities.shape == (3, 5) and len(curves.top_k[0]) == 3
     assert curves.prompted_class == SHAPES.index("torus")
     assert curves.steps == (0, 1, 2)
@@ -213,7 +214,7 @@ def test_references_and_prompt_files(tmp_path):
 
 def test_evaluate_on_the_tiny_model(tiny_model, toy_classifier, tmp_path):
     kept = []
-    pairs = [("a red cube on the left", 1), ("a blue sphere in the middle", 2), ("a green cat", 3)]
+    pairs = [("a red cube", 1), ("a blue sphere", 2), ("a green cat", 3)]
     reference = toy_reference(4, size=tiny_model.image_size[0])
     result = evaluate(tiny_model, toy_classifier, pairs, steps=3, reference_images=reference,
                       reference_source="fresh renders", on_run=lambda i, c: kept.append((i, c)))

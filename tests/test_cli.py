@@ -12,7 +12,7 @@ from ldm_scene.__main__ import build_parser, main
 from ldm_scene.sampler import GenerationConfig, generate
 
 
-def _generate_args(out, *extra, prompt="a red cat on the left"):
+def _generate_args(out, *extra, prompt="a red cat"):
     return ["generate", "--model", "tiny", "--device", "cpu", "--prompt", prompt, "--seed", "1", "--steps", "4",
             "--out", str(out), *extra]
 
@@ -24,7 +24,7 @@ def test_generate_writes_image_previews_and_summary(tmp_path, tiny_model, capsys
 
     summary = json.loads((out / "summary.json").read_text())
     assert {k: summary[k] for k in ("model", "prompt", "seed", "steps", "guidance", "scheduler", "image_size", "image")} == {
-        "model": "tiny", "prompt": "a red cat on the left", "seed": 1, "steps": 4, "guidance": 7.5,
+        "model": "tiny", "prompt": "a red cat", "seed": 1, "steps": 4, "guidance": 7.5,
         "scheduler": "LMSDiscreteScheduler", "image_size": [32, 32], "image": "image.png",
     }
     assert len(summary["timesteps"]) == 4 and summary["timesteps"] == sorted(summary["timesteps"], reverse=True)
@@ -37,7 +37,7 @@ def test_generate_writes_image_previews_and_summary(tmp_path, tiny_model, capsys
     # The saved image is the sampler's image for the same request (PNG is lossless), and a fresh
     # tiny model in the CLI is the same function as the session's.
     image = np.asarray(Image.open(out / "image.png"))
-    want = generate(tiny_model, GenerationConfig("a red cat on the left", seed=1, steps=4), previews=True)
+    want = generate(tiny_model, GenerationConfig("a red cat", seed=1, steps=4), previews=True)
     np.testing.assert_array_equal(image, np.asarray(want[-1].image))
     np.testing.assert_array_equal(np.asarray(Image.open(out / summary["previews"][1])), np.asarray(want[1].preview))
 
@@ -82,8 +82,8 @@ def test_parser_defaults_are_the_papers_setting():
 
 
 def _intervene_args(out, *extra):
-    return ["intervene", "--model", "toy", "--device", "cpu", "--prompt", "a red cube on the left", "--seed", "1",
-            "--dx", "20", "--out", str(out), *extra]  # the default method, position-steer
+    return ["intervene", "--model", "toy", "--device", "cpu", "--prompt", "a red cube", "--seed", "1",
+            "--dx", "20", "--out", str(out), *extra]  # the default method, steer
 
 
 def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp
     masks = {n: np.asarray(Image.open(out / f"{n}_mask.png")) > 127 for n in ("original", "target", "result")}
     assert masks["original"].any() and masks["original"].shape == (64, 64)
     assert np.array_equal(masks["target"], translate_mask(masks["original"], 20, 0))
-    assert summary["method"] == "position-steer"
+    assert summary["method"] == "steer"
     assert summary["iou_result_target"] == pytest.approx(metrics.iou(masks["result"], masks["target"]))
     assert summary["iou_result_original"] == pytest.approx(metrics.iou(masks["result"], masks["original"]))
     for name in ("original.png", "edited.png", "side_by_side.png"):

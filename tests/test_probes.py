@@ -17,9 +17,6 @@ from ldm_scene.probes import (
     DEPTH_MEAN,
     DEPTH_STD,
     PAPER_SITE_NAMES,
-    POSITION,
-    POSITION_BINS,
-    POSITION_MEANS,
     TASKS,
     ProbeBank,
     ProbeError,
@@ -282,24 +279,29 @@ def test_load_probe_dir_collects_errors_and_keeps_the_good_files(tmp_path):
         load_probe_dir(tmp_path, tasks=("foreground",), expect_scheduler="EulerDiscreteScheduler")
 
 
-def test_position_means_are_their_own_kind_of_bank(tmp_path):
-    """position_means: three rows (one per third) under task 'position', loaded by its file name only."""
-    bank = _bank(POSITION, with_bias=False)
-    assert task_outputs(POSITION) == len(POSITION_BINS) == 3 and bank.meta.outputs == 3
-    bank.save(tmp_path / f"{POSITION_MEANS}.safetensors")
-    loaded = load_probe_dir(tmp_path, expect_sites=SITES, tasks=(*TASKS, POSITION_MEANS))
-    assert sorted(loaded) == [POSITION_MEANS]
-    key = bank.keys()[0]
-    assert torch.equal(loaded[POSITION_MEANS].weights[key], bank.weights[key])
-    # a foreground bank under that name, or position means under a task's name, is refused
-    _bank("foreground").save(tmp_path / f"{POSITION_MEANS}.safetensors")
-    with pytest.raises(ProbeError, match="metadata says task 'foreground', position_means.safetensors must hold task 'position'"):
-        load_probe_dir(tmp_path, tasks=(POSITION_MEANS,))
-    bank.save(tmp_path / "foreground.safetensors")
-    with pytest.raises(ProbeError, match="metadata says task 'position', the file name says 'foreground'"):
-        load_probe_dir(tmp_path, tasks=("foreground",))
-    with pytest.raises(ProbeError, match=r"shape \(2, "):  # two rows where a position bank has three
-        ProbeBank(_meta(POSITION), {key: torch.zeros(2, bank.weights[key].shape[1])})
+def test_class_means_hold_the_foreground_task_and_other_names_are_not_banks(tmp_path):
+    """foreground_means: two rows (background, foreground) under task 'foreground', loaded by its file
+    name only. A file of another name that an older version left in the folder is never read, and a
+    bank whose metadata names a task this version lacks (the retired 'position') is refused."""
+    bank = _bank("foreground", with_bias=False)
+    bank.save(tmp_path / f"{CLASS_MEANS}.safetensors")
+    loaded = load_probe_dir(tmp_path, expect_sites=SITES, tasks=(*TASKS, CLASS_MEANS))
+    assert sorted(loaded) == [CLASS_MEANS] and loaded[CLASS_MEANS].meta.outputs == 2
+    _bank("depth").save(tmp_path / f"{CLASS_MEANS}.safetensors")
+    with pytest.raises(ProbeError, match="metadata says task 'depth', foreground_means.safetensors must hold task 'foreground'"):
+        load_probe_dir(tmp_path, tasks=(CLASS_MEANS,))
+    with pytest.raises(ProbeError, match="unknown task 'position'"):
+        _meta("position")
+    with pytest.raises(ProbeError, match="unknown task 'old_means'"):
+        load_probe_dir(tmp_path, tasks=("old_means",))
+    # an old three-row position bank, metadata and all, left beside the probes
+    old = json.loads(bank.meta.to_json()) | {"task": "position"}
+    save_file({"mid_block.attentions.0.step00.weight": torch.zeros(3, 8)}, str(tmp_path / "old_means.safetensors"),
+              metadata={"ldm_scene": json.dumps(old)})
+    (tmp_path / f"{CLASS_MEANS}.safetensors").unlink()
+    assert load_probe_dir(tmp_path, expect_sites=SITES, tasks=(*TASKS, CLASS_MEANS)) == {}
+    with pytest.raises(ProbeError, match="unknown task 'position'"):
+        ProbeBank.load(tmp_path / "old_means.safetensors")
 
 
 def test_paper_site_names():

@@ -26,9 +26,8 @@ pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "probes" / "foreground.safe
                                 reason="the toy model and its probes are not shipped")
 
 CLIENTS = 8
-PROMPTS = ["a red cube on the left", "a blue sphere on the right", "a green cone in the middle",
-           "a yellow torus on the left", "a purple cylinder on the right", "an orange cube in the middle",
-           "a blue cone on the left", "a red sphere on the right"]
+PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a yellow torus", "a purple cylinder", "an orange cube",
+           "a blue cone", "a red sphere"]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from ldm_scene.sampler import (
 )
 from ldm_scene.sites import SITE_KEYS
 
-PROMPT = "a photo of a red cat on the left"
+PROMPT = "a photo of a red cat"
 STEPS = 3
 
 
@@ -251,6 +251,39 @@ def test_reader_does_not_outlive_a_closed_generator(tiny_model):
     del gen, reader
     gc.collect()
     assert ref() is None  # no hook closure on the UNet keeps the reader alive
+
+
+def test_an_editor_naming_a_layer_is_hooked_there_only(tiny_model):
+    """An editor with ``layer = "attn2"`` replaces the site's cross-attention output, hooked on that
+    module alone while the run streams; a plain editor edits the self-attention; no hook outlives
+    the run."""
+    from ldm_scene.capture import attached_hooks
+    from ldm_scene.sites import module_path
+
+    class Scale:
+        def __init__(self, site, layer=None):
+            self.sites, self.steps, self.edited = (site,), (0,), []
+            if layer is not None:
+                self.layer = layer
+
+        def edit(self, site, step, act):
+            self.edited.append((site, step))
+            return act * 0.5
+
+    site = "mid_block.attentions.0"
+    config = GenerationConfig(PROMPT, seed=1, steps=2)
+    plain = generate(tiny_model, config)[-1].latent
+    cross = Scale(site, "attn2")
+    stream = sample(tiny_model, config, editors=[cross])
+    next(stream)
+    assert len(tiny_model.unet.get_submodule(module_path(site, "attn2"))._forward_hooks) == 1
+    assert len(tiny_model.unet.get_submodule(module_path(site, "attn1"))._forward_hooks) == 0
+    latent = [s.latent for s in stream][-1]
+    assert cross.edited == [(site, 0)] and attached_hooks(tiny_model.unet) == 0
+    assert not torch.equal(latent, plain)
+    own = Scale(site)
+    other = generate(tiny_model, config, editors=[own])[-1].latent
+    assert own.edited == [(site, 0)] and not torch.equal(other, plain) and not torch.equal(other, latent)
 
 
 # ---------------------------------------------------------------- input checks

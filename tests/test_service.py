@@ -7,7 +7,6 @@ random weights); end-to-end tests run on the shipped toy model when its weights 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ HAS_TOY_PROBES = (TOY_DIR / "probes" / "foreground.safetensors").is_file()
 
 def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None = None,
                  scheduler: str = "LMSDiscreteScheduler") -> dict[str, ProbeBank]:
-    """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class and position means."""
+    """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class means."""
     from ldm_scene.intervention import class_means_bank
 
     sites = {s.key: (s.channels, s.height, s.width) for s in model.sites()}
@@ -46,8 +45,6 @@ def random_banks(model, steps: int = STEPS, seed: int = 0, model_id: str | None 
     sums = {key: torch.randn(2, w.shape[1], generator=gen) for key, w in fg.weights.items()}
     counts = {key: torch.tensor([3.0, 1.0]) for key in fg.weights}
     banks["foreground_means"] = class_means_bank(sums, counts, ProbeBank(fg.meta, fg.weights))
-    banks["position_means"] = ProbeBank(replace(fg.meta, task="position", training={"method": "random"}),
-                                        {key: torch.randn(3, w.shape[1], generator=gen) for key, w in fg.weights.items()})
     return banks
 
 
@@ -108,7 +105,7 @@ def service(tiny_model, probe_dir):
 
 @pytest.fixture(scope="module")
 def run(service):
-    views = list(service.generate_stream("a red cube on the left", seed=3, steps=STEPS, guidance=7.5))
+    views = list(service.generate_stream("a red cube", seed=3, steps=STEPS, guidance=7.5))
     return views[-1].run
 
 
@@ -117,7 +114,7 @@ def run(service):
 def test_load_reports_loaded_pieces(service):
     assert service.ready and not service.problems
     assert set(service.banks) == set(TASKS)
-    assert set(service.intervention_banks) == {"foreground", "foreground_means", "position_means"}
+    assert set(service.intervention_banks) == {"foreground", "foreground_means"}
     assert service.probe_steps == STEPS and service.default_steps == STEPS
     status = service.status_markdown()
     assert "tiny" in status and "foreground" in status
@@ -202,7 +199,7 @@ def test_pickle_in_place_of_probes_is_refused(tmp_path):
 
 def test_generate_streams_one_view_per_step(service, tiny_model):
     views = []
-    for view in service.generate_stream("a blue sphere on the right", seed=1, steps=STEPS):
+    for view in service.generate_stream("a blue sphere", seed=1, steps=STEPS):
         assert attached_hooks(tiny_model.unet) > 0  # hooks are live while streaming
         views.append(view)
     assert [v.step for v in views] == list(range(STEPS))
@@ -346,7 +343,7 @@ def test_drawn_target_from_editor_layers(service):
         service.drawn_target([np.zeros((2, 2, 2, 2))])
 
 
-@pytest.mark.parametrize("method", ["steer", "position-steer"])
+@pytest.mark.parametrize("method", ["steer", "random-control"])
 def test_intervene_streams_and_compares(service, run, tiny_model, method):
     target = np.zeros(tiny_model.image_size, bool)
     target[4:16, 16:28] = True
@@ -404,23 +401,29 @@ def test_intervene_without_class_means_says_so(tiny_model, tmp_path, run):
 
 
 def test_methods_follow_the_probe_folder(tiny_model, tmp_path, run):
-    """All four methods with every bank; without position means, position-steer and its control are
-    not offered, and asking for one names the missing file."""
+    """All three methods with every bank; without class means, steer and its random control are not
+    offered, and asking for one names the missing file. A means file of no known name (one an older
+    version wrote) is neither loaded nor reported."""
+    import shutil
+
     from ldm_scene.intervention import METHODS, InterventionError
     from ldm_scene.ui.service import Service
 
     folder = write_probe_dir(tiny_model, tmp_path / "p")
+    shutil.copy(folder / "foreground_means.safetensors", folder / "old_means.safetensors")
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
-    assert svc.methods == METHODS
-    (folder / "position_means.safetensors").unlink()
+    assert svc.methods == METHODS == ("steer", "probe-gradient", "random-control")
+    assert set(svc.intervention_banks) == {"foreground", "foreground_means"}
+    assert not svc.problems and "old_means" not in svc.status_markdown()
+    (folder / "foreground_means.safetensors").unlink()
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
     svc.model = tiny_model
-    assert svc.methods == ("steer", "probe-gradient")
+    assert svc.methods == ("probe-gradient",)
     target = np.zeros(tiny_model.image_size, bool)
     target[:8, :8] = True
-    with pytest.raises(InterventionError, match="needs the position_means probes, which this model's probe folder lacks; "
-                                                "choose one of steer, probe-gradient"):
-        next(svc.intervene_stream(run, target, "position-steer"))
+    with pytest.raises(InterventionError, match="needs the foreground_means probes, which this model's probe folder "
+                                                "lacks; choose one of probe-gradient"):
+        next(svc.intervene_stream(run, target, "random-control"))
     assert attached_hooks(tiny_model.unet) == 0
 
 
@@ -445,6 +448,17 @@ def test_generation_tracks_classifier_curves_live(service):
     assert curves.classes == ("cube", "sphere") and curves.prompted_class == 0
     again = service.classify(views[-1].run)
     assert np.allclose(again.probabilities, curves.probabilities)
+
+
+def test_a_place_word_the_tokenizer_lacks_still_generates(service):
+    """Toy prompts say what the object is, never where; a prompt that says where anyway (a word this
+    tokenizer splits into letters) is generated as it stands, and the shape it names is still tracked."""
+    tok = service.model.pipe.tokenizer
+    assert len(tok("top", add_special_tokens=False).input_ids) > 1  # not a word of this vocabulary
+    views = list(service.generate_stream("a red cube at the top", seed=3, steps=STEPS))
+    assert [v.step for v in views] == list(range(STEPS)) and views[-1].image is not None
+    assert views[-1].run.config.prompt == "a red cube at the top"
+    assert views[-1].run.curves.prompted_class == 0  # cube
 
 
 def test_classify_needs_a_run_and_a_classifier(service, run, tiny_model, tmp_path):
@@ -480,7 +494,7 @@ def test_toy_model_end_to_end(tmp_path):
         write_probe_dir(svc.model, tmp_path / "p", steps=15)
         svc = Service.load("toy", tmp_path / "p", device="cpu")
     steps = svc.default_steps
-    views = list(svc.generate_stream("a red cube on the left", seed=0, steps=steps))
+    views = list(svc.generate_stream("a red cube", seed=0, steps=steps))
     assert len(views) == steps and views[-1].image.size == (64, 64)
     run = views[-1].run
     assert set(views[-1].overlays) == set(svc.banks) and run.foreground is not None

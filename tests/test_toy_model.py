@@ -52,7 +52,7 @@ def test_shipped_weights_fit_the_25_mib_budget():
 
 def test_generation_is_deterministic_per_seed(toy):
     def final(seed):
-        return np.asarray([s.image for s in sample(toy, GenerationConfig("a red cube on the left", seed, steps=4))][-1])
+        return np.asarray([s.image for s in sample(toy, GenerationConfig("a red cube", seed, steps=4))][-1])
 
     a, b, c = final(1), final(1), final(2)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
@@ -130,7 +130,7 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     summary is the mean of the rows, and the README table is rendered from that summary."""
     import json
 
-    from ldm_scene.toy.intervention_eval import PROMPT_REFERENCE, run_trials
+    from ldm_scene.toy.intervention_eval import run_trials
 
     summary = run_trials(TOY_MODEL_DIR, 2, tmp_path, methods=("steer", "random-control"))
     data = json.loads((tmp_path / "intervention.json").read_text())
@@ -138,8 +138,8 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     assert len(data["trials"]) == 2 and summary["n_evaluated"] == len(done)
     if not done:
         pytest.skip("neither seed drew an object")
-    assert list(summary["methods"]) == ["steer", "random-control", PROMPT_REFERENCE]
-    for method in ("steer", "random-control", PROMPT_REFERENCE):
+    assert list(summary["methods"]) == ["steer", "random-control"]
+    for method in ("steer", "random-control"):
         rows = [t[method] for t in done]
         assert summary["methods"][method]["iou_target"] == pytest.approx(np.mean([r["iou_target"] for r in rows]))
         assert summary["methods"][method]["success_rate"] == pytest.approx(np.mean([r["success"] for r in rows]))
@@ -153,40 +153,37 @@ def test_intervention_trials_write_a_table_that_matches_their_data(tmp_path):
     assert (tmp_path / "examples.png").exists()
     control = [t for t in done if t["random-control"]["success"]]
     assert summary["control_successes"] == len(control)
-    assert summary["shared_with_control"] == {m: sum(t[m]["success"] for t in control) for m in ("steer", PROMPT_REFERENCE)}
-    assert sum(summary["n_by_position"].values()) == len(done)
-    assert "- steer by prompted position: " in (tmp_path / "README.md").read_text()
+    assert summary["shared_with_control"] == {"steer": sum(t["steer"]["success"] for t in control)}
     # The shipped model draws with its own scheduler; the paper's LMS can replace it for every image of a trial.
     assert summary["scheduler"] == "EulerDiscreteScheduler"
     assert "15 steps of EulerDiscreteScheduler" in (tmp_path / "README.md").read_text()
     from diffusers import LMSDiscreteScheduler
 
-    lms = run_trials(TOY_MODEL_DIR, 1, tmp_path / "lms", methods=("steer",), scheduler=LMSDiscreteScheduler, reference=False)
+    lms = run_trials(TOY_MODEL_DIR, 1, tmp_path / "lms", methods=("steer",), scheduler=LMSDiscreteScheduler)
     assert list(lms["methods"]) == ["steer"]
     assert lms["scheduler"] == "LMSDiscreteScheduler" and "15 steps of LMSDiscreteScheduler" in (tmp_path / "lms" / "README.md").read_text()
 
 
 def test_sweep_writes_rows_and_marks_the_shipped_default(tmp_path):
-    """Two sweep trials, three settings: sweep.md is rendered from sweep.json's rows, and only the rows
-    with steer's and position-steer's shipped defaults carry the star."""
+    """Two sweep trials, two settings: sweep.md is rendered from sweep.json's rows, and only the row
+    with steer's shipped defaults carries the star."""
     import json
 
     from ldm_scene.intervention import METHOD_DEFAULTS
     from ldm_scene.toy.intervention_eval import run_sweep
 
-    d, p = METHOD_DEFAULTS["steer"], METHOD_DEFAULTS["position-steer"]
-    grid = ((d.sites, d.steps_fraction, d.gain, d.outside), ("all", 1 / 3, 1.0, 1.0),
-            (p.sites, p.steps_fraction, p.gain, p.outside, p.cross_sites, p.cross_gain))
+    d = METHOD_DEFAULTS["steer"]
+    grid = ((d.sites, d.steps_fraction, d.gain, d.outside), ("all", 1 / 3, 1.0, 1.0))
     rows = run_sweep(TOY_MODEL_DIR, 2, tmp_path, grid=grid)
-    assert json.loads((tmp_path / "sweep.json").read_text()) == rows and len(rows) == 3
-    assert [r["method"] for r in rows] == ["steer", "steer", "position-steer"]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows and len(rows) == 2
+    assert [r["method"] for r in rows] == ["steer", "steer"]
     for r in rows:
         assert 0 <= r["success_rate"] <= 1 and 0 <= r["shape_kept"] <= 1 and 0 <= r["shape_prompted"] <= 1
-    table = [x for x in (tmp_path / "sweep.md").read_text().splitlines() if x.startswith(("| - |", f"| {p.cross_sites},"))]
-    assert len(table) == 3
-    assert table[0].startswith(f"| - | {d.sites} * |") and f"| {rows[0]['success_rate']:.0%} |" in table[0]
-    assert table[1].startswith("| - | all | first 0.33 | 1 | 1 |")
-    assert table[2].startswith(f"| {p.cross_sites}, {p.cross_gain:g} | {p.sites} * | all | {p.gain:g} |")
+    table = [x for x in (tmp_path / "sweep.md").read_text().splitlines() if x.startswith(("| up", "| all"))]
+    assert len(table) == 2
+    assert table[0].startswith(f"| {d.sites} * | first 0.67 | {d.gain:g} | {d.outside:g} |")
+    assert f"| {rows[0]['success_rate']:.0%} |" in table[0]
+    assert table[1].startswith("| all | first 0.33 | 1 | 1 |")
     # the trials ran under the toy model's own guidance setting (ldm_scene.json), and the table says which
     from ldm_scene.sampler import config_for
 
@@ -201,49 +198,33 @@ def test_sweep_table_names_an_every_step_edit_all():
     row = {"sites": "up", "gain": 8.0, "outside": 0.3, "n": 4, "success_rate": 0.75, "iou_target": 0.6,
            "iou_original": 0.1, "object_present": 1.0, "shape_kept": 0.5, "shape_prompted": 0.5}
     lines = render_sweep([{**row, "steps_fraction": 1.0}, {**row, "steps_fraction": 0.5}]).splitlines()
-    assert "| - | up | all | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
-    assert "| - | up | first 0.50 | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+    assert "| up | all | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
+    assert "| up | first 0.50 | 8 | 0.3 | 4 | 75% | 0.600 | 0.100 | 100% | 50% | 50% |" in lines
 
 
-def test_the_reference_rewrites_only_the_place_phrase():
-    from ldm_scene.toy.render import scene_from_seed, with_position
-
-    assert with_position("an orange cube on the left", "middle") == "an orange cube in the middle"
-    assert with_position("a red torus in the middle", "right") == "a red torus on the right"
-    prompt = scene_from_seed(5).prompt
-    assert with_position(with_position(prompt, "left"), scene_from_seed(5).position) == prompt
-    with pytest.raises(ValueError, match="expected a renderer prompt"):
-        with_position("a red cube", "left")
-    with pytest.raises(ValueError, match="expected a renderer prompt"):
-        with_position("a red cube on the left", "top")
-
-
-def test_shipped_position_means_fit_the_model(toy):
-    """position_means ships beside the probes, fit on this model's runs with objects in every third,
-    and position-steer is offered with it."""
+def test_shipped_probes_offer_every_method(toy):
+    """The shipped probe folder holds what steer, its control and probe-gradient read, fit on this
+    model and its sampler."""
     from ldm_scene.intervention import METHODS, available_methods, load_intervention_banks
-    from ldm_scene.probes import POSITION, POSITION_MEANS
 
     banks = load_intervention_banks(TOY_MODEL_DIR / "probes", expect_sites=toy.sites(), expect_scheduler=toy.scheduler_name)
-    bank = banks[POSITION_MEANS]
-    assert bank.meta.task == POSITION and bank.meta.model_id == toy.model_id and len(bank) == 16 * 15
-    assert min(bank.meta.training["images_per_third"]) >= 30 and bank.meta.training["layer"].startswith("attn2")
+    assert sorted(banks) == ["foreground", "foreground_means"]
+    assert all(b.meta.model_id == toy.model_id and b.meta.task == "foreground" for b in banks.values())
     assert available_methods(banks) == METHODS
 
 
-def test_a_shift_against_the_prompts_position_word_is_recognised():
-    from ldm_scene.toy.intervention_eval import against_prompt, moves_against_prompt
+def test_a_prompt_that_says_where_still_generates(toy):
+    """Toy prompts never say where the object is; one that does is generated as it stands (no
+    refusal, no crash) and the classifier still reads the shape it names."""
+    from ldm_scene.classify import ToyShapeClassifier
+    from ldm_scene.toy.render import PLACE_WORDS
 
-    assert moves_against_prompt("a red cube on the left", 20) and not moves_against_prompt("a red cube on the left", -20)
-    assert moves_against_prompt("a red cube on the right", -20) and not moves_against_prompt("a red cube on the right", 20)
-    assert moves_against_prompt("a red cube in the middle", 20) and moves_against_prompt("a red cube in the middle", -20)
-    rows = [{"prompt": "a red cube on the left", "dx": 20, "steer": {"success": True}},
-            {"prompt": "a red cube on the left", "dx": -20, "steer": {"success": False}},
-            {"prompt": "a red cube in the middle", "dx": -20, "steer": {"success": False}}]
-    assert against_prompt(rows, ["steer"]) == {
-        "n_against_prompt": 2, "success_against_prompt": {"steer": 0.5},
-        "n_by_position": {"left": 2, "middle": 1, "right": 0},
-        "success_by_position": {"steer": {"left": 0.5, "middle": 0.0}}}
+    prompt = "a red cube at the top"
+    assert PLACE_WORDS & set(prompt.split())
+    image = [s.image for s in sample(toy, GenerationConfig(prompt, seed=3, steps=4))][-1]
+    assert image.size == (64, 64)
+    classifier = ToyShapeClassifier(TOY_MODEL_DIR / "labelers")
+    assert classifier.classes[classifier.class_for_prompt(prompt)] == "cube"
 
 
 def test_classifier_names_the_most_probable_class_of_one_image(renders):

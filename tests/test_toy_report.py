@@ -7,9 +7,10 @@ from ldm_scene.toy.report import TARGETS, render_guidance_sweep, render_model_ca
 
 def _report(**kw) -> dict:
     values = {
-        "object_present": 0.97, "shape_match": 0.5, "colour_match": 0.6, "position_match": 0.3,
+        "object_present": 0.97, "shape_match": 0.5, "colour_match": 0.6,
+        "layout_prompts_in_all_thirds": 5 / 6, "layout_ks_x": 0.08, "layout_coverage_ratio_error": 0.3,
         "ae_psnr_db": 27.4, "labeler_dice": 0.951, "labeler_depth_spearman": 0.96, "labeler_shading_spearman": 0.85,
-        "classifier_accuracy": 0.9, "seconds_per_generation": 1.5,
+        "classifier_accuracy": 0.9, "seconds_per_generation": 0.8,
     }
     return {"machine": "test", "n_generated": 200, "n_heldout": 500, "steps": 15, "guidance": 7.5, **values,
             "targets": TARGETS, **kw}
@@ -18,10 +19,14 @@ def _report(**kw) -> dict:
 def test_report_verdicts_follow_the_targets():
     lines = render_report(_report()).splitlines()
     row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and " | " in line}
-    assert "met (target >= 0.95)" in row["object_present"] and "NOT" not in row["object_present"]
-    assert "NOT met (target >= 0.9)" in row["shape_match"]
-    assert "NOT met (target >= 30)" in row["ae_psnr_db"]
-    assert "met (target <= 2)" in row["seconds_per_generation"] and "NOT" not in row["seconds_per_generation"]
+    assert "met (target >= 0.97)" in row["object_present"] and "NOT" not in row["object_present"]
+    assert "NOT met (target >= 0.95)" in row["shape_match"]
+    assert "NOT met (target >= 32)" in row["ae_psnr_db"]
+    assert "met (target <= 1)" in row["seconds_per_generation"] and "NOT" not in row["seconds_per_generation"]
+    # The layout figures: every prompt in all thirds, KS distance and coverage error at most.
+    assert "83% | NOT met (target >= 1)" in row["layout_prompts_in_all_thirds"]
+    assert "0.080 | met (target <= 0.15)" in row["layout_ks_x"]
+    assert "30.0% | NOT met (target <= 0.2)" in row["layout_coverage_ratio_error"]
     assert set(TARGETS) <= set(row)
 
 
@@ -59,10 +64,9 @@ def test_structured_shading_is_reported_beside_the_nets_own_estimate():
 def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     plain = render_report(_report(scheduler="EulerDiscreteScheduler"))
     assert "15 steps of EulerDiscreteScheduler" in plain and "paper's" not in plain
-    paper = {"scheduler": "LMSDiscreteScheduler", "object_present": 1.0, "shape_match": 0.55, "colour_match": 0.74,
-             "position_match": 0.335}
+    paper = {"scheduler": "LMSDiscreteScheduler", "object_present": 1.0, "shape_match": 0.55, "colour_match": 0.74}
     both = render_report(_report(scheduler="EulerDiscreteScheduler", paper_scheduler=paper))
-    assert "paper's LMSDiscreteScheduler" in both and "shape 55.0%, colour 74.0%, position 33.5%" in both
+    assert "paper's LMSDiscreteScheduler" in both and "shape 55.0%, colour 74.0%." in both
     plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
             "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}
     card = render_model_card(_report(scheduler="EulerDiscreteScheduler"), plan, {"unet": "1M"})
@@ -74,16 +78,17 @@ def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     card = render_model_card(_report(), {**plan, "unet_object_weight": 10.0}, {"unet": "1M"})
     assert "object's latent cells weighted 11x in the UNet loss" in card
     card = render_model_card(_report(scheduler="EulerDiscreteScheduler", paper_scheduler=paper), plan, {"unet": "1M"})
-    assert "with the paper's LMSDiscreteScheduler on the same seeds: shape 55.0%, colour 74.0%, position 33.5%" in card
+    assert "with the paper's LMSDiscreteScheduler on the same seeds: shape 55.0%, colour 74.0%;" in card
+    assert "position" not in card and "on the left" not in card
 
 
 def test_matches_are_broken_down_per_prompted_word_with_the_commonest_miss():
     from ldm_scene.toy.report import by_prompted_word
 
-    rows = [{"prompt": "an orange cube on the left", "colour": "red", "shape": "cube"},
-            {"prompt": "an orange cone on the left", "colour": "red", "shape": "cone"},
-            {"prompt": "an orange cone in the middle", "colour": "orange", "shape": "cylinder"},
-            {"prompt": "a red cube on the right", "colour": "red", "shape": "cube"}]
+    rows = [{"prompt": "an orange cube", "colour": "red", "shape": "cube"},
+            {"prompt": "an orange cone", "colour": "red", "shape": "cone"},
+            {"prompt": "an orange cone", "colour": "orange", "shape": "cylinder"},
+            {"prompt": "a red cube", "colour": "red", "shape": "cube"}]
     colour = by_prompted_word(rows, "colour")
     assert colour == {"orange": {"n": 3, "match": 1 / 3, "commonest_miss": "red"},
                       "red": {"n": 1, "match": 1.0, "commonest_miss": None}}
@@ -96,24 +101,24 @@ def test_matches_are_broken_down_per_prompted_word_with_the_commonest_miss():
 def test_guidance_sweep_picks_the_best_worse_of_shape_and_colour_and_marks_it():
     from types import SimpleNamespace
 
-    def row(g, late, late_from, shape, colour, orange, position=1.0):
+    def row(g, late, late_from, shape, colour, orange, present=1.0):
         by = lambda words: {w: {"n": 10, "match": m, "commonest_miss": miss} for w, (m, miss) in words.items()}
         return {"guidance": g, "late_guidance": late, "late_from": late_from, "n_generated": 200, "steps": 15,
-                "scheduler": "EulerDiscreteScheduler", "object_present": 1.0, "shape_match": shape,
-                "colour_match": colour, "position_match": position,
+                "scheduler": "EulerDiscreteScheduler", "object_present": present, "shape_match": shape,
+                "colour_match": colour,
                 "shape_by_word": by({"cube": (1.0, None), "cylinder": (0.7, "cube")}),
                 "colour_by_word": by({"red": (1.0, None), "orange": (orange, "red")})}
 
     rows = [row(2.5, None, None, 0.835, 0.935, 0.68), row(7.5, None, None, 0.885, 0.865, 0.26),
             row(7.5, 2.5, 0.8, 0.91, 0.895, 0.38), row(7.5, 2.5, 2 / 3, 0.89, 0.915, 0.5)]
     assert sweep_choice(rows) is rows[2]  # worse of shape/colour: 0.835, 0.865, 0.895, 0.89
-    tie = [row(7.5, 2.5, 0.5, 0.9, 0.9, 0.5, position=0.98), row(7.5, 2.5, 0.8, 0.9, 0.9, 0.5, position=0.99)]
-    assert sweep_choice(tie) is tie[1]  # equal worse: the better sum with position
+    tie = [row(7.5, 2.5, 0.5, 0.9, 0.9, 0.5, present=0.98), row(7.5, 2.5, 0.8, 0.9, 0.9, 0.5, present=0.99)]
+    assert sweep_choice(tie) is tie[1]  # equal worse: the better sum with object present
     model = SimpleNamespace(default_guidance=7.5, late_guidance=None, late_from=2 / 3)
     lines = [line for line in render_guidance_sweep(rows, model).splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert lines[1].startswith("| 7.5 * | - | - |")  # the model's current setting: constant 7.5
     assert lines[2].startswith("| **7.5** | 2.5 | 80% |") and "*" not in lines[2].replace("**", "")
-    assert "| 91.0% | 89.5% | 100.0% |" in lines[2]
+    assert "| 100.0% | 91.0% | 89.5% |" in lines[2]
     assert "cylinder 70% (else cube)" in lines[2] and "orange 26% (else red)" in lines[1]
     assert render_guidance_sweep([]).startswith("# Guidance")
 
@@ -125,9 +130,9 @@ def test_applying_the_sweep_writes_its_pick_where_the_model_loader_reads_it(tmp_
     from ldm_scene.toy.report import apply_sweep_choice
 
     rows = [{"guidance": 7.5, "late_guidance": None, "late_from": None, "n_generated": 200, "shape_match": 0.9,
-             "colour_match": 0.8, "position_match": 1.0},
+             "colour_match": 0.8, "object_present": 1.0},
             {"guidance": 7.5, "late_guidance": 2.5, "late_from": 2 / 3, "n_generated": 200, "shape_match": 0.9,
-             "colour_match": 0.95, "position_match": 1.0}]
+             "colour_match": 0.95, "object_present": 1.0}]
     settings = apply_sweep_choice(tmp_path, rows)
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings
     assert (settings["guidance"], settings["late_guidance"], settings["late_from"]) == (7.5, 2.5, 2 / 3)
@@ -139,7 +144,7 @@ def test_a_model_with_its_own_guidance_is_also_reported_at_the_papers():
     assert "constant guidance" not in plain and "guidance 7.5," in plain
     word = lambda w, m, miss: {w: {"n": 30, "match": m, "commonest_miss": miss}}
     own = render_report(_report(late_guidance=2.5, late_from=0.8, paper_guidance={
-        "guidance": 7.5, "object_present": 1.0, "shape_match": 0.88, "colour_match": 0.875, "position_match": 1.0,
+        "guidance": 7.5, "object_present": 1.0, "shape_match": 0.88, "colour_match": 0.875,
         "shape_by_word": word("cylinder", 0.66, "cube"), "colour_by_word": word("orange", 0.26, "red")}))
     assert "guidance 7.5, at most 2.5 from 80% of the steps" in own
     assert "at constant guidance 7.5" in own and "colour 87.5%" in own and "worst cylinder 66%, orange 26%" in own
@@ -184,3 +189,32 @@ def test_model_card_names_gpu_and_fine_tune_legs_only_when_there_are_some():
     on = {**decoder_leg, "command": "python -m ldm_scene.toy train --stages decoder --device cuda"}
     assert "then its decoder 650 at batch 16 on a GPU" in render_model_card(_report(), plan, {"unet": "1M"}, [on])
     assert "3 steps of batch 2 then 5 at batch 8 on a GPU(" in card.replace("\n", "")
+
+
+def test_layout_section_shows_each_prompts_spread_beside_the_renderers_and_its_ks_control():
+    per = {"n": 24, "n_with_object": 24, "thirds": [6, 12, 6], "thirds_renderer": [300, 450, 250],
+           "x_mean": 0.49, "x_sd": 0.18, "y_mean": 0.55, "y_sd": 0.1, "x_mean_renderer": 0.5, "x_sd_renderer": 0.19,
+           "y_mean_renderer": 0.54, "y_sd_renderer": 0.11, "coverage": 0.21, "coverage_renderer": 0.22,
+           "ks_x": 0.12, "ks_y": 0.2, "ks_x_control": 0.17, "ks_y_control": 0.16}
+    layout = {"layout_per_prompt": {"a red cube": per}, "layout_n": 198, "layout_x_sd": 0.18, "layout_x_sd_renderer": 0.19,
+              "layout_y_sd": 0.1, "layout_y_sd_renderer": 0.11, "layout_thirds": [50, 100, 48],
+              "layout_thirds_renderer": [270, 490, 240], "layout_ks_y": 0.07, "layout_ks_x_control": 0.06,
+              "layout_ks_y_control": 0.06, "layout_coverage": 0.2, "layout_coverage_renderer": 0.22}
+    text = render_report(_report(**layout))
+    assert "## Layout: the noise, not the prompt, places the object" in text
+    assert "| a red cube | 24/24 | 6/12/6 | 0.49 (0.18) | 0.50 (0.19) |" in text
+    assert "| 0.12 (0.17) | 0.20 (0.16) | 21.0% | 22.0% |" in text
+    assert "where the renderer's own 198 scenes score x 0.060" in text
+    assert "## Layout" not in render_report(_report())
+
+
+def test_ks_control_is_small_for_the_renderers_own_sample_and_shrinks_with_n():
+    import numpy as np
+
+    from ldm_scene.toy.report import ks_control, thirds
+
+    reference = np.random.default_rng(0).uniform(0.1, 0.9, 3000)
+    small, large = ks_control(reference, 24), ks_control(reference, 400)
+    # KS between n draws and the rest has median about 0.83 / sqrt(n) for n << N.
+    assert 0.1 < small < 0.25 and 0.02 < large < 0.07 and large < small
+    assert thirds(np.array([0.1, 0.2, 0.5, 0.9, 0.999, 1.0])) == [2, 1, 3]

@@ -151,7 +151,7 @@ def test_object_weighted_mse_counts_object_cells_more_and_is_plain_mse_at_zero()
         TrainPlan(unet_object_weight=-1.0)
 
 
-PROMPTS = ["a red cube on the left", "an orange cylinder on the right", "a blue cylinder in the middle"]
+PROMPTS = ["a red cube", "an orange cylinder", "a blue cylinder"]
 
 
 def test_sampling_weights_multiply_the_factor_per_chosen_word_and_refuse_unknown_words():
@@ -254,7 +254,7 @@ def test_cli_passes_unet_init_and_string_plan_fields_to_train_all(tmp_path, monk
         assert flag in usage, flag
 
     calls = []
-    monkeypatch.setattr(cli, "train_all", lambda out, work, plan, stages, unet_init=None: calls.append((plan, unet_init)) or {})
+    monkeypatch.setattr(cli, "train_all", lambda out, work, plan, stages, unet_init=None, labelers_init=None: calls.append((plan, unet_init)) or {})
     common = ["train", "--no-report", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     assert cli.main(common + ["--unet-init", "weights/toy-scenes", "--unet-oversample", "cylinder,orange",
                               "--unet-oversample-factor", "3", "--device", "cuda:1"]) == 0
@@ -264,3 +264,36 @@ def test_cli_passes_unet_init_and_string_plan_fields_to_train_all(tmp_path, monk
     assert init == Path("weights/toy-scenes")
     # Without the flags the plan keeps its defaults and the UNet starts from scratch.
     assert (plain.unet_oversample, plain.device, no_init) == ("", "cpu", None)
+
+
+def test_text_encoder_init_carries_each_word_over_to_another_vocabulary(tmp_path):
+    """A v1 text encoder (with place words) starts a v2 one (without): every word both tokenizers
+    know keeps its learned embedding under its new id; the rest of the weights load unchanged."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_scene.models import word_tokenizer
+    from ldm_scene.toy.train import load_text_encoder_by_word
+
+    def encoder(vocab_size: int) -> CLIPTextModel:
+        return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    old_tok = word_tokenizer(["a", "red", "cube", "on", "the", "left"], max_length=8)
+    new_tok = word_tokenizer(["a", "red", "cube", "blue"], max_length=8)
+    torch.manual_seed(0)
+    old = encoder(len(old_tok))
+    old.save_pretrained(tmp_path / "text_encoder")
+    old_tok.save_pretrained(tmp_path / "tokenizer")
+    new = encoder(len(new_tok))
+    key = next(k for k in new.state_dict() if k.endswith("token_embedding.weight"))
+    fresh = new.state_dict()[key].clone()
+    load_text_encoder_by_word(new, new_tok, tmp_path)
+    old_rows, new_rows = old.state_dict()[key], new.state_dict()[key]
+    old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
+    for word in ("red</w>", "cube</w>", "a</w>"):
+        assert torch.equal(new_rows[new_vocab[word]], old_rows[old_vocab[word]]), word
+    assert torch.equal(new_rows[new_vocab["blue</w>"]], fresh[new_vocab["blue</w>"]])  # unknown before: kept fresh
+    assert new_vocab["red</w>"] != old_vocab["red</w>"]  # the ids did move: the test has power
+    other = {k: v for k, v in new.state_dict().items() if k != key}
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in other.items())

@@ -50,7 +50,7 @@ from ldm_scene.training.pipeline import (
 
 STEPS = 3
 N = 10  # 4 fitting images (3 train + 1 val) and 6 test images
-WORDS = ["a red cat on the left", "a blue dog in the middle", "a green cube on the right", "a photo of a sphere"]
+WORDS = ["a red cat", "a blue dog", "a green cube", "a photo of a sphere"]
 
 
 class LumaLabeler:
@@ -109,8 +109,11 @@ def test_records_split_like_the_paper_and_are_deterministic():
     assert a == b
     assert [r.seed for r in a] == list(range(617))
     assert sum(r.split == "test" for r in a) == 371 and sum(r.split == "val" for r in a) == 49
-    # toy prompts come from the renderer; a prompt list is cycled
-    assert a[0].prompt.startswith(("a ", "an ")) and a[0].prompt.split()[-1] in ("left", "middle", "right")
+    # toy prompts come from the renderer (what the object is, never where); a prompt list is cycled
+    from ldm_scene.toy.render import PLACE_WORDS, scene_from_seed
+
+    assert [r.prompt for r in a[:5]] == [scene_from_seed(s).prompt for s in range(5)]
+    assert all(r.prompt.startswith(("a ", "an ")) and not PLACE_WORDS & set(r.prompt.split()) for r in a)
     recs = make_records(5, seed=7, prompts=["x y", "z"])
     assert [r.prompt for r in recs] == ["x y", "z", "x y", "z", "x y"] and recs[0].seed == 7
     # shards partition the records
@@ -455,34 +458,6 @@ def test_cli_runs_the_paper_reproduction_path_on_the_tiny_model(run_root, tiny_m
     again = json.loads((out / "metrics.json").read_text())
     again.pop("timings"), metrics.pop("timings")
     assert again == metrics
-
-
-def test_cli_fits_position_means_with_the_run_labeler(run_root, tiny_model, monkeypatch, capsys):
-    """``position-means``: each seed's object from the labeler (here label files placing seed s in
-    third s % 3), one mean per third in the probe folder; too few runs per third is an error."""
-    import ldm_scene.models
-    from ldm_scene.probes import POSITION_MEANS
-    from ldm_scene.training import __main__ as cli
-
-    labels = run_root / "position-labels" / "foreground"
-    labels.mkdir(parents=True)
-    for seed in range(9):
-        mask = np.zeros((32, 32), np.float32)
-        mask[20:26, (seed % 3) * 11 + 3 : (seed % 3) * 11 + 7] = 1
-        np.save(labels / f"{seed}.npy", mask)
-    real_load = ldm_scene.models.load_model
-    monkeypatch.setattr(ldm_scene.models, "load_model",
-                        lambda name, device=None: tiny_model if name == "tiny" else real_load(name, device))
-    out = run_root / "position"
-    argv = ["position-means", "--model", "tiny", "--steps", "2", "--out", str(out), "--device", "cpu",
-            "--prompts", str(run_root / "prompts.txt"), "--labeler", f"folder:foreground={labels}"]
-    assert cli.main([*argv, "--n", "9"]) == 0
-    bank = ProbeBank.load(out / f"{POSITION_MEANS}.safetensors", expect_sites=tiny_model.sites())
-    assert bank.meta.training["images_per_third"] == [3, 3, 3] and bank.meta.num_steps == 2
-    (out / f"{POSITION_MEANS}.safetensors").unlink()
-    assert cli.main([*argv, "--n", "6"]) == 2
-    assert "at least 3 images with the object in each third; these runs gave 2 left, 2 middle, 2 right" in capsys.readouterr().err
-    assert not (out / f"{POSITION_MEANS}.safetensors").exists()
 
 
 def test_label_images_checks_the_labeler(run_root, tiny_model):

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-report", action="store_true")
     tr.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     tr.add_argument("--unet-init", default=None, help="a model directory whose UNet and text encoder the UNet stage starts from")
+    tr.add_argument("--labelers-init", default=None, help="a labelers/ directory whose nets the labelers stage starts from")
     for f in fields(TrainPlan):
         if f.type in ("int", "float", "str"):
             tr.add_argument(f"--{f.name.replace('_', '-')}", type={"int": int, "float": float, "str": str}[f.type], default=None)
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                              unet_steps=20, checkpoint_every=10) | overrides
         plan = TrainPlan(**overrides)
         timings = train_all(Path(args.out), Path(args.work), plan, tuple(args.stages.split(",")),
-                            unet_init=Path(args.unet_init) if args.unet_init else None)
+                            unet_init=Path(args.unet_init) if args.unet_init else None,
+                            labelers_init=Path(args.labelers_init) if args.labelers_init else None)
         print(json.dumps(timings, indent=2))
         if args.no_report:
             return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +23,23 @@ from ..intervention import (
 from ..models import load_model
 from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
-from .quality import has_object, mask_colour, mask_position, parse_prompt
-from .render import POSITIONS, scene_from_seed, with_position
+from .quality import has_object, mask_colour, parse_prompt
+from .render import scene_from_seed
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
 TRIAL_SEED0 = 30_000_000
 #: The sweep that chose steer's defaults draws its trials here, apart from the evaluation's.
 SWEEP_SEED0 = 40_000_000
 
-#: (sites, fraction of steps edited, gain, outside share[, cross-attention sites, cross gain]) tried
-#: by ``intervene-sweep``; the first is the one-token projection at the paper's sites and steps.
-#: Rows with cross-attention sites are ``position-steer`` (gain 0: the position edit alone).
-SWEEP_GRID: tuple[tuple, ...] = (
+#: (sites, fraction of steps edited, gain, outside share) of steer tried by ``intervene-sweep``; the
+#: first is the one-token projection at the paper's sites and steps.
+SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
     ("up", 1 / 3, 1.0, 1.0), ("up", 1 / 3, 15.0, 1.0), ("all", 1 / 3, 15.0, 1.0),
     ("all", 2 / 3, 5.0, 1.0), ("all", 2 / 3, 15.0, 1.0), ("all", 2 / 3, 30.0, 1.0),
     ("all", 2 / 3, 15.0, 0.3), ("all", 2 / 3, 30.0, 0.3), ("all", 2 / 3, 10.0, 0.3), ("all", 1 / 2, 15.0, 0.3),
     ("up", 2 / 3, 15.0, 0.3), ("up", 1 / 2, 20.0, 0.2), ("all", 1 / 2, 20.0, 0.2),
     ("up", 1.0, 5.0, 0.3), ("up", 1.0, 8.0, 0.3),
-    ("up", 1.0, 0.0, 0.3, "all", 1.0), ("up", 1.0, 3.0, 0.3, "all", 1.0), ("up", 1.0, 5.0, 0.3, "all", 1.0),
-    ("up", 1.0, 8.0, 0.3, "all", 1.0), ("up", 2 / 3, 5.0, 0.3, "all", 1.0), ("up", 1.0, 5.0, 0.3, "up", 1.0),
-    ("up", 1.0, 5.0, 0.3, "all", 1.5),
 )
-
-
-#: Not an edit but a reference row of the evaluation: the same seed with the prompt's position word
-#: replaced by the target's third, i.e. the model's own way of putting the object there.
-PROMPT_REFERENCE = "reference: the target's position word"
 
 
 def succeeded(iou_target: float, iou_original: float) -> bool:
@@ -88,8 +78,6 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     This is how steer's defaults were chosen; its seeds are disjoint from :func:`run_trials`'s,
     so the evaluation does not measure the settings on the trials that chose them.
     """
-    from ..intervention import ComposedEditor, PositionEditor, make_editor
-    from ..probes import POSITION_MEANS
     from ..sites import SITE_KEYS, UP_SITE_KEYS
 
     torch.set_num_threads(1)
@@ -102,18 +90,13 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     # Kept: the same shape as the unedited image of the seed (as in run_trials); prompted: the prompt's.
     shapes_before = {t[0].seed: classifier.name(t[1]) for t in trials}
     rows = []
-    for sites_name, fraction, gain, outside, *cross in tqdm(grid, desc="sweep settings"):
+    for sites_name, fraction, gain, outside in tqdm(grid, desc="sweep settings"):
         sites = UP_SITE_KEYS if sites_name == "up" else SITE_KEYS
         edit_steps = tuple(range(max(1, round(steps * fraction))))
-        cross_sites, cross_gain = cross or (None, 0.0)
         results = []
         for config, _, before, target, _, _ in trials:
             editor = make_editor("steer", banks, target, sites, edit_steps, 1.0, config.seed)
             editor.strength, editor.outside = gain, outside
-            if cross_sites is not None:
-                editor = ComposedEditor((PositionEditor(banks[POSITION_MEANS], target,
-                                                        UP_SITE_KEYS if cross_sites == "up" else SITE_KEYS,
-                                                        edit_steps, cross_gain), editor))
             edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             after = labeler(np.asarray(edited))["mask"][0]
             iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
@@ -121,10 +104,8 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
             results.append((iou_t, iou_o, succeeded(iou_t, iou_o), has_object(after),
                             shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
         r = np.asarray(results, dtype=float).mean(0)
-        rows.append({"method": "steer" if cross_sites is None else "position-steer", "cross_sites": cross_sites,
-                     "cross_gain": cross_gain,
-                     "sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside, "n": len(results),
-                     "guidance": trials[0][0].guidance_text if trials else None,
+        rows.append({"method": "steer", "sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside,
+                     "n": len(results), "guidance": trials[0][0].guidance_text if trials else None,
                      "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3],
                      "shape_kept": r[4], "shape_prompted": r[5]})
     out.mkdir(parents=True, exist_ok=True)
@@ -143,29 +124,23 @@ def render_sweep(rows: list[dict], steps: int = 15) -> str:
              f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from {SWEEP_SEED0:,} "
              f"(the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
              f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}. Success as in the evaluation; shape kept: the "
-             "classifier names the same shape as in the unedited image; shape prompted: the prompt's. Position: "
-             "position-steer's cross-attention edit (sites, gain), - for steer alone. * marks each method's default.", "",
-             "| position | sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
-             "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "classifier names the same shape as in the unedited image; shape prompted: the prompt's. * marks steer's default.", "",
+             "| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
+             "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    d = METHOD_DEFAULTS["steer"]
     for r in rows:
-        method, cross = r.get("method", "steer"), r.get("cross_sites")
-        d = METHOD_DEFAULTS[method]
-        star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"], cross, r.get("cross_gain", 0.0)) == (
-            d.sites, round(d.steps_fraction, 4), d.gain, d.outside, d.cross_sites, d.cross_gain) else ""
+        star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"]) == (
+            d.sites, round(d.steps_fraction, 4), d.gain, d.outside) else ""
         edited = "all" if r["steps_fraction"] >= 1 else f"first {r['steps_fraction']:.2f}"
-        position = "-" if cross is None else f"{cross}, {r['cross_gain']:g}"
-        lines.append(f"| {position} | {r['sites']}{star} | {edited} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
+        lines.append(f"| {r['sites']}{star} | {edited} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
                      f"| {r['success_rate']:.0%} | {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} "
                      f"| {r.get('shape_kept', float('nan')):.0%} | {r.get('shape_prompted', float('nan')):.0%} |")
     return "\n".join(lines) + "\n"
 
 
-def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int = 15, scheduler: type | None = None,
-               reference: bool = True) -> dict:
+def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int = 15,
+               scheduler: type | None = None) -> dict:
     """Run ``n`` trials and write ``intervention.json``, ``README.md`` and figures into ``out``.
-
-    ``reference`` adds :data:`PROMPT_REFERENCE`'s row: what changing the prompt, which no method
-    may do, achieves on the same trials.
 
     ``scheduler`` (a diffusers scheduler class) replaces the model's own for every generation of
     the trials, originals included (e.g. the paper's LMS, to compare with the toy model's Euler).
@@ -177,8 +152,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
     banks = load_intervention_banks(model_dir / "probes", expect_sites=model.sites())
     labeler = ToyLabeler.load(model_dir / "labelers")
     classifier = ToyClassifier.load(model_dir / "labelers")
-    # Every method's row, then the reference: the prompt's own position word moved to the target's third.
-    rows_of = (*methods, PROMPT_REFERENCE) if reference else tuple(methods)
+    rows_of = tuple(methods)
     rows, examples, seconds = [], [], {m: [] for m in ("plain", *rows_of)}
     for config, original, before, target, dx, plain_s in tqdm(_trials(model, labeler, TRIAL_SEED0, n, steps),
                                                               total=n, desc="intervention trials"):
@@ -195,13 +169,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
         results = {}
         for method in rows_of:
             t0 = time.perf_counter()
-            if method == PROMPT_REFERENCE:
-                editor = None
-                moved = replace(config, prompt=with_position(prompt, mask_position(target)))
-                edited = [s.image for s in sample(model, moved, previews=False)][-1]
-            else:
-                editor = make_editor(method, banks, target, None, default_edit_steps(steps, method), 1.0, seed)
-                edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
+            editor = make_editor(method, banks, target, None, default_edit_steps(steps, method), 1.0, seed)
+            edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
             seconds[method].append(time.perf_counter() - t0)
             arr = np.asarray(edited)
             after = labeler(arr)["mask"][0]
@@ -216,7 +185,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int =
                 "shape_kept": shape == orig_shape, "colour_kept": colour == orig_colour,
                 "shape_prompted": shape == words.shape, "colour_prompted": colour == words.colour,
             }
-            if editor is not None and getattr(editor, "agreement", None):
+            if getattr(editor, "agreement", None):
                 # Did the optimisation reach its objective? (the probe reads the target at the edited sites)
                 row[method]["probe_agreement_before"] = float(np.mean([a[2] for a in editor.agreement]))
                 row[method]["probe_agreement_after"] = float(np.mean([a[3] for a in editor.agreement]))
@@ -268,31 +237,10 @@ def summarise(rows: list[dict], methods, seconds: dict) -> dict:
         control = [r for r in done if r["random-control"]["success"]]
         summary["control_successes"] = len(control)
         summary["shared_with_control"] = {m: int(sum(r[m]["success"] for r in control)) for m in methods if m != "random-control"}
-    summary |= against_prompt(done, methods)
     summary["plain_seconds"] = float(np.median(seconds["plain"]))
     summary["original_shape_prompted"] = float(np.mean([r["original_shape"] == parse_prompt(r["prompt"]).shape for r in done]))
     summary["original_colour_prompted"] = float(np.mean([r["original_colour"] == parse_prompt(r["prompt"]).colour for r in done]))
     return summary
-
-
-def moves_against_prompt(prompt: str, dx: int) -> bool:
-    """Does a sideways shift by ``dx`` take the object away from where its prompt puts it?
-    (Out of the middle either way; "on the left" moved right; "on the right" moved left.)"""
-    position = parse_prompt(prompt).position
-    return position == "middle" or (position == "left") == (dx > 0)
-
-
-def against_prompt(done: list[dict], methods) -> dict:
-    """How many trials move the object against its prompt's position word, and each method's success
-    there and per prompted position (any shift takes a "middle" object out of the middle)."""
-    against = [r for r in done if moves_against_prompt(r["prompt"], r["dx"])]
-    by_position = {pos: [r for r in done if parse_prompt(r["prompt"]).position == pos] for pos in POSITIONS}
-    return {"n_against_prompt": len(against),
-            "success_against_prompt": {m: (float(np.mean([r[m]["success"] for r in against])) if against else None)
-                                       for m in methods},
-            "n_by_position": {pos: len(rows) for pos, rows in by_position.items()},
-            "success_by_position": {m: {pos: float(np.mean([r[m]["success"] for r in rows]))
-                                        for pos, rows in by_position.items() if rows} for m in methods}}
 
 
 def render_table(summary: dict) -> str:
@@ -317,10 +265,6 @@ def render_table(summary: dict) -> str:
             f"| {s['shape_kept']:.0%} | {s['colour_kept']:.0%} | {s['shape_prompted']:.0%} | {s['colour_prompted']:.0%} "
             f"| {s['cost_vs_plain']:.2f}x |"
         )
-    if PROMPT_REFERENCE in summary["methods"]:
-        lines += ["", f"The last row edits nothing: it changes the prompt's position word to the target's third, which no "
-                  "method may do. It is the model's own way of putting the object there, and shows how often the shape "
-                  "survives a move when nothing but the wording changes."]
     if summary.get("n_well_formed"):
         lines += ["", f"The {summary['n_well_formed']} trials whose unedited image shows the prompted shape (classifier):", "",
                   "| method | success | shape kept | object present |", "|---|---|---|---|"]
@@ -332,16 +276,6 @@ def render_table(summary: dict) -> str:
             lines += ["", f"{m}: at the edited sites and steps the foreground probe agreed with the target on "
                       f"{s['probe_agreement_before']:.0%} of tokens before the edit and {s['probe_agreement_after']:.0%} after "
                       "it (the optimisation's own objective), averaged over trials."]
-    if summary.get("n_against_prompt"):
-        rates = ", ".join(f"{m} {v:.0%}" for m, v in summary["success_against_prompt"].items())
-        lines += ["", f"{summary['n_against_prompt']} of the {summary['n_evaluated']} trials move the object away from where its "
-                  f"prompt's position word puts it (the target shifts towards the side with more room); success there: {rates}."]
-    if summary.get("success_by_position"):
-        counts = summary["n_by_position"]
-        lines.append("")
-        for m, rates in summary["success_by_position"].items():
-            split = ", ".join(f"{rate:.0%} of {counts[pos]} \"{pos}\"" for pos, rate in rates.items())
-            lines.append(f"- {m} by prompted position: {split}.")
     if summary.get("control_successes"):
         shared = ", ".join(f"{m} {k}" for m, k in summary["shared_with_control"].items())
         lines += ["", f"The random control succeeded in {summary['control_successes']} trials; of those, the other methods also "
@@ -358,7 +292,7 @@ def _figures(examples: list, summary: dict, methods, out: Path) -> None:
         titles = ["original", "mask", "target"]
         for m in methods:
             ims += [results[m][0]]
-            titles += ["re-prompted" if m == PROMPT_REFERENCE else m]
+            titles += [m]
         rows.append(side_by_side(ims, titles, scale=2))
     if rows:
         from PIL import Image

@@ -2,7 +2,8 @@
 
 A generated image has no exact labels, exactly as SD's images don't; so, as the paper used TRACER
 and MiDaS, the shipped labeler finds the object, the shipped classifier names its shape, the mean
-hue inside the mask names its colour, and the mask's centroid column names its position.
+hue inside the mask names its colour; the mask's centroid and coverage say where and how big the
+object is (a prompt never says where: the report compares them with the renderer's).
 """
 from __future__ import annotations
 
@@ -12,27 +13,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import COLOURS, POSITIONS, SHAPES, colour_hues
+from .render import COLOURS, PLACE_WORDS, SHAPES, colour_hues
 
 #: Masks smaller than this fraction of the image count as "no object".
 MIN_OBJECT_FRACTION = 0.002
 
-_PROMPT = re.compile(r"^an? (\w+) (\w+) (?:on the|in the) (\w+)$")
+_PROMPT = re.compile(r"^an? (\w+) (\w+)$")
 
 
 @dataclass(frozen=True)
 class PromptWords:
     colour: str
     shape: str
-    position: str
 
 
 def parse_prompt(prompt: str) -> PromptWords:
-    """Read colour, shape and position words from a toy prompt ("a red cone on the left")."""
+    """Read colour and shape words from a toy prompt ("a red cone")."""
     m = _PROMPT.match(prompt.strip().lower())
-    if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[3] not in POSITIONS:
-        raise ValueError(f"not a toy prompt: {prompt!r} (expected e.g. 'a red cone on the left')")
-    return PromptWords(m[1], m[2], m[3])
+    if not m or m[1] not in COLOURS or m[2] not in SHAPES:
+        places = sorted(PLACE_WORDS & set(prompt.lower().split()))
+        hint = f"; toy prompts never say where the object is ({', '.join(places)})" if places else ""
+        raise ValueError(f"not a toy prompt: {prompt!r} (expected e.g. 'a red cone'){hint}")
+    return PromptWords(m[1], m[2])
 
 
 def hue_distance(a: float, b: float) -> float:
@@ -51,13 +53,13 @@ def mask_colour(image: np.ndarray, mask: np.ndarray) -> str | None:
     return min(colour_hues().items(), key=lambda kv: hue_distance(hue, kv[1]))[0]
 
 
-def mask_position(mask: np.ndarray) -> str | None:
-    """'left' / 'middle' / 'right': the third of the image holding the mask's centroid column."""
+def mask_centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    """The mask's centroid (x, y) as fractions of the image width and height (None if empty)."""
+    mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return None
-    from ..intervention import position_bin  # the one rule for thirds, shared with position-steer
-
-    return POSITIONS[position_bin(mask)]
+    rows, cols = np.nonzero(mask)
+    return float((cols.mean() + 0.5) / mask.shape[1]), float((rows.mean() + 0.5) / mask.shape[0])
 
 
 def has_object(mask: np.ndarray) -> bool:

@@ -36,8 +36,6 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "purple": (0.55, 0.12, 0.85),
 }
 
-POSITIONS: tuple[str, ...] = ("left", "middle", "right")
-
 # Depth given to sky pixels; the ground farther than this also counts as sky, so every depth is
 # finite and <= FAR.
 FAR: float = 30.0
@@ -46,12 +44,15 @@ FAR: float = 30.0
 FOV_DEG: float = 50.0
 _TAN_HALF_FOV = math.tan(math.radians(FOV_DEG) / 2)
 
-# Where the projected object centre may fall, as a fraction of the image width, for each position
-# word. The gap to the thirds' borders (1/3, 2/3) is a margin for the silhouette's centroid, which
-# perspective, yaw and cropping at the image edge move a little away from the projected centre.
-_LEFT_MAX = 0.26
-_MIDDLE_HALF_WIDTH = 0.07
-_EDGE_MIN = 0.10
+# Apparent width of the object as a fraction of the image width: salient, as the objects in the
+# photos SD draws (mean coverage about a fifth of the frame, never under 4%).
+_WIDTH_MIN, _WIDTH_MAX = 0.30, 0.62
+# The projected centre's column stays at least this far from the image's side edges (or half the
+# object's width, if more), so most of the object is in frame; between those limits it is uniform.
+_EDGE_MIN = 0.12
+# Pitch offset (radians) between the view axis and the direction to the object's centre: the
+# object's centre lands anywhere from about a quarter above to a quarter below the image centre.
+_PITCH_OFFSET = 0.22
 
 # Cap on the safeguarded Newton iterations for the torus' quartic (7-12 are typical; rays that
 # graze the tube, with a near-double root, fall back to bisection and take the longest).
@@ -60,10 +61,16 @@ _NEWTON_STEPS = 24
 # Rays start this far (world units) off a surface to avoid hitting it again (shadow acne).
 _EPS = 1e-6
 
-_PROMPT_PLACE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+# Every word a prompt can contain, for building a word-level tokenizer's vocabulary. A prompt says
+# what the object is, never where: as in SD, the noise decides the layout.
+PROMPT_WORDS: tuple[str, ...] = ("a", "an", *COLOURS, *SHAPES)
 
-# Every word a prompt can contain, for building a word-level tokenizer's vocabulary.
-PROMPT_WORDS: tuple[str, ...] = ("a", "an", "on", "in", "the", *COLOURS, *SHAPES, *POSITIONS)
+# Words that say where something is. No prompt of the renderer contains one, and the toy model's
+# vocabulary has none; front ends use this list to refuse them with a clear message.
+PLACE_WORDS: frozenset[str] = frozenset({
+    "left", "right", "middle", "centre", "center", "top", "bottom", "above", "below", "near", "far",
+    "front", "behind", "upper", "lower", "corner", "side",
+})
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +82,7 @@ def _shape_geometry(shape: str, size: float) -> dict[str, float]:
     """Dimensions of a shape of overall width ``size`` and its bounding sphere (local frame).
 
     ``size`` is the horizontal extent (diameter or edge). ``cy`` is the height of the bounding
-    sphere's centre, which is also the point whose projection decides the position word.
+    sphere's centre, the point the camera placement aims from.
     """
     half = size / 2
     if shape == "sphere":
@@ -126,13 +133,11 @@ class Scene:
     (radians, positive = looking down) place the camera at (0, cam_height, 0) looking along +z.
     ``light_dir`` is the unit vector towards a directional light above the ground. ``ambient`` is
     the shading of surfaces facing away from the light. ``ground_rgb`` and ``sky_rgb`` are albedos.
-    The ``position`` word must agree with where the object's centre projects (left, middle or
-    right third of the image), so every prompt is true of its image.
+    Nothing in the scene's words says where the object is.
     """
 
     shape: str
     colour: str
-    position: str
     x: float
     z: float
     size: float
@@ -149,8 +154,6 @@ class Scene:
             raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
         if self.colour not in COLOURS:
             raise ValueError(f"unknown colour {self.colour!r}; expected one of {tuple(COLOURS)}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"unknown position {self.position!r}; expected one of {POSITIONS}")
         for name in ("x", "z", "size", "yaw", "cam_height", "cam_pitch", "ambient"):
             value = getattr(self, name)
             if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
@@ -186,12 +189,6 @@ class Scene:
             raise ValueError(
                 f"the object (bounding radius {geometry['bound']:.3f}) is not in front of the camera "
                 f"(its centre is at depth {self._centre_camera_depth():.3f} along the view axis)")
-        column = self.centre_column
-        third = POSITIONS[min(int(column * 3), 2)] if 0.0 <= column < 1.0 else "outside"
-        if third != self.position:
-            raise ValueError(
-                f"position {self.position!r} is not true of this scene: the object's centre projects to "
-                f"{column:.3f} of the image width ({third})")
 
     def _centre_camera_depth(self) -> float:
         forward, _, _ = _camera_basis(self.cam_pitch)
@@ -206,18 +203,23 @@ class Scene:
         return 0.5 + self.x / (2 * _TAN_HALF_FOV * depth)
 
     @property
+    def centre_row(self) -> float:
+        """Row of the object's projected centre as a fraction of the image height (0 = top edge)."""
+        forward, _, up = _camera_basis(self.cam_pitch)
+        cy = _shape_geometry(self.shape, self.size)["cy"]
+        rel = np.array([self.x, cy - self.cam_height, self.z])
+        return 0.5 - float(rel @ up) / (2 * _TAN_HALF_FOV * float(rel @ forward))
+
+    @property
     def prompt(self) -> str:
-        """The caption of this scene, e.g. ``"a red cone on the left"``, ``"an orange cube in the middle"``."""
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return f"{article} {self.colour} {self.shape} {_PROMPT_PLACE[self.position]}"
+        """The caption of this scene, e.g. ``"a red cone"``, ``"an orange cube"``: what, never where."""
+        return prompt_for(self.shape, self.colour)
 
 
-def with_position(prompt: str, position: str) -> str:
-    """A renderer prompt with its place phrase replaced by ``position``'s (one of :data:`POSITIONS`)."""
-    places = [place for place in _PROMPT_PLACE.values() if prompt.endswith(" " + place)]
-    if position not in _PROMPT_PLACE or not places:
-        raise ValueError(f"cannot place {prompt!r} {position!r}: expected a renderer prompt and one of {POSITIONS}")
-    return prompt[: -len(places[0])] + _PROMPT_PLACE[position]
+def prompt_for(shape: str, colour: str) -> str:
+    """The renderer's caption for an object: ``"a red cone"``, ``"an orange cube"``."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape}"
 
 
 @dataclass(frozen=True)
@@ -252,57 +254,48 @@ class Render:
 # --------------------------------------------------------------------------------------------
 
 
-def sample_scene(rng: np.random.Generator, shape: str | None = None, colour: str | None = None,
-                 position: str | None = None) -> Scene:
-    """Draw a random scene, keeping the given shape, colour and position words.
+def sample_scene(rng: np.random.Generator, shape: str | None = None, colour: str | None = None) -> Scene:
+    """Draw a random scene, keeping the given shape and colour words.
 
     Every random number is drawn whatever is given, so fixing a word changes only what depends
     on it: ``sample_scene(rng(s), shape="cube")`` differs from ``sample_scene(rng(s))`` in the
-    shape alone (and the placement it implies). The object takes roughly 13-38% of the image
-    width, rests on the ground, and its centre projects into the named third of the image with a
-    margin, mostly or fully inside the frame; the camera looks slightly down so the sky fills the
-    top of the image.
+    shape alone (and the sizes it implies). The object is salient: it takes 30-62% of the image
+    width. Its place is continuous and independent of the words: the projected centre's column is
+    uniform across the image (keeping most of the object in frame), its distance follows from its
+    size, and the camera's pitch is offset from the object by a random angle, so the centre's row
+    varies too. The camera looks slightly down so the sky fills the top of the image.
     """
     u = rng.random(16)
     shape = SHAPES[int(u[0] * len(SHAPES))] if shape is None else shape
     colour = tuple(COLOURS)[int(u[1] * len(COLOURS))] if colour is None else colour
-    position = POSITIONS[int(u[2] * len(POSITIONS))] if position is None else position
     # Checked before the geometry, which depends on the shape.
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     if colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; expected one of {tuple(COLOURS)}")
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; expected one of {POSITIONS}")
 
     # Apparent width first, then a world size and distance that give it: the camera depth of the
-    # object stays in [3, 10] so the camera never has to look steeply down at it.
-    width_fraction = 0.13 + 0.25 * u[3]
-    size_lo = max(0.6, 3.0 * 2 * _TAN_HALF_FOV * width_fraction)
-    size_hi = min(1.6, 10.0 * 2 * _TAN_HALF_FOV * width_fraction)
+    # object stays in [2, 8] so the camera never has to look steeply down at it.
+    width_fraction = _WIDTH_MIN + (_WIDTH_MAX - _WIDTH_MIN) * u[3]
+    size_lo = max(0.6, 2.0 * 2 * _TAN_HALF_FOV * width_fraction)
+    size_hi = min(2.0, 8.0 * 2 * _TAN_HALF_FOV * width_fraction)
     size = size_lo + (size_hi - size_lo) * u[4]
     distance = size / (2 * _TAN_HALF_FOV * width_fraction)
     geometry = _shape_geometry(shape, size)
     cy = geometry["cy"]
 
-    # Camera above the object's centre, pitched at it with a little jitter; the pitch stays below
-    # ~20 degrees so the horizon (and the sky above it) is always in the top part of the image.
+    # Camera above the object's centre, pitched at it with a random offset (up to _PITCH_OFFSET
+    # either way) that moves the object up or down the image; the pitch stays in [0.04, 0.40] so
+    # the horizon (and the sky above it) is always in the top half of the image.
     height_lo = max(0.8, cy + 0.15)
     height_hi = max(height_lo, min(2.5, cy + 0.42 * distance))
     cam_height = height_lo + (height_hi - height_lo) * u[5]
-    pitch = math.atan2(cam_height - cy, distance) + (u[6] - 0.5) * 0.12
-    pitch = min(max(pitch, 0.06), 0.36)
+    pitch = math.atan2(cam_height - cy, distance) + (2 * u[6] - 1) * _PITCH_OFFSET
+    pitch = min(max(pitch, 0.04), 0.40)
 
-    # Target column of the projected centre within the named third; near the image edge the
-    # lower limit keeps most of the object in frame.
-    half_width = width_fraction / 2
-    if position == "middle":
-        column = 0.5 + (2 * u[7] - 1) * _MIDDLE_HALF_WIDTH
-    else:
-        edge_min = min(_LEFT_MAX, max(_EDGE_MIN, half_width))
-        column = edge_min + (_LEFT_MAX - edge_min) * u[7]
-        if position == "right":
-            column = 1.0 - column
+    # Column of the projected centre: uniform between the edge limits.
+    edge = min(0.5, max(_EDGE_MIN, 0.8 * width_fraction / 2))
+    column = edge + (1 - 2 * edge) * u[7]
     # Distance is measured along the view axis; solve for the world z that gives it, then x.
     s, c = math.sin(pitch), math.cos(pitch)
     z = (distance - (cam_height - cy) * s) / c
@@ -322,7 +315,7 @@ def sample_scene(rng: np.random.Generator, shape: str | None = None, colour: str
     ground_rgb = tuple(float(v) for v in np.clip(grey + tint, 0.0, 1.0))
     sky = 0.8 + 0.18 * u[13]
     sky_rgb = (sky - 0.05 - 0.10 * u[14], sky - 0.07 * u[15], sky)
-    return Scene(shape=shape, colour=colour, position=position, x=x, z=z, size=size, yaw=yaw,
+    return Scene(shape=shape, colour=colour, x=x, z=z, size=size, yaw=yaw,
                  cam_height=cam_height, cam_pitch=pitch, light_dir=light, ambient=ambient,
                  ground_rgb=ground_rgb, sky_rgb=sky_rgb)
 
@@ -661,20 +654,17 @@ def render_seed(seed: int, size: int = 64) -> tuple[Scene, Render]:
     return scene, render(scene, size)
 
 
-_MIRROR_POSITION = {"left": "right", "middle": "middle", "right": "left"}
-
-
 def flip_horizontal(scene: Scene, r: Render) -> tuple[Scene, Render]:
     """Mirror a scene and its render left-right, keeping the prompt true.
 
     The scene is reflected in the camera's vertical plane (x -> -x, yaw -> -yaw, the light's x
-    component negated) and "left"/"right" swap. The render's arrays are flipped, not re-rendered;
+    component negated); the prompt, which says nothing of place, stays as it is. The render's arrays are flipped, not re-rendered;
     since the camera and the pixel grid are symmetric and every shape is mirror-symmetric in its
     local frame, they equal ``render(flipped_scene)`` up to floating-point rounding (bit-exact
     labels except, rarely, a pixel centre lying on a silhouette edge).
     """
     lx, ly, lz = scene.light_dir
-    mirrored = Scene(shape=scene.shape, colour=scene.colour, position=_MIRROR_POSITION[scene.position],
+    mirrored = Scene(shape=scene.shape, colour=scene.colour,
                      x=-scene.x, z=scene.z, size=scene.size, yaw=-scene.yaw,
                      cam_height=scene.cam_height, cam_pitch=scene.cam_pitch,
                      light_dir=(-lx, ly, lz), ambient=scene.ambient,
@@ -691,9 +681,9 @@ def render_batch(seeds: Sequence[int], size: int = 64) -> dict[str, np.ndarray]:
     """Render the scenes of ``seeds`` and stack them, with their words as class indices.
 
     Returns ``image`` [N, H, W, 3] float32, ``mask`` [N, H, W] bool, ``depth`` and ``shading``
-    [N, H, W] float32, ``albedo`` [N, H, W, 3] float32, ``shape``, ``colour`` and ``position`` as
-    int64 [N] indices into SHAPES, COLOURS (insertion order) and POSITIONS, ``seed`` int64 [N], and
-    ``prompt`` as a list of N strings.
+    [N, H, W] float32, ``albedo`` [N, H, W, 3] float32, ``shape`` and ``colour`` as int64 [N]
+    indices into SHAPES and COLOURS (insertion order), ``seed`` int64 [N], and ``prompt`` as a
+    list of N strings.
     """
     colour_names = tuple(COLOURS)
     scenes, renders = [], []
@@ -707,7 +697,7 @@ def render_batch(seeds: Sequence[int], size: int = 64) -> dict[str, np.ndarray]:
         return {"image": np.zeros((0, size, size, 3), np.float32), "mask": empty.astype(bool),
                 "depth": empty, "shading": empty.copy(), "albedo": np.zeros((0, size, size, 3), np.float32),
                 "shape": np.zeros(0, np.int64), "colour": np.zeros(0, np.int64),
-                "position": np.zeros(0, np.int64), "seed": np.zeros(0, np.int64), "prompt": []}
+                "seed": np.zeros(0, np.int64), "prompt": []}
     return {
         "image": np.stack([r.image for r in renders]),
         "mask": np.stack([r.mask for r in renders]),
@@ -716,7 +706,6 @@ def render_batch(seeds: Sequence[int], size: int = 64) -> dict[str, np.ndarray]:
         "albedo": np.stack([r.albedo for r in renders]),
         "shape": np.array([SHAPES.index(s.shape) for s in scenes], np.int64),
         "colour": np.array([colour_names.index(s.colour) for s in scenes], np.int64),
-        "position": np.array([POSITIONS.index(s.position) for s in scenes], np.int64),
         "seed": np.array([int(seed) for seed in seeds], np.int64),
         "prompt": [s.prompt for s in scenes],
     }

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from diffusers import AutoencoderTiny, DDPMScheduler
 from tqdm import tqdm
 
 from ..testing import SD_SCHEDULER_CONFIG
 from .model import ToyArch, assemble_pipeline, build_autoencoder, build_text_encoder, build_tokenizer, build_unet
 from .nets import ClassifierConfig, LabelerConfig, LabelerNet, ShapeNet, save_net, to_tensor
-from .render import FAR, POSITIONS, render_batch
+from .render import FAR, render_batch
 
 #: Held-out renders use seeds from here on, far from the training seeds.
 HELDOUT_SEED0 = 10_000_000
@@ -102,7 +103,7 @@ def _render_chunk(seeds: list[int]) -> dict:
     return {
         "image": (d["image"] * 255).round().astype(np.uint8), "mask": d["mask"],
         "depth": d["depth"].astype(np.float16), "shading": d["shading"].astype(np.float16),
-        "shape": d["shape"], "colour": d["colour"], "position": d["position"], "prompt": np.array(d["prompt"]),
+        "shape": d["shape"], "colour": d["colour"], "prompt": np.array(d["prompt"]),
     }
 
 
@@ -280,8 +281,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x + noise).clamp(0, 1)
 
 
-def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path) -> None:
-    """Train the labeler (mask, depth, shading) and the shape classifier on renders and AE reconstructions."""
+def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path, init: Path | None = None) -> None:
+    """Train the labeler (mask, depth, shading) and the shape classifier on renders and AE reconstructions.
+
+    ``init``: a ``labelers/`` directory whose nets each fit starts from (a fine-tune on new renders).
+    """
     gen = torch.Generator().manual_seed(plan.seed + 2)
     n = len(data["image"])
     mask = torch.from_numpy(data["mask"]).float()
@@ -297,6 +301,9 @@ def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path) 
         return _augment(x, gen), idx
 
     def fit(net: torch.nn.Module, name: str, steps: int, lr: float, loss_of) -> None:
+        if init is not None and (Path(init) / f"{name}.safetensors").exists():
+            net.load_state_dict(load_file(str(Path(init) / f"{name}.safetensors")))
+            lr = lr / 4  # a fine-tune: start from what the nets know
         opt = torch.optim.AdamW(net.parameters(), lr=lr)
         sched = _warmup_cosine(opt, steps)
         for _ in tqdm(range(steps), desc=name):
@@ -321,10 +328,22 @@ def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path) 
             lambda logits, idx: F.cross_entropy(logits, shapes[idx]))
 
 
-def _swap_left_right(prompt: str) -> str:
-    words = prompt.split()
-    swap = {"left": "right", "right": "left"}
-    return " ".join(swap.get(w, w) for w in words)
+def load_text_encoder_by_word(text: torch.nn.Module, tokenizer, init: Path) -> None:
+    """Load the text encoder of the model directory ``init`` into ``text``, whose tokenizer may have
+    another vocabulary: each token's embedding row is taken from the token of the same spelling in
+    ``init``'s tokenizer (a word both know keeps what it learned), and tokens ``init`` lacks keep
+    their fresh initialisation."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    state = CLIPTextModel.from_pretrained(Path(init) / "text_encoder").state_dict()
+    old_vocab = CLIPTokenizer.from_pretrained(Path(init) / "tokenizer").get_vocab()
+    key = next(k for k in state if k.endswith("token_embedding.weight"))
+    rows = text.state_dict()[key].clone()
+    for token, new_id in tokenizer.get_vocab().items():
+        if token in old_vocab:
+            rows[new_id] = state[key][old_vocab[token]]
+    state[key] = rows
+    text.load_state_dict(state)
 
 
 def draw_timesteps(batch: int, total: int, high_noise_share: float, gen: torch.Generator) -> torch.Tensor:
@@ -372,8 +391,6 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     tokenizer = build_tokenizer(plan.arch)
     prompts = [str(p) for p in data["prompt"]]
     ids = tokenizer(prompts, padding="max_length", max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
-    ids_flip = tokenizer([_swap_left_right(p) for p in prompts], padding="max_length",
-                         max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=plan.arch.max_tokens, return_tensors="pt").input_ids
     torch.manual_seed(plan.seed + 5)
     unet = build_unet(plan.arch)
@@ -381,10 +398,9 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
     ckpt = work / "unet_checkpoint.pt"
     if init is not None and not ckpt.exists():
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init) / "unet").state_dict())
-        text.load_state_dict(CLIPTextModel.from_pretrained(Path(init) / "text_encoder").state_dict())
+        load_text_encoder_by_word(text, tokenizer, Path(init))
     dev = torch.device(plan.device)
     unet.to(dev)
     text.to(dev)
@@ -429,7 +445,7 @@ def train_unet(plan: TrainPlan, data: dict, latents: torch.Tensor, flipped: torc
             idx = torch.multinomial(weights, plan.unet_batch, replacement=True, generator=gen)
         flip = torch.rand(plan.unet_batch, generator=gen) < 0.5
         z0 = torch.where(flip[:, None, None, None], flipped[idx], latents[idx])
-        tok = torch.where(flip[:, None], ids_flip[idx], ids[idx])
+        tok = ids[idx]  # prompts say nothing of place, so a mirrored image keeps its prompt
         drop = torch.rand(plan.unet_batch, generator=gen) < plan.uncond_prob
         tok = torch.where(drop[:, None], empty.expand_as(tok), tok)
         noise = torch.randn(z0.shape, generator=gen)
@@ -476,10 +492,11 @@ STAGES = ("data", "autoencoder", "decoder", "labelers", "unet")
 
 
 def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tuple[str, ...] = STAGES,
-              unet_init: Path | None = None) -> dict:
+              unet_init: Path | None = None, labelers_init: Path | None = None) -> dict:
     """Run ``stages`` into ``out`` (shipped files) using ``work`` for caches and checkpoints.
 
-    ``unet_init``: a model directory the UNet stage fine-tunes from (see :func:`train_unet`).
+    ``unet_init``: a model directory the UNet stage fine-tunes from (see :func:`train_unet`);
+    ``labelers_init``: a ``labelers/`` directory the labelers stage fine-tunes from.
 
     Stages whose results exist are skipped, so ``labelers`` and ``unet`` (independent once the
     autoencoder exists) can also run as two processes side by side.
@@ -512,7 +529,7 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tupl
     if "labelers" in stages:
         t0 = time.perf_counter()
         cached = all((out / "labelers" / f"{n}.safetensors").exists() for n in ("labeler", "classifier"))
-        train_labelers(plan, data, ae, out / "labelers")
+        train_labelers(plan, data, ae, out / "labelers", init=labelers_init)
         if not cached:
             _add_timing(work, "labelers_s", time.perf_counter() - t0)
     if "unet" in stages and not (out / "model_index.json").exists():

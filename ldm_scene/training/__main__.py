@@ -11,10 +11,6 @@ Examples::
         --prompts prompts.txt --labeler dpt+tracer --out runs/sd14-probes
 
 The run is resumable: rerunning the same command continues from ``OUT/work``.
-
-``python -m ldm_scene.training position-means --model M --out PROBES`` adds the cross-attention
-position means that the ``position-steer`` intervention needs (the toy model's were fit with
-``--model toy --n 150 --seed 50000000``, seeds apart from the probes' and the evaluations').
 """
 from __future__ import annotations
 
@@ -54,55 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--quick", action="store_true", help="a small run (12 images, short Adam) to check the setup")
     r.add_argument("--no-progress", action="store_true")
-    pm = sub.add_parser("position-means", help="fit the cross-attention means per horizontal third that the "
-                                               "position-steer intervention edits with")
-    pm.add_argument("--model", required=True, help="Hub id, local model directory, 'toy' or 'tiny'")
-    pm.add_argument("--n", type=int, default=150, help="runs to average (each third needs at least 3 with an object)")
-    pm.add_argument("--out", required=True, help="the model's probe directory: writes position_means.safetensors there")
-    pm.add_argument("--steps", type=int, default=None,
-                    help="default: the step count of the probes already in --out, else 15")
-    pm.add_argument("--guidance", type=float, default=None, help="default: the model's own")
-    pm.add_argument("--seed", type=int, default=0, help="first seed; runs use seeds SEED..SEED+N-1")
-    pm.add_argument("--labeler", default=None, help="as for run: finds each image's object (default: the model's toy "
-                                                      "labeler, else saliency alone)")
-    pm.add_argument("--prompts", default=None, help="text file with one prompt per line (default: toy renderer prompts)")
-    pm.add_argument("--device", default=None)
-    pm.add_argument("--threads", type=int, default=None)
     return parser
-
-
-def position_means(args: argparse.Namespace):
-    """``position-means``: generate ``--n`` runs, find each object with the labeler, save the means."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from ..intervention import InterventionError, fit_position_means
-    from ..models import load_model
-    from ..probes import CLASS_MEANS, POSITION_MEANS, ProbeBank, probe_path
-    from ..sampler import config_for
-    from .dataset import read_prompts, toy_prompt
-    from .pipeline import labeler_for
-
-    steps = args.steps
-    if steps is None:  # match the probes this folder already holds (the edit's steps are theirs)
-        fitted = [p for p in (Path(args.out) / f"{CLASS_MEANS}.safetensors", probe_path(args.out, "foreground")) if p.is_file()]
-        steps = ProbeBank.load(fitted[0]).meta.num_steps if fitted else 15
-    if args.n < 1 or args.seed < 0:
-        raise InterventionError(f"need --n >= 1 and --seed >= 0, got --n {args.n} --seed {args.seed}")
-    model = load_model(args.model, device=args.device)
-    labeler = labeler_for(args.model, args.labeler, model.device, otherwise="tracer")  # only the object is needed
-    if "foreground" not in labeler.tasks:
-        raise InterventionError(f"labeler {labeler.name} finds no foreground, which position means need")
-    prompts = read_prompts(args.prompts) if args.prompts else None
-    seeds = range(args.seed, args.seed + args.n)
-    configs = [config_for(model, toy_prompt(s) if prompts is None else prompts[i % len(prompts)], s, steps, args.guidance)
-               for i, s in enumerate(seeds)]
-    bank = fit_position_means(model, configs,
-                              lambda image, config: labeler(np.asarray(image)[None], [config.seed])["foreground"][0] > 0.5)
-    path = bank.save(Path(args.out) / f"{POSITION_MEANS}.safetensors")
-    print(f"{bank!r}; images per third: {bank.meta.training['images_per_third']}; wrote {path}")
-    return bank
 
 
 def config_from_args(args: argparse.Namespace):
@@ -142,17 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.command == "position-means":
-        from ..intervention import InterventionError
-        from ..probes import ProbeError
-        from .labelers import LabelerError
-
-        try:
-            position_means(args)
-        except (InterventionError, ProbeError, LabelerError, FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
     config = config_from_args(args)
     shard, barrier, device = _distributed()
     if device is not None and config.device is None:

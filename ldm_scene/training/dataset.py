@@ -84,7 +84,7 @@ class Shard:
 
 
 def toy_prompt(seed: int) -> str:
-    """The renderer's caption for the scene ``seed`` draws (``"a red cone on the left"``)."""
+    """The renderer's caption for the scene ``seed`` draws (``"a red cone"``)."""
     from ..toy.render import scene_from_seed
 
     return scene_from_seed(int(seed)).prompt

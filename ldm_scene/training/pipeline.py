@@ -274,13 +274,13 @@ def _model_dir(name: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def labeler_for(model_name: str, spec: str | None = None, device: Any = None, otherwise: str = "dpt+tracer") -> Labeler:
+def labeler_for(model_name: str, spec: str | None = None, device: Any = None) -> Labeler:
     """The labeler ``spec`` names, or by default the model directory's toy labeler when it ships one,
-    else ``otherwise`` (DPT depth + saliency, SD v1.4's as in the paper)."""
+    else DPT depth + saliency (SD v1.4's, as in the paper)."""
     model_dir = _model_dir(model_name)
     if spec is None:
         has_toy = model_dir is not None and (model_dir / "labelers" / "labeler.safetensors").is_file()
-        spec = "toy" if has_toy else otherwise
+        spec = "toy" if has_toy else "dpt+tracer"
     return build_labeler(spec, model_dir=model_dir, device=device)
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from ..capture import hook_sites
 from ..metrics import iou
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
-from ..probes import CLASS_MEANS, POSITION_MEANS, TASKS, ProbeBank, load_probe_dir
+from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
 from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
 from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, describe_guidance,
@@ -164,8 +164,8 @@ class Service:
 
     Build it with :meth:`load`. ``model`` is None when loading failed (``problems`` says why).
     ``banks`` are the readout probes by task; ``intervention_banks`` what the edits need
-    (``foreground``, ``foreground_means`` and ``position_means``). ``display_size`` is the side in pixels of the
-    pictures handed to the UI.
+    (``foreground`` and ``foreground_means``). ``display_size`` is the side in pixels of the pictures
+    handed to the UI.
     """
 
     def __init__(
@@ -548,7 +548,7 @@ class Service:
         return prepare_target(alpha, model.image_size)
 
     def intervene_stream(
-        self, run: Run | None, target: np.ndarray, method: str = "position-steer", strength: Any = 1.0
+        self, run: Run | None, target: np.ndarray, method: str = "steer", strength: Any = 1.0
     ) -> Iterator[InterventionView]:
         """Re-run ``run``'s prompt and seed while editing activations towards ``target``; stream it.
 
@@ -768,11 +768,11 @@ def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict
     which names the file) and the others are still used."""
     errors: list[str] = []
     loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
-                            tasks=(*TASKS, CLASS_MEANS, POSITION_MEANS), expect_model_id=model.model_id, errors=errors,
+                            tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors,
                             expect_scheduler=model.scheduler_name)
     refused = [f"A probe file does not fit this model and is not used: {err}" for err in errors]
     banks = {t: b for t, b in loaded.items() if t in TASKS}
-    means = {t: loaded[t] for t in ("foreground", CLASS_MEANS, POSITION_MEANS) if t in loaded}
+    means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
     return banks, means, refused
 
 

@@ -36,7 +36,7 @@ def create(service: Service) -> GenerateTab:
     """Lay out the tab's components (events are wired in :func:`wire`)."""
     with gr.Row():
         with gr.Column(scale=2, min_width=280):
-            prompt = gr.Textbox(label="Prompt", placeholder="a red cube on the left", max_lines=3, elem_id="prompt")
+            prompt = gr.Textbox(label="Prompt", placeholder="a red cube", max_lines=3, elem_id="prompt")
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
                 steps = gr.Slider(1, MAX_UI_STEPS, value=service.default_steps, step=1, label="Steps", elem_id="steps")

@@ -12,11 +12,9 @@ from .service import MAX_SHIFT_FRACTION, Run, Service
 
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
-    "position-steer": "give the cross-attention the target's third of the image, and steer gently (moves the object "
-                      "most often in the toy world; for a nudge within one third, use steer)",
     "steer": "move activations along the probe's foreground direction (moves the object in the toy world)",
     "probe-gradient": "the paper's method: optimise activations until the foreground probe reports the target",
-    "random-control": "position-steer's edit along random directions of the same size (should not move anything)",
+    "random-control": "steer's edit along random directions of the same size (should not move anything)",
 }
 
 
@@ -48,7 +46,7 @@ def create(service: Service) -> InterveneTab:
         methods = []
     gr.Markdown(
         "Take the last generated image, say where its object should be, and denoise the same prompt and seed "
-        "again while the edit rewrites the UNet's activations (steer and probe-gradient in the first steps, position-steer at every step). The result's foreground is "
+        "again while the edit rewrites the UNet's activations in the first steps. The result's foreground is "
         "compared with the target (IoU)."
     )
     with gr.Row():
