@@ -4,12 +4,41 @@ Flags fall back to environment variables, so a Hugging Face Space (or Docker) ca
 ``LDM_SCENE_MODEL`` (default ``toy``, the embedded toy model; ``sd14`` for SD v1.4 from the Hub),
 ``LDM_SCENE_PROBES`` (default: the ``probes/`` folder shipped beside the model),
 ``LDM_SCENE_DEVICE``, ``PORT`` (default 7860) and ``HOST`` (default 127.0.0.1; 0.0.0.0 in Docker).
+
+The port answers at once: until the model is loaded and the app built (seconds on a CPU, minutes
+when SD v1.4 is first downloaded), ``/`` is a page that says so and reloads itself when the app is
+up, and every other path answers 503. Nothing heavy (torch, Gradio, diffusers) is imported before
+that page is served.
 """
 from __future__ import annotations
 
 import argparse
+import html
 import os
+import socket
+import socketserver
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+LOADING_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ldm-scene (loading)</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<noscript><meta http-equiv="refresh" content="3"></noscript>
+<style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#333}}</style>
+</head><body>
+<h1>ldm-scene</h1>
+<p id="status">Loading the model <code>{model}</code>&hellip; this page opens the app when it is ready.</p>
+<script>
+(function poll() {{
+  fetch("config", {{cache: "no-store"}})
+    .then(function (r) {{ if (r.ok) {{ location.reload(); }} else {{ setTimeout(poll, 1000); }} }})
+    .catch(function () {{ setTimeout(poll, 1000); }});  // the port changes hands: try again
+}})();
+</script>
+</body></html>
+"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,18 +54,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class LoadingPage:
+    """A standard-library HTTP server on the app's address while the app loads (a context manager).
+
+    Binds in the constructor, so a taken port fails at once instead of after the model has loaded;
+    serves from a daemon thread inside the ``with``; lets the port go on exit, for Gradio to bind.
+    """
+
+    def __init__(self, host: str, port: int, model: str) -> None:
+        page = LOADING_HTML.format(model=html.escape(str(model))).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._answer(True)
+
+            def do_HEAD(self) -> None:
+                self._answer(False)
+
+            def _answer(self, body: bool) -> None:
+                ready = urlsplit(self.path).path in ("", "/")
+                content = page if ready else b"the app is loading; try again in a moment\n"
+                self.send_response(200 if ready else 503)
+                if not ready:
+                    self.send_header("Retry-After", "2")
+                self.send_header("Content-Type", "text/html; charset=utf-8" if ready else "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(content)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                if body:
+                    self.wfile.write(content)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
+                pass
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+            def server_bind(self) -> None:
+                # HTTPServer's own also looks up the host's FQDN, a DNS query that can stall offline.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = host, port
+
+        self.server = Server((host, port), Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="loading-page", daemon=True)
+
+    def __enter__(self) -> "LoadingPage":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import matplotlib
+    try:
+        page = LoadingPage(args.host, args.port, args.model)
+    except OSError as err:
+        print(f"cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    with page:
+        print(f"Loading {args.model}; http://{args.host}:{args.port}/ says so until the app is up.", flush=True)
+        import matplotlib
 
-    matplotlib.use("Agg")  # figures are drawn off-screen, from worker threads
-    from ldm_scene.ui.blocks import build_demo, launch_options
-    from ldm_scene.ui.service import Service
+        matplotlib.use("Agg")  # figures are drawn off-screen, from worker threads
+        from ldm_scene.ui.blocks import build_demo, launch_options
+        from ldm_scene.ui.service import Service
 
-    service = Service.load(args.model, args.probes, device=args.device)
-    if not service.ready or service.problems:
-        print(service.status_markdown(), file=sys.stderr)
-    demo = build_demo(service)
+        service = Service.load(args.model, args.probes, device=args.device)
+        if not service.ready or service.problems:
+            print(service.status_markdown(), file=sys.stderr)
+        demo = build_demo(service)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options())
     return 0
 

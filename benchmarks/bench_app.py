@@ -1,10 +1,17 @@
-"""App latency through the HTTP API: the toy model, 15 steps with probe readouts and classifier curves.
+"""App latency through the HTTP API, and app start-up.
 
 Run: ``python benchmarks/bench_app.py [--quick]``. Launches the app in this process on loopback
 and drives ``/generate`` with ``gradio_client`` (as a remote user would), measuring the time to
 the first streamed step and to the last; in alternation, in the same run, the library's plain
 ``sample()`` loop for the same prompt and seed (no readouts, no curves, no HTTP) gives the base
-line, so the printed ratios say what the app adds on top of the model's own work.
+line, so the printed ratios say what the app adds on top of the model's own work. The toy model,
+15 steps with probe readouts and classifier curves.
+
+``python benchmarks/bench_app.py --startup [--repeats N] [--before DIR]``: start-up instead. Times
+``python app.py`` (the toy model, offline) from launch to the first HTTP 200 on ``/`` and to the
+app itself (``/config`` answers 200: Gradio serves the loaded model), against ``python -c "import
+torch"``, in alternation. ``--before DIR`` adds another checkout's ``app.py`` (e.g. a ``git archive``
+of an older commit, with ``weights/`` beside it) to the same alternation.
 """
 from __future__ import annotations
 
@@ -12,8 +19,11 @@ import argparse
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,6 +35,7 @@ from common import machine  # noqa: E402
 from ldm_scene.sampler import GenerationConfig, sample  # noqa: E402
 
 PROMPT = "a red cube"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -33,11 +44,91 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None  # nothing listens yet (or the port is changing hands)
+
+
+def _time_app(checkout: Path, env: dict, limit: float = 300.0) -> tuple[float, float]:
+    """Seconds from starting ``python app.py`` in ``checkout`` to the first 200 on ``/`` and on ``/config``."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=checkout,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    page = ready = None
+    try:
+        while ready is None and time.perf_counter() - t0 < limit:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py in {checkout} exited with {proc.returncode}")
+            if page is None and _status(base + "/") == 200:
+                page = time.perf_counter() - t0
+            if page is not None and _status(base + "/config") == 200:
+                ready = time.perf_counter() - t0
+            else:
+                time.sleep(0.02)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if ready is None:
+        raise RuntimeError(f"app.py in {checkout} did not serve /config within {limit:.0f} s")
+    return page, ready
+
+
+def startup(repeats: int, before: Path | None) -> int:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "LDM_SCENE_MODEL": "toy"}
+    env.pop("LDM_SCENE_PROBES", None)
+    apps = {"app.py": REPO, **({f"app.py in {before}": before} if before else {})}
+
+    def bare_torch() -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True)
+        return time.perf_counter() - t0
+
+    bare_torch()  # warm-up: file cache, byte-code caches
+    for checkout in apps.values():
+        _time_app(checkout, env)
+    torch_s: list[float] = []
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
+    for i in range(repeats):
+        order = [None, *apps] if i % 2 == 0 else [*apps, None][::-1]
+        for name in order:
+            if name is None:
+                torch_s.append(bare_torch())
+            else:
+                times[name].append(_time_app(apps[name], env))
+    base = statistics.median(torch_s)
+    print(f"machine: {machine()}")
+    print(f"start-up, {repeats} alternations (medians; all runs in brackets)")
+    print(f"  python -c 'import torch': {base:.2f} s  {[round(t, 2) for t in torch_s]}")
+    for name, runs in times.items():
+        page = statistics.median(r[0] for r in runs)
+        ready = statistics.median(r[1] for r in runs)
+        print(f"  {name}: first HTTP 200 {page:.2f} s = {page / base:.2f}x import torch {[round(r[0], 2) for r in runs]}; "
+              f"app serving the model {ready:.2f} s = {ready / base:.2f}x {[round(r[1], 2) for r in runs]}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--startup", action="store_true", help="time app.py's start-up instead (see above)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternations for --startup (default 5; 3 with --quick)")
+    parser.add_argument("--before", type=Path, default=None, help="with --startup: another checkout to time alike")
     args = parser.parse_args(argv)
+    if args.startup:
+        return startup(args.repeats or (3 if args.quick else 5), args.before)
     torch.set_num_threads(args.threads)
     import matplotlib
 

@@ -31,7 +31,7 @@ def _child(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(args.threads)
-    from ldm_scene.sampler import GenerationConfig, sample
+    from ldm_scene.sampler import sample
     from ldm_scene.training.pipeline import RunConfig, fit_image, new_fit_state, prepare
 
     labeler, prompts = None, None
@@ -62,7 +62,7 @@ def _child(args: argparse.Namespace) -> None:
     t_fit = time.perf_counter()
     for record in ctx.fit_records[: args.n]:
         t0 = time.perf_counter()
-        for _ in sample(ctx.model, GenerationConfig(record.prompt, seed=record.seed, steps=args.steps)):
+        for _ in sample(ctx.model, ctx.generation(record)):  # the fit pass's own guidance schedule
             pass
         plain += time.perf_counter() - t0
         fit_image(ctx, state, record)

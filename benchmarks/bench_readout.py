@@ -1,7 +1,11 @@
 """Readout overhead: the plain denoising loop vs the same loop with all 16 sites read by all 3 probes.
 
 Run: ``python benchmarks/bench_readout.py [--quick] [--no-sd]``. Prints, for each model, the median
-time of both loops measured in alternation in this one run and their ratio (goal <= 1.03x).
+time of each loop measured in alternation in this one run and its ratio to the plain loop (goal
+<= 1.03x for the fused readout). The loops: plain; *unfused*, the readout as it was (48 one-probe
+readouts a step, each upsampled to the image and copied to the host on its own); *fused*, one
+matmul per site over all probes, maps at the sites' grids (what the app keeps); *fused, upsampled*,
+the same upsampled to the image on the device, once per site.
 (a) the shipped toy model, 15 steps; (b) SD v1.4's full-size UNet from its published config with
 random weights at 512 px, a couple of steps (no download: a tiny VAE and text encoder of SD's
 widths stand in, and no image is decoded); (c) the same on CUDA when a GPU is present.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import AllSitesReader, interleaved, machine, random_banks  # noqa: E402
+from common import AllSitesReader, UnfusedReader, interleaved_clocks, machine, paired_ratio, random_banks  # noqa: E402
 
 from ldm_scene.models import TOY_MODEL_DIR, Model, load_model  # noqa: E402
 from ldm_scene.sampler import GenerationConfig, sample  # noqa: E402
@@ -47,21 +52,23 @@ def sd14_random(device: str) -> Model:
     return Model(pipe, "sd14-random")
 
 
-def measure(model: Model, prompt: str, steps: int, repeats: int) -> dict:
+def measure(model: Model, prompt: str, steps: int, repeats: int, warm_all: bool = True) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each loop per round, alternated, after a warm-up run of each (or of the plain one)."""
     config = GenerationConfig(prompt, seed=0, steps=steps)
-    reader = AllSitesReader(random_banks(model, steps), model.image_size)
+    banks = random_banks(model, steps)
+    readers = {"plain": None, "unfused": UnfusedReader(banks, model.image_size), "fused": AllSitesReader(banks),
+               "fused, upsampled": AllSitesReader(banks, model.image_size)}
 
-    def plain():
-        for _ in sample(model, config, decode_final=False):
-            pass
+    def loop(reader):
+        def run():
+            for _ in sample(model, config, readers=[reader] if reader else [], decode_final=False):
+                pass
+        return run
 
-    def readout():
-        for _ in sample(model, config, readers=[reader], decode_final=False):
-            pass
-
-    plain()  # warm-up (allocations, kernel selection)
-    t = interleaved({"plain": plain, "readout": readout}, repeats)
-    return {"plain_s": t["plain"], "readout_s": t["readout"], "ratio": t["readout"] / t["plain"]}
+    fns = {name: loop(reader) for name, reader in readers.items()}
+    for fn in fns.values() if warm_all else [fns["plain"]]:  # allocations, kernel selection, stacked weights
+        fn()
+    return interleaved_clocks(fns, repeats)
 
 
 def main(argv=None) -> int:
@@ -70,27 +77,36 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sd", action="store_true", help="skip the full-size SD v1.4 UNet (minutes on a CPU)")
     parser.add_argument("--no-toy", action="store_true", help="skip the toy model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternations of the toy loops (default 9; 3 with --quick)")
     parser.add_argument("--sd-repeats", type=int, default=None, help="alternations of the SD loops (default 2; 1 with --quick)")
+    parser.add_argument("--sd-steps", type=int, default=None, help="steps of the SD loops on the CPU (default 2; 1 with --quick)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     if not args.no_toy:
         toy = load_model(str(TOY_MODEL_DIR) if (TOY_MODEL_DIR / "model_index.json").exists() else "tiny", device="cpu")
-        rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube", 15, 3 if args.quick else 7)))
+        rows.append((f"{toy.model_id} (CPU, 15 steps)", measure(toy, "a red cube", 15, args.repeats or (3 if args.quick else 9))))
     if not args.no_sd:
         sd = sd14_random("cpu")
-        rows.append(("SD v1.4 UNet, random weights, 512 px (CPU)", measure(sd, "a photo of a lemon", 1 if args.quick else 2,
-                                                                             args.sd_repeats or (1 if args.quick else 2))))
+        steps = args.sd_steps or (1 if args.quick else 2)
+        rows.append((f"SD v1.4 UNet, random weights, 512 px (CPU, {steps} steps)",
+                     measure(sd, "a photo of a lemon", steps, args.sd_repeats or (1 if args.quick else 2), warm_all=False)))
         del sd
     if torch.cuda.is_available():
         sd = sd14_random("cuda")
         rows.append(("SD v1.4 UNet, random weights, 512 px (CUDA fp16, 15 steps)", measure(sd, "a photo of a lemon", 15, 5)))
+    names = ("unfused", "fused", "fused, upsampled")
     print(f"machine: {machine()}")
-    print("| model | plain loop | with all 16 sites x 3 probes | ratio (goal <= 1.03) |")
-    print("|---|---|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['plain_s']:.3f} s | {r['readout_s']:.3f} s | {r['ratio']:.3f}x |")
+    print("Median seconds, wall clock (this process's CPU time); ratios: median over rounds of loop / plain loop")
+    print("in the same round, wall (CPU). On a CPU shared with other jobs the CPU clock is the steadier; on CUDA only wall counts.")
+    print("| model | plain loop | unfused (before) | fused | fused, upsampled | ratio to plain: unfused / fused / fused, upsampled (goal <= 1.03 fused) |")
+    print("|---|---|---|---|---|---|")
+    for name, t in rows:
+        cells = [f"{statistics.median(w for w, _ in t[k]):.3f} s ({statistics.median(c for _, c in t[k]):.3f} s)"
+                 for k in ("plain", *names)]
+        ratios = " / ".join(f"{paired_ratio(t[k], t['plain'], 0):.3f}x ({paired_ratio(t[k], t['plain'], 1):.3f}x)" for k in names)
+        print(f"| {name} | {' | '.join(cells)} | {ratios} |")
     return 0
 
 

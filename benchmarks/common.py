@@ -10,6 +10,7 @@ import torch
 
 from ldm_scene.models import Model
 from ldm_scene.probes import TASKS, ProbeBank, ProbeMeta
+from ldm_scene.readout import StackedProbes, to_numpy
 
 
 def random_banks(model: Model, num_steps: int, seed: int = 0) -> dict[str, ProbeBank]:
@@ -26,15 +27,38 @@ def random_banks(model: Model, num_steps: int, seed: int = 0) -> dict[str, Probe
 
 
 class AllSitesReader:
-    """The heaviest readout: every task's probe at every one of the 16 sites, every step."""
+    """The heaviest readout: every task's probe at every one of the 16 sites, every step.
+
+    Fused (:class:`~ldm_scene.readout.StackedProbes`: one matmul per site over all tasks), maps at
+    each site's grid, or nearest-upsampled on the device to ``out_size``; a step's maps reach the
+    host in one copy when it is collected.
+    """
 
     name = "all-probes"
 
-    def __init__(self, banks: dict[str, ProbeBank], out_size: tuple[int, int]):
-        self.banks, self.out_size = banks, out_size
+    def __init__(self, banks: dict[str, ProbeBank], out_size: tuple[int, int] | None = None):
+        self.probes, self.out_size = StackedProbes(banks), out_size
         self.sites = tuple(next(iter(banks.values())).sites)
         self.steps = None
         self.maps: dict = {}
+
+    def read(self, site, step, act):
+        for tasks, values in self.probes.stacked(site, step, act, out_size=self.out_size):
+            self.maps[(tasks, site)] = values
+
+    def collect(self, step):
+        out, self.maps = self.maps, {}
+        arrays = to_numpy(out)  # one copy from a GPU; maps are rows of each site's array
+        return sum(len(tasks) for tasks, _ in arrays)
+
+
+class UnfusedReader(AllSitesReader):
+    """The same maps the way they were read before the fused readout: 48 one-probe readouts a step,
+    each upsampled to ``out_size`` and copied to the host on its own."""
+
+    def __init__(self, banks: dict[str, ProbeBank], out_size: tuple[int, int]):
+        super().__init__(banks, out_size)
+        self.banks = banks
 
     def read(self, site, step, act):
         for task, bank in self.banks.items():
@@ -47,15 +71,33 @@ class AllSitesReader:
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """Median seconds of each function, run in alternation so drifts in machine load hit all alike."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
+    return {name: statistics.median(w for w, _ in runs) for name, runs in interleaved_clocks(fns, repeats).items()}
+
+
+def interleaved_clocks(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Each function's ``(wall seconds, this process's CPU seconds)`` per round, run in alternation.
+
+    On a CPU shared with other jobs the wall clock also counts the time other processes held the
+    cores; this process's CPU time does not, so with one torch thread it is the steadier clock (it
+    misses GPU time: use the wall clock there). Round ``i`` of every function ran side by side, so
+    per-round ratios cancel slow drifts in machine load (see :func:`paired_ratio`).
+    """
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(repeats):
+        # every other round in reverse, so no function always runs right after the same one
+        for name in order if i % 2 == 0 else order[::-1]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return times
+
+
+def paired_ratio(runs: list[tuple[float, float]], base: list[tuple[float, float]], clock: int = 0) -> float:
+    """The median over rounds of ``runs[i] / base[i]`` on one clock (0: wall, 1: CPU)."""
+    return statistics.median(r[clock] / b[clock] for r, b in zip(runs, base))
 
 
 def machine() -> str:

@@ -8,9 +8,12 @@ Conventions:
 - Masks are compared as booleans; any non-zero value counts as foreground.
 - Dice and IoU of two empty masks are 1.0 (both say "no foreground": perfect agreement). This
   matches the paper's ``dice_coeff``, whose ``1e-8`` smoothing term gives 1 in that case.
-- Correlations are taken over all pixels of an image (arrays are flattened). A constant input has
-  no defined correlation and gives ``nan``, as ``scipy.stats`` does; non-finite inputs are refused
-  with ``ValueError`` because a nan would silently poison a rank.
+- Correlations are taken over all pixels of an image (arrays are flattened) with ``scipy.stats``
+  (ties get average ranks). A constant input has no defined correlation and gives ``nan`` (as
+  ``scipy.stats`` does, here without its warning); non-finite inputs are refused with
+  ``ValueError`` because a nan would silently poison a rank.
+- :func:`bootstrap_mean_ci` resamples test images (a seeded generator) for confidence intervals of
+  mean scores and of paired score differences.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import math
 from typing import Callable, Iterable
 
 import numpy as np
+import scipy.stats
 
 __all__ = [
     "dice",
@@ -33,6 +37,8 @@ __all__ = [
     "mean_spearman",
     "mean_pearson",
     "mean_rmse",
+    "spearman_tie_ceiling",
+    "bootstrap_mean_ci",
 ]
 
 
@@ -76,46 +82,30 @@ def iou(pred: np.ndarray, target: np.ndarray) -> float:
 
 def rank_average(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n of the flattened ``x``, ties given the average of the ranks they span (float64)."""
-    x = np.asarray(x).ravel()
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts_group = np.empty(xs.size, dtype=bool)
-    starts_group[:1] = True
-    starts_group[1:] = xs[1:] != xs[:-1]
-    group = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.append(starts[1:], xs.size)  # exclusive
-    # a tie group occupying 0-based positions start..end-1 gets the mean 1-based rank
-    group_rank = (starts + ends + 1) / 2.0
-    ranks = np.empty(xs.size, dtype=np.float64)
-    ranks[order] = group_rank[group]
-    return ranks
+    return scipy.stats.rankdata(np.asarray(x).ravel(), method="average").astype(np.float64, copy=False)
 
 
-def _pearson_flat(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
-    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
-    if na == 0.0 or nb == 0.0:
-        return math.nan
-    r = float(a @ b) / (na * nb)
-    return max(-1.0, min(1.0, r))
+def _constant(x: np.ndarray) -> bool:
+    return x.size < 2 or bool(x.min() == x.max())
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation over all elements of two same-shaped arrays; ``nan`` if either is constant."""
     a, b = _finite_pair(a, b, "pearson")
-    return _pearson_flat(a, b)
+    if _constant(a) or _constant(b):
+        return math.nan  # scipy would say the same, with a ConstantInputWarning
+    return float(np.clip(scipy.stats.pearsonr(a, b).statistic, -1.0, 1.0))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation over all elements (ties get average ranks); ``nan`` if either is constant.
 
-    This is the Pearson correlation of the two rank vectors, the same definition as
-    ``scipy.stats.spearmanr(a, b, axis=None)``.
+    ``scipy.stats.spearmanr(a, b, axis=None)``: the Pearson correlation of the two average-rank vectors.
     """
     a, b = _finite_pair(a, b, "spearman")
-    return _pearson_flat(rank_average(a), rank_average(b))
+    if _constant(a) or _constant(b):
+        return math.nan
+    return float(np.clip(scipy.stats.spearmanr(a, b).statistic, -1.0, 1.0))
 
 
 def rmse(pred: np.ndarray, target: np.ndarray) -> float:
@@ -180,3 +170,42 @@ def mean_pearson(preds: np.ndarray, targets: np.ndarray) -> float:
 def mean_rmse(preds: np.ndarray, targets: np.ndarray) -> float:
     """RMSE per image, averaged over images (as the paper reports it, not pooled over pixels)."""
     return mean_ignore_nan(per_image(rmse, preds, targets))
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Percentile-bootstrap confidence interval of the nan-skipping mean over images.
+
+    ``values`` is ``[N]`` or ``[N, ...]``: one score (or paired difference of scores) per test
+    image along axis 0. Images are resampled with replacement ``resamples`` times with
+    ``numpy.random.default_rng(seed)``; every column uses the same resampled images, so intervals
+    of different columns (steps) are drawn from the same resamples. Returns ``(mean, low, high)``,
+    each shaped ``values.shape[1:]``; nan where a column has no finite value.
+    """
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0 or values.shape[0] == 0:
+        raise ValueError(f"bootstrap_mean_ci: expected [N, ...] with N >= 1, got shape {values.shape}")
+    n = values.shape[0]
+    flat = values.reshape(n, -1)
+    ok = np.isfinite(flat)
+    clean = np.where(ok, flat, 0.0)
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    # how often each image is drawn in each resample, so a resample's sums are one matmul
+    weights = np.zeros((resamples, n))
+    np.add.at(weights, (np.arange(resamples)[:, None], idx), 1.0)
+    sums = weights @ clean  # [resamples, columns]
+    counts = weights @ ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        mean = np.where(ok.sum(0) > 0, clean.sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+    alpha = (1.0 - level) / 2
+    low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    for col in range(flat.shape[1]):
+        finite = means[:, col][np.isfinite(means[:, col])]
+        if finite.size:
+            low[col], high[col] = np.quantile(finite, [alpha, 1.0 - alpha])
+    shape = values.shape[1:]
+    return mean.reshape(shape), low.reshape(shape), high.reshape(shape)

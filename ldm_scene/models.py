@@ -4,6 +4,9 @@ Every model ldm-scene works with is a diffusers ``StableDiffusionPipeline`` (une
 text_encoder, tokenizer, scheduler). :class:`Model` wraps one with what the rest of the package
 asks of it: its id, device, dtype, image size and site table. Nothing here branches on which
 model it is; sizes come from the configs.
+
+diffusers and transformers are imported where a model is built, not when this module is: they
+cost seconds (diffusers reaches ``torch._dynamo``), and the app serves its page before it loads.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from .sites import SITE_KEYS, SiteInfo, site_table
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 #: The embedded toy model shipped with the repository.
 TOY_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy-scenes"
@@ -181,6 +186,8 @@ def _local_id(path: Path) -> str:
 
 
 def _from_pretrained(name: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
     path = Path(name)
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local:

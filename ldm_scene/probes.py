@@ -25,13 +25,13 @@ import struct
 import zipfile
 from dataclasses import replace, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .sites import SITE_KEYS, SiteInfo, site_table
 
@@ -189,10 +189,16 @@ class ProbeMeta:
     @classmethod
     def from_json(cls, text: str) -> "ProbeMeta":
         """Parse :meth:`to_json` output; ``ProbeError`` on bad JSON, unknown or missing fields."""
+        if not isinstance(text, str):
+            raise ProbeError(f"metadata must be a JSON string, got {type(text).__name__}")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ProbeError(f"metadata is not valid JSON: {exc}") from exc
+        except RecursionError:
+            # Python's json recurses once per nesting level: a hostile file could otherwise
+            # take down whatever loads it (the app, at start-up).
+            raise ProbeError("metadata is not a probe description: its JSON is nested too deeply to read") from None
         if not isinstance(data, dict):
             raise ProbeError(f"metadata must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
@@ -213,7 +219,13 @@ class ProbeMeta:
         )
         if missing:
             raise ProbeError(f"metadata lacks field(s) {missing}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ProbeError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            # e.g. a string where a number belongs: int("x") / float({}) inside __post_init__
+            raise ProbeError(f"metadata has a value of the wrong kind: {exc}") from exc
 
 
 class ProbeBank:
@@ -401,22 +413,29 @@ class ProbeBank:
         expect_image_size: int | Sequence[int] | None,
         expect_num_steps: int | None,
     ) -> "ProbeBank":
-        header = _read_safetensors_header(path)
-        metadata = header.get("__metadata__") or {}
-        if METADATA_KEY not in metadata:
-            raise ProbeError(
-                f"no '{METADATA_KEY}' entry in the safetensors metadata: not an ldm_scene probe file"
-            )
-        meta = ProbeMeta.from_json(metadata[METADATA_KEY])
+        _check_safetensors_file(path)
         try:
-            tensors = load_file(str(path), device="cpu")
+            # safe_open parses the header in Rust (bounded nesting, offsets checked against the
+            # file) and reads each tensor without unpickling anything.
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                if METADATA_KEY not in metadata:
+                    raise ProbeError(
+                        f"no '{METADATA_KEY}' entry in the safetensors metadata: not an ldm_scene probe file"
+                    )
+                meta = ProbeMeta.from_json(metadata[METADATA_KEY])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except SafetensorError as exc:
-            raise ProbeError(f"cannot read tensors ({exc})") from exc
+            raise ProbeError(_describe_safetensors_error(exc)) from exc
         weights, biases = {}, {}
         for name, tensor in tensors.items():
             site, step, kind = parse_tensor_name(name)
             if not tensor.is_floating_point():
                 raise ProbeError(f"tensor {name!r} has dtype {tensor.dtype}, expected a float type")
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                # A NaN or infinite weight turns every readout and edit into NaN (a black image).
+                raise ProbeError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or infinity) of {tensor.numel()}")
             (weights if kind == "weight" else biases)[(site, step)] = tensor
         bank = cls(meta, weights, biases)
         bank._check_expectations(expect_sites, expect_image_size, expect_num_steps)
@@ -454,8 +473,11 @@ class ProbeBank:
                 )
 
 
-def _read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header without trusting anything in the file."""
+def _check_safetensors_file(path: Path) -> None:
+    """Refuse what is plainly not a safetensors file, with a message that says what it is instead.
+
+    Only the 8-byte length prefix is read here; the header itself is parsed by ``safe_open``.
+    """
     if not path.is_file():
         raise ProbeError("no such file")
     size = path.stat().st_size
@@ -464,14 +486,8 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        raw = f.read(n) if 0 < n <= size - 8 else None
-    header = None
-    if raw is not None:
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if header is None:
+        first = f.read(1) if 0 < n <= size - 8 else b""
+    if n <= 0 or n > size - 8 or first != b"{":
         # Only now look at magic bytes: a valid header length can start with 0x80 too.
         if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
             raise ProbeError(
@@ -480,28 +496,20 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             )
         if n < 0:
             raise ProbeError(f"file is {size} bytes, too short for a safetensors header")
-        if raw is None:
+        if n == 0 or n > size - 8:
             raise ProbeError(
                 f"not a safetensors file (header length {n} does not fit a {size}-byte file; truncated?)"
             )
-        raise ProbeError("not a safetensors file (header is not JSON)")
-    if not isinstance(header, dict):
         raise ProbeError("not a safetensors file (header is not a JSON object)")
-    data_size = size - 8 - n
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise ProbeError(f"not a safetensors file (tensor {name!r} has no data offsets)")
-        if offsets[1] > data_size:
-            raise ProbeError(
-                f"file is truncated: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte data section"
-            )
-    meta = header.get("__metadata__")
-    if meta is not None and not isinstance(meta, dict):
-        raise ProbeError("not a safetensors file (__metadata__ is not an object)")
-    return header
+
+
+def _describe_safetensors_error(exc: Exception) -> str:
+    text = str(exc)
+    if "incomplete metadata" in text or "file not fully covered" in text:
+        return f"file is truncated or its tensors overlap: the header's offsets do not fit the data ({text})"
+    if "recursion limit" in text:
+        return f"not a safetensors file (its header is nested too deeply to be a probe file: {text})"
+    return f"not a safetensors file ({text})"
 
 
 def probe_path(directory: str | os.PathLike, task: str) -> Path:

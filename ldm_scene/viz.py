@@ -1,8 +1,15 @@
 """Figures of probe results: emergence curves, site x step heat maps, per-step readout strips.
 
-Everything returns a :class:`matplotlib.figure.Figure` built without pyplot (so no global backend
+Figures are :class:`matplotlib.figure.Figure` objects built without pyplot (so no global backend
 or figure registry is touched, and it works headless); :func:`save_figure` writes a PNG with the
 Agg renderer. Inputs are plain data: the ``metrics.json`` dictionary and numpy arrays.
+
+The app's per-step pictures (:func:`outline_picture`, :func:`colour_bar_picture`) are plain
+numpy/PIL/OpenCV instead: they are drawn at every denoising step, where a matplotlib figure would
+cost more than the step. Probe maps are upsampled bilinearly for display (a 16x16 grid shown at
+256 px is otherwise a mosaic of blocks); the foreground mask is the upsampled logit margin above 0,
+i.e. ``p > 0.5`` of the calibrated probe (calibration folds the threshold into the bias), the
+same mask the evaluation scores.
 """
 from __future__ import annotations
 
@@ -13,7 +20,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["emergence_figure", "heatmap_figure", "strips_figure", "save_figure", "write_probe_figures"]
+__all__ = [
+    "emergence_figure", "heatmap_figure", "strips_figure", "save_figure", "write_probe_figures",
+    "upsample_smooth", "foreground_margin", "outline_picture", "colour_bar_picture",
+]
 
 _BASELINE_STYLE = {
     "labeler_on_x0": ("labeler on x0 preview", "tab:orange", "--"),
@@ -184,3 +194,108 @@ def write_probe_figures(metrics: Mapping[str, Any], examples: Sequence[Mapping[s
         paths.append(save_figure(heatmap_figure(metrics, task), out_dir / f"heatmap_{task}.png"))
     paths.append(save_figure(strips_figure(examples, metrics), out_dir / "strips.png", dpi=100))
     return paths
+
+
+# --- per-step pictures for the app ---------------------------------------------------------------
+
+#: Colour of the foreground outline and of the colour bar's text.
+OUTLINE_RGB = (255, 40, 40)
+
+
+def upsample_smooth(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to ``(height, width)`` (pixel centres aligned, as
+    ``F.interpolate(..., mode="bilinear", align_corners=False)``)."""
+    from PIL import Image
+
+    values = np.asarray(values, np.float32)
+    h, w = int(size[0]), int(size[1])
+    if values.shape == (h, w):
+        return values
+    return np.asarray(Image.fromarray(values, mode="F").resize((w, h), Image.BILINEAR), np.float32)
+
+
+def foreground_margin(prob: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """The logit margin ``log(p / (1 - p))`` of foreground probabilities (0 at ``p = 0.5``).
+
+    Upsampling the margin and thresholding at 0 is exact for a linear probe, whose margin is
+    linear in the activations; upsampling ``p`` would bend the boundary through the sigmoid.
+    """
+    p = np.clip(np.nan_to_num(np.asarray(prob, np.float64), nan=0.0), eps, 1 - eps)
+    return np.log(p / (1 - p)).astype(np.float32)
+
+
+def outline_picture(image: "Image.Image", prob: np.ndarray | None, size: int, colour: tuple[int, int, int] = OUTLINE_RGB,
+                    thickness: int | None = None) -> "Image.Image":
+    """``image`` at ``size`` px with the outline of the foreground ``prob > 0.5`` drawn over it.
+
+    ``prob`` is the probe's foreground probability on any grid (or a bool mask at any size);
+    it is upsampled bilinearly (as its logit margin) to ``size`` before thresholding, so the
+    outline is smooth instead of following grid cells. The image itself is not tinted.
+    """
+    import cv2
+    from PIL import Image
+
+    base = np.array(_enlarge_rgb(image, size))
+    if prob is None:
+        return Image.fromarray(base)
+    prob = np.asarray(prob)
+    if prob.dtype == bool:
+        margin = prob.astype(np.float32) - 0.5
+    else:
+        margin = foreground_margin(prob)
+    mask = (upsample_smooth(margin, (size, size)) > 0).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    width = thickness or max(1, size // 128)
+    # A dark halo under the colour keeps the line visible on red objects and bright skies alike.
+    cv2.drawContours(base, contours, -1, (0, 0, 0), width + 2, lineType=cv2.LINE_AA)
+    cv2.drawContours(base, contours, -1, tuple(int(c) for c in colour), width, lineType=cv2.LINE_AA)
+    return Image.fromarray(base)
+
+
+def colour_bar_picture(values: np.ndarray, vmin: float, vmax: float, cmap: str, size: int, label: str,
+                       low_note: str = "", high_note: str = "") -> "Image.Image":
+    """A 2-D map through ``cmap`` over the fixed range ``[vmin, vmax]``, bilinearly upsampled to
+    ``size`` px, with a colour bar on the right: the range's ends, its middle, and ``label``.
+
+    Values outside the range are clipped to its ends (the bar says so with ``<`` and ``>``);
+    NaN is drawn as the low end. ``low_note``/``high_note`` say what the ends mean ("near").
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    values = upsample_smooth(np.nan_to_num(np.asarray(values, np.float32), nan=vmin), (size, size))
+    span = vmax - vmin if np.isfinite(vmax - vmin) and vmax > vmin else 1.0
+    colours = colormaps[cmap]
+    tile = colours(((values - vmin) / span).clip(0.0, 1.0), bytes=True)[..., :3]
+    bar_w, text_w, pad = max(10, size // 20), max(64, size // 4), 6
+    canvas = Image.new("RGB", (size + pad + bar_w + text_w, size), (255, 255, 255))
+    canvas.paste(Image.fromarray(tile), (0, 0))
+    ramp = colours(np.linspace(1.0, 0.0, size)[:, None].repeat(bar_w, 1), bytes=True)[..., :3]
+    x0 = size + pad
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (x0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((x0, 0, x0 + bar_w - 1, size - 1), outline=(0, 0, 0))
+    tx = x0 + bar_w + 4
+    top = f">{vmax:.3g}" if float(np.nanmax(values)) > vmax else f"{vmax:.3g}"
+    bottom = f"<{vmin:.3g}" if float(np.nanmin(values)) < vmin else f"{vmin:.3g}"
+    draw.text((tx, 2), top, fill=(0, 0, 0))
+    if high_note:
+        draw.text((tx, 14), high_note, fill=(80, 80, 80))
+    draw.text((tx, size // 2 - 6), f"{(vmin + vmax) / 2:.3g}", fill=(0, 0, 0))
+    draw.text((tx, size // 2 + 8), label[:14], fill=(80, 80, 80))
+    if low_note:
+        draw.text((tx, size - 26), low_note, fill=(80, 80, 80))
+    draw.text((tx, size - 13), bottom, fill=(0, 0, 0))
+    return canvas
+
+
+def _enlarge_rgb(image: "Image.Image", size: int) -> "Image.Image":
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size == (size, size):
+        return image
+    # Small images blown up 2x or more keep their pixels sharp (each model pixel stays visible);
+    # maps, which are smooth fields, are upsampled bilinearly instead (upsample_smooth).
+    resample = Image.NEAREST if max(image.size) * 2 <= size else Image.BILINEAR
+    return image.resize((size, size), resample)

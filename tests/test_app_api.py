@@ -123,9 +123,9 @@ def test_scrub_after_the_run(client):
         ("", 3, STEPS, "prompt is empty"),
         ("   ", 3, STEPS, "prompt is empty"),
         ("red " * 40, 3, STEPS, "prompt is too long"),
-        ("a red cube", -5, STEPS, "less than minimum value 0|seed must be between"),
-        ("a red cube", 3, 0, "less than minimum value 1|steps must be between 1 and"),
-        ("a red cube", 3, 500, "greater than maximum value 50|steps must be between 1 and"),
+        ("a red cube", -5, STEPS, "seed must be at least 0, got -5"),
+        ("a red cube", 3, 0, "steps must be between 1 and 50, got 0"),
+        ("a red cube", 3, 500, "steps must be between 1 and 50, got 500"),
         ("a red cube", 2**70, STEPS, "seed must be between"),
     ],
 )
@@ -274,3 +274,224 @@ def test_generated_image_is_an_image(client):
 
     image = Image.open(BytesIO(httpx.get(url, timeout=10).content))
     assert image.size[0] >= 32 and np.asarray(image).ndim == 3
+
+
+# -- bad input over the API: every refusal names the field, none is Gradio's generic error ------------
+
+GENERIC = "upstream Gradio app has raised an exception"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but carries almost no data.
+
+    Pillow reads the size from the header and fails only when decoding; so a message about the
+    size (not about a truncated file) proves the size was checked before any pixel was decoded.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _editor_upload(path) -> dict:
+    from gradio_client import handle_file
+
+    return {"background": None, "layers": [handle_file(str(path))], "composite": None}
+
+
+def _app_error(client, *args, api_name: str) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    message = str(info.value)
+    assert GENERIC not in message, f"a generic error instead of a message: {message}"
+    return message
+
+
+@pytest.mark.parametrize("seed, steps, guidance, message", [
+    (1.5, STEPS, 7.5, r"seed must be a whole number, got 1\.5"),  # was rounded: 1.5 and 2.5 both ran seed 2
+    (2.5, STEPS, 7.5, r"seed must be a whole number, got 2\.5"),
+    ("seven", STEPS, 7.5, "seed must be a whole number, got 'seven'"),
+    (3, "four", 7.5, "steps must be a whole number, got 'four'"),
+    (3, 2.5, 7.5, r"steps must be a whole number, got 2\.5"),
+    (3, STEPS, "high", "guidance must be a number, got 'high'"),
+])
+def test_numbers_are_refused_by_name_not_rounded(client, seed, steps, guidance, message):
+    assert re.search(message, _app_error(client, "a red cube", seed, steps, guidance, None, None, None,
+                                         api_name="/generate"))
+
+
+def _raw_error(app, api_name: str, body: str) -> str:
+    """POST a raw JSON body (which may hold NaN, as Python's json writes it) to an endpoint; the
+    error message it streams back."""
+    base = app.local_url.rstrip("/")
+    r = httpx.post(f"{base}/gradio_api/call/{api_name}", content=body, headers={"content-type": "application/json"},
+                   timeout=10)
+    assert r.status_code == 200, r.text
+    stream = httpx.get(f"{base}/gradio_api/call/{api_name}/{r.json()['event_id']}", timeout=60).text
+    assert "event: error" in stream and GENERIC not in stream, stream
+    return stream
+
+
+def test_nan_is_refused_by_name(app):
+    """NaN passes both of Gradio's bound checks; it used to reach int() and show Python's own
+    'cannot convert float NaN to integer'."""
+    assert "step must be a whole number, got nan" in _raw_error(app, "scrub", '{"data": [NaN]}')
+    body = '{"data": ["a red cube", 3, %d, NaN, null, null, null]}' % STEPS
+    assert "guidance must be a number, got nan" in _raw_error(app, "generate", body)
+
+
+def test_scrub_counts_from_one_and_explains_bad_steps(client):
+    """After a 1-step run the only step is 1; asking for 2 is refused in the page's numbers (1-based),
+    not as "step must be between 0 and 0, got 1"."""
+    _generate(client, steps=1).result(timeout=120)
+    assert "step 1 of 1" in client.predict(1, api_name="/scrub")[4]
+    assert "step must be between 1 and 1 for this run, got 2" in _app_error(client, 2, api_name="/scrub")
+
+
+def test_scrub_listens_to_typing_and_a_one_step_run_has_nothing_to_scrub(app):
+    from ldm_scene.ui.tab_generate import scrub_update
+
+    scrub = next(fn for fn in app.fns.values() if fn.api_name == "scrub")
+    # "input" fires when the slider is dragged and when a number is typed into its box
+    # ("release" alone missed typing: the box fires no release until it loses focus).
+    assert "input" in {event for _, event in scrub.targets}
+    # Gradio refuses a slider whose minimum equals its maximum: a 1-step run hides it (the
+    # progress line says "step 1 of 1") instead of offering a range of 1-2.
+    one = scrub_update(1)
+    assert one.visible is False and one.interactive is False
+    four = scrub_update(4)
+    assert (four.minimum, four.maximum, four.value, four.interactive, four.visible) == (1, 4, 4, True, True)
+
+
+def test_upload_handlers_have_a_concurrency_limit(app):
+    """Every event that decodes the drawing (target previews, the intervention) waits its turn in a
+    bounded queue: a burst of large uploads cannot decode all at once."""
+    editor_fns = [fn for fn in app.fns.values() if any(getattr(b, "elem_id", None) == "mask-editor" for b in fn.inputs)]
+    assert len(editor_fns) >= 3
+    for fn in editor_fns:
+        assert fn.concurrency_limit is not None and fn.concurrency_limit <= 2, (fn.name, fn.concurrency_limit)
+        assert fn.concurrency_id in ("model", "view"), (fn.name, fn.concurrency_id)
+
+
+def test_bad_uploads_are_explained_before_decoding(client, tmp_path):
+    _generate(client).result(timeout=120)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    big = tmp_path / "big.png"  # a real, small file that decodes to 8000x8000 (~256 MB as RGBA)
+    Image.new("1", (8000, 8000)).save(big, optimize=True)
+    assert big.stat().st_size < 200_000
+    header_only = tmp_path / "huge.png"
+    header_only.write_bytes(png_header(13_000, 13_000))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20_000, 20_000))  # over Pillow's own bomb limit
+    cases = [
+        (text, "the drawing is not an image"),
+        (big, "the drawing is 8000x8000 px; the largest accepted is 4096 px a side"),
+        (header_only, "the drawing is 13000x13000 px; the largest accepted is 4096 px a side"),
+        (bomb, "the drawing declares more pixels than an image may have"),
+    ]
+    for path, message in cases:
+        got = _app_error(client, "draw a new mask", 0, 0, _editor_upload(path), "steer", 1.0, api_name="/intervene")
+        assert message in got, (path.name, got)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_a_white_on_black_mask_means_white_is_the_object(client, tmp_path, mode):
+    """A mask as the hint describes it (white = foreground), greyscale, RGB or opaque RGBA: the
+    white box is the target, not "covers the whole image" (an opaque alpha says nothing)."""
+    _generate(client).result(timeout=120)
+    arr = np.zeros((64, 64), np.uint8)
+    arr[8:24, 32:56] = 255  # a box in the upper right: centre (43.5, 15.5) at 64 px
+    image = Image.fromarray(arr).convert(mode)
+    path = tmp_path / f"mask_{mode}.png"
+    image.save(path)
+    _live, _target, _gallery, summary, numbers = client.predict(
+        "draw a new mask", 0, 0, _editor_upload(path), "steer", 1.0, api_name="/intervene")
+    x, y = numbers["target_centroid"]
+    scale = 32 / 64  # the tiny model draws 32x32
+    assert abs(x - 43.5 * scale) < 1.5 and abs(y - 15.5 * scale) < 1.5, numbers
+    assert "IoU" in summary
+
+
+def test_api_names_say_what_each_value_is(app):
+    """No parameter is named param_N and no output value_N: every API-visible component has a label."""
+    from gradio_client import Client
+
+    info = Client(app.local_url, verbose=False, download_files=False).view_api(return_format="dict", print_info=False)
+    endpoints = info["named_endpoints"]
+    assert {"/generate", "/scrub", "/intervene", "/classify"} <= set(endpoints)
+    for name, endpoint in endpoints.items():
+        for p in endpoint["parameters"]:
+            assert not re.fullmatch(r"param_\d+", p["parameter_name"]), (name, p)
+            assert p.get("label"), (name, p)
+        for r in endpoint["returns"]:
+            assert r.get("label") and not re.fullmatch(r"value_\d+", r["label"]), (name, r)
+    generate = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
+    assert generate == ["prompt", "seed", "steps", "guidance", "foreground_site", "depth_site", "shading_site"]
+
+
+def test_prompt_warnings_reach_the_page_without_refusing(app):
+    """Unknown words and place words warn (the run still happens); the vocabulary is on the page."""
+    generate = next(fn for fn in app.fns.values() if fn.api_name == "generate")
+    with pytest.warns(UserWarning) as caught:
+        updates = list(generate.fn("a red truck on the left", 3, STEPS, 7.5, None, None, None))
+    texts = [str(w.message) for w in caught]
+    assert any("'truck'" in t and "not in this model's vocabulary" in t for t in texts), texts
+    assert any("'left'" in t and "never say where" in t for t in texts), texts
+    assert len(updates) == STEPS
+    config = json.dumps(httpx.get(app.local_url.rstrip("/") + "/config", timeout=10).json())
+    assert "This model knows" in config and "cube" in config
+
+
+def test_run_controls_are_chained_so_a_click_mid_run_is_visible(app):
+    """Generate disables itself (and enables Stop) before the run, re-enables after it, and Stop
+    says where it stopped: the chain start -> generate (on success) -> finish, with Stop cancelling."""
+    fns = list(app.fns.values())
+    by_id = {fn._id: fn for fn in fns}
+    generate = next(fn for fn in fns if fn.api_name == "generate")
+    start = by_id[generate.trigger_after]
+    assert generate.trigger_only_on_success
+    button = next(b for b in start.outputs if getattr(b, "elem_id", None) == "generate-btn")
+    assert any(target[0] == button._id and target[1] == "click" for target in start.targets)
+    assert not start.queue  # runs at once, not behind the model's queue
+    finish = next(fn for fn in fns if fn.trigger_after == generate._id)
+    assert button in finish.outputs
+    cancel = next(fn for fn in fns if fn.is_cancel_function and generate._id in fn.cancels)
+    stop = next(fn for fn in fns if fn.fn is not None and not fn.is_cancel_function and fn.targets == cancel.targets)
+    assert button in stop.outputs and any(getattr(b, "elem_id", None) == "gen-progress" for b in stop.outputs)
+    # the panels of the previous run are cleared when a run starts
+    cleared = {getattr(b, "elem_id", None) for b in start.outputs}
+    assert {"classifier-curves", "emergence", "iv-gallery", "iv-summary", "iv-original"} <= cleared
+
+
+def test_an_evicted_run_is_explained(service, tiny_model):
+    """Gradio keeps the state of its most recent sessions only; a session pushed out is told so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gradio_client import Client
+
+    from ldm_scene.ui.blocks import build_demo, launch_options
+
+    demo = build_demo(service)
+    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+                **{**launch_options(), "state_session_capacity": 2})
+    try:
+        first = Client(demo.local_url, verbose=False, download_files=False)
+        first.submit("a red cube", 3, STEPS, 7.5, None, None, None, api_name="/generate").result(timeout=120)
+        assert "step 2 of" in first.predict(2, api_name="/scrub")[4]
+        for _ in range(2):  # two newer sessions push the first out
+            other = Client(demo.local_url, verbose=False, download_files=False)
+            assert "generate an image first" in _app_error(other, 1, api_name="/scrub")
+        message = _app_error(first, 2, api_name="/scrub")
+        assert "evicted" in message and "2 most recent sessions" in message, message
+        assert "evicted" in _app_error(first, "shift its mask", 6, 0, None, "steer", 1.0, api_name="/intervene")
+    finally:
+        demo.close()
+    assert _wait_idle(service, tiny_model)

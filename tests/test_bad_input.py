@@ -82,7 +82,8 @@ BAD_REQUESTS = [
     ("nan guidance", lambda s, r: next(s.generate_stream("a cube", 0, STEPS, float("nan"))), "guidance must be between"),
     ("text guidance", lambda s, r: next(s.generate_stream("a cube", 0, STEPS, "high")), "guidance must be a number"),
     # scrubbing
-    ("scrub past the end", lambda s, r: s.view_of(r, STEPS), "step must be between 0 and"),
+    ("scrub past the end", lambda s, r: s.view_of(r, STEPS), f"there is no step {STEPS + 1}: this run has steps 1 to {STEPS}"),
+    ("scrub to NaN", lambda s, r: s.view_of(r, float("nan")), "step must be a whole number, got nan"),
     ("scrub before a run", lambda s, r: s.view_of(None, 0), "generate an image first"),
     # masks, drawn
     ("no drawing", lambda s, r: s.drawn_target([]), "the mask is empty"),
@@ -202,3 +203,103 @@ def test_pil_mask_and_odd_sized_drawings_are_accepted(service):
     big[:150, :250, 3] = 255
     mask = service.drawn_target([Image.fromarray(big)])
     assert mask.shape == (H, W) and mask[: H // 2, : W // 2].all() and not mask[H // 2 :, :].any()
+
+
+# -- probe files that used to crash the loader or load silently ------------------------------------
+
+def _deep_metadata(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"ldm_scene": "[" * 100_000 + "]" * 100_000})
+
+
+def _nan_weight(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("task, writer, message", [
+    ("depth", _deep_metadata, "nested too deeply"),
+    ("depth", _nan_weight, r"tensor '.*' has 1 non-finite value"),
+    ("shading", _nan_weight, r"tensor '.*' has 1 non-finite value"),
+], ids=["deeply-nested-metadata", "nan-depth-weight", "nan-shading-weight"])
+def test_service_load_survives_hostile_probe_files(tiny_model, tmp_path, task, writer, message):
+    """Service.load is documented never to raise: a RecursionError from a probe file's metadata
+    used to escape it (and the app exited at start-up); NaN weights loaded silently."""
+    from ldm_scene.ui.service import Service
+
+    folder = write_probe_dir(tiny_model, tmp_path / "p")
+    writer(folder / f"{task}.safetensors")
+    svc = Service.load("tiny", folder, device="cpu", classifier=False)
+    status = svc.status_markdown()
+    assert svc.ready and task not in svc.banks and "foreground" in svc.banks, status
+    assert f"{task}.safetensors" in status and re.search(message, status), status
+
+
+def test_service_load_survives_a_deeply_nested_metrics_file(tiny_model, tmp_path):
+    from ldm_scene.ui.service import Service
+
+    folder = write_probe_dir(tiny_model, tmp_path / "p")
+    (folder / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+    svc = Service.load("tiny", folder, device="cpu", classifier=False)
+    assert svc.ready and set(svc.banks) == {"foreground", "depth", "shading"}
+    assert "metrics.json" in svc.status_markdown() and "nested too deeply" in svc.status_markdown()
+
+
+# -- masks as the hint describes them, and uploads too large to decode -----------------------------
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA"])
+def test_white_on_black_masks_mean_white_is_the_object(service, mode):
+    """An opaque mask (greyscale, RGB, RGBA or LA with no transparency) is read by brightness; its
+    alpha, all opaque, says nothing. (It used to be read by alpha: "covers the whole image".)"""
+    arr = np.zeros((64, 64), np.uint8)
+    arr[8:24, 32:56] = 255
+    layer = np.asarray(Image.fromarray(arr).convert(mode))
+    mask = service.drawn_target([layer])
+    expected = np.zeros((H, W), bool)
+    expected[4:12, 16:28] = True
+    assert np.array_equal(mask, expected)
+
+
+def test_strokes_on_a_transparent_layer_are_still_read_by_alpha(service):
+    layer = np.zeros((64, 64, 4), np.uint8)
+    layer[8:24, 32:56] = (255, 32, 32, 255)  # the editor's red brush
+    mask = service.drawn_target([layer])
+    assert mask[4:12, 16:28].all() and mask.sum() == 8 * 12
+
+
+def test_a_huge_layer_is_refused_by_size(service):
+    layer = np.zeros((4097, 8, 4), np.uint8)
+    with pytest.raises(ValueError, match="8x4097 px; the largest accepted is 4096 px a side"):
+        service.drawn_target([layer])
+
+
+def test_uploads_are_checked_from_the_header_before_decoding(tmp_path):
+    from test_app_api import png_header
+
+    from ldm_scene.ui.inputs import InputError, open_image
+
+    # Header-only files: decoding them would fail as "truncated"; the size message proves the
+    # size was checked first, without decoding (an 8000x8000 RGBA canvas is 256 MB).
+    with pytest.raises(InputError, match="the drawing is 8000x8000 px; the largest accepted is 4096 px a side"):
+        open_image(png_header(8000, 8000), "drawing")
+    with pytest.raises(InputError, match="13000x13000 px"):
+        open_image(png_header(13_000, 13_000), "drawing")
+    with pytest.raises(InputError, match="declares more pixels than an image may have"):
+        open_image(png_header(20_000, 20_000), "drawing")
+    with pytest.raises(InputError, match="not an image"):
+        open_image(b"%PDF-1.4 not an image", "drawing")
+    with pytest.raises(InputError, match="damaged or cut short"):
+        open_image(png_header(64, 64), "drawing")
+    good = tmp_path / "ok.png"
+    Image.new("RGBA", (300, 200)).save(good)
+    with open_image(good, "drawing") as image:
+        assert image.size == (300, 200)

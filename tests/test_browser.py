@@ -138,8 +138,14 @@ def test_generate_classify_draw_and_intervene(page, served):
     assert len(seen_steps) >= 2 and len(seen_previews) >= 2, (seen_steps, len(seen_previews))
     for task in svc.banks:
         assert _src(page, f"#readout-{task}"), f"no {task} readout shown"
+    page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=10_000)
     page.wait_for_timeout(500)
     _shot(page, "1_generate")
+
+    # Typing a step into the step box shows that step (steps are counted from 1 on the page).
+    page.fill("#scrub input[type='number']", "2")
+    page.wait_for_function(
+        f"document.querySelector('#gen-progress').innerText.includes('step 2 of {steps}')", timeout=30_000)
 
     # Classifier: the curves for the same run and the probe emergence for that image.
     page.get_by_role("tab", name="Classifier").click()
@@ -150,6 +156,8 @@ def test_generate_classify_draw_and_intervene(page, served):
     # Intervene: draw where the object should go, then run the edit.
     page.get_by_role("tab", name="Intervene").click()
     page.wait_for_selector("#iv-original img", timeout=30_000)
+    # the Target pane already shows the default shift: nothing had to be touched
+    page.wait_for_selector("#iv-target img", timeout=30_000)
     page.get_by_label("draw a new mask").check()
     page.click("#mask-editor button[aria-label='Brush']")
     canvas = page.query_selector("#mask-editor canvas")
@@ -167,7 +175,10 @@ def test_generate_classify_draw_and_intervene(page, served):
     _shot(page, "3_mask_drawn")
     page.click("#intervene-btn")
     page.wait_for_function("document.querySelector('#iv-summary').innerText.includes('IoU')", timeout=180_000)
-    assert page.query_selector_all("#iv-gallery img"), "no original/target/result shown"
+    images = page.query_selector_all("#iv-gallery img")
+    assert images, "no original/target/result shown"
+    for img in images:  # whole pictures: scaled to fit, never cropped
+        assert img.evaluate("e => getComputedStyle(e).objectFit") == "contain"
     page.wait_for_timeout(500)
     _shot(page, "4_intervene")
 
@@ -182,3 +193,21 @@ def test_bad_input_shows_a_message(page):
     page.get_by_text("prompt is empty").first.wait_for(timeout=30_000)
     page.wait_for_timeout(800)  # let the toast finish fading in
     _shot(page, "6_error")
+
+
+def test_generate_is_disabled_while_running_and_stop_says_where(page):
+    """A click on Generate mid-run cannot go unnoticed: the button is disabled and says so; Stop
+    re-enables it and the progress line says at which step the run stopped."""
+    page.fill("#prompt textarea", "a blue sphere")
+    page.fill("#steps input[type='number']", "50")
+    page.keyboard.press("Tab")
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#generate-btn').disabled", timeout=10_000)
+    assert "Running" in page.inner_text("#generate-btn")
+    page.wait_for_function("document.querySelector('#gen-progress').innerText.includes('step 2 of 50')",
+                           timeout=120_000)
+    page.click("#stop-btn")
+    page.wait_for_function("document.querySelector('#gen-progress').innerText.includes('Stopped at step')",
+                           timeout=30_000)
+    page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=10_000)
+    _shot(page, "7_stopped")

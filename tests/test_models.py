@@ -1,8 +1,10 @@
-"""load_model: the tiny alias, and errors that say what to do; the offline word tokenizer."""
+"""load_model: the tiny alias, and errors that say what to do; the offline word tokenizer; lazy imports."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -211,3 +213,14 @@ def test_pndm_as_sd14_ships_it_is_replaced_by_the_papers_lms(tmp_path, tiny_mode
 
     euler = ship(EulerDiscreteScheduler.from_config(pndm.config))
     assert type(load_model(str(euler), device="cpu").pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_importing_the_core_imports_neither_diffusers_nor_transformers():
+    # They take seconds to import (diffusers reaches torch._dynamo); they are imported where a model
+    # is built, so importing the package stays cheap. A fresh interpreter: this one has them already.
+    code = ("import sys, ldm_scene, ldm_scene.models, ldm_scene.capture, ldm_scene.readout; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'gradio') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

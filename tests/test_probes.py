@@ -232,6 +232,46 @@ def test_load_refuses_bad_metadata_and_tensors(tmp_path):
     _refuse(bad_step, "at step 7, outside the 3-step schedule")
 
 
+def test_deeply_nested_json_is_refused_not_a_crash(tmp_path):
+    """Python's json recurses once per nesting level: a hostile file used to raise RecursionError
+    out of the loader (and the app exited at start-up). Now it is a refusal that names the file."""
+    weight = {f"{SITE.key}.step00.weight": torch.zeros(2, 32)}
+    in_metadata = tmp_path / "deep_meta.safetensors"
+    save_file(weight, str(in_metadata), metadata={"ldm_scene": "[" * 100_000 + "]" * 100_000})
+    _refuse(in_metadata, "nested too deeply")
+    in_header = tmp_path / "deep_header.safetensors"
+    header = b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    in_header.write_bytes(struct.pack("<Q", len(header)) + header)
+    _refuse(in_header, "not a safetensors file")
+
+
+def test_metadata_values_of_the_wrong_kind_are_refused(tmp_path):
+    weight = {f"{SITE.key}.step00.weight": torch.zeros(2, 32)}
+    meta = json.loads(_meta().to_json())
+    for field, value in (("num_steps", "three"), ("target_mean", {"a": 1}), ("sites", {SITE.key: 5})):
+        path = tmp_path / f"bad_{field}.safetensors"
+        save_file(weight, str(path), metadata={"ldm_scene": json.dumps({**meta, field: value})})
+        with pytest.raises(ProbeError, match=re.escape(str(path))):
+            ProbeBank.load(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind", ["weight", "bias"])
+def test_non_finite_weights_are_refused_by_file_and_tensor(tmp_path, bad, kind):
+    """A NaN or infinite weight made every readout NaN and steering return a black image, silently."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = _bank().save(tmp_path / "foreground.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    name = next(k for k in sorted(tensors) if k.endswith(f".{kind}"))
+    tensors[name].view(-1)[1] = bad
+    save_file(tensors, str(path), metadata=metadata)
+    _refuse(path, re.escape(f"tensor '{name}' has 1 non-finite value(s) (NaN or infinity)"))
+
+
 def test_load_refuses_a_model_that_differs(tmp_path):
     path = _bank().save(tmp_path / "foreground.safetensors")
     sd_sites = site_table({**TINY_UNET, "block_out_channels": (320, 640, 1280, 1280)}, IMAGE, 8)

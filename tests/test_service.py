@@ -207,7 +207,10 @@ def test_generate_streams_one_view_per_step(service, tiny_model):
     for v in views:
         assert v.preview.size == (d, d)
         assert set(v.overlays) == set(TASKS) and set(v.readouts) == set(TASKS)
-        assert all(im.size == (d, d) for im in v.overlays.values())
+        # foreground: an outline over the preview; depth and shading: a map with a colour bar beside it
+        assert v.overlays["foreground"].size == (d, d)
+        assert all(v.overlays[t].size[1] == d and v.overlays[t].size[0] > d for t in ("depth", "shading"))
+        assert v.foreground_heat is not None and v.foreground_heat.size[1] == d
         fg = v.readouts["foreground"]
         assert fg.dtype == np.float32 and 0 <= fg.min() and fg.max() <= 1
     assert [v.image is None for v in views] == [True] * (STEPS - 1) + [False]
@@ -293,7 +296,8 @@ def test_scrub_redraws_stored_steps(service, run):
     view = service.view_of(run, 1)
     assert view.step == 1 and view.image is None and set(view.overlays) == set(TASKS)
     assert service.view_of(run, STEPS - 1).image is run.image
-    with pytest.raises(ServiceError, match="step must be between 0 and 3"):
+    # step is 0-based in the code, but the message is read by a person, who counts from 1
+    with pytest.raises(ServiceError, match="there is no step 5: this run has steps 1 to 4"):
         service.view_of(run, STEPS)
     with pytest.raises(ServiceError, match="generate an image first"):
         service.view_of(None, 0)
@@ -339,7 +343,7 @@ def test_drawn_target_from_editor_layers(service):
         service.drawn_target([])
     with pytest.raises(InterventionError, match="whole image"):
         service.drawn_target([np.full((256, 256, 4), 255, np.uint8)])
-    with pytest.raises(InterventionError, match="expected an image"):
+    with pytest.raises(ValueError, match="expected an image"):
         service.drawn_target([np.zeros((2, 2, 2, 2))])
 
 
@@ -381,7 +385,7 @@ def test_intervene_refuses_bad_requests(service, run, tiny_model):
         next(service.intervene_stream(run, good, "magic"))
     with pytest.raises(InterventionError, match="bool mask"):
         next(service.intervene_stream(run, good.astype(np.uint8)))
-    with pytest.raises(ServiceError, match="strength must be a number"):
+    with pytest.raises(ValueError, match="strength must be a number"):
         next(service.intervene_stream(run, good, "steer", strength="x"))
     assert attached_hooks(tiny_model.unet) == 0 and not service._lock.locked()
 
@@ -401,24 +405,26 @@ def test_intervene_without_class_means_says_so(tiny_model, tmp_path, run):
 
 
 def test_methods_follow_the_probe_folder(tiny_model, tmp_path, run):
-    """All three methods with every bank; without class means, steer and its random control are not
+    """Every method with every bank; without class means, steer and its random control are not
     offered, and asking for one names the missing file. A means file of no known name (one an older
     version wrote) is neither loaded nor reported."""
     import shutil
 
-    from ldm_scene.intervention import METHODS, InterventionError
+    from ldm_scene.intervention import METHOD_BANKS, METHODS, InterventionError
     from ldm_scene.ui.service import Service
 
     folder = write_probe_dir(tiny_model, tmp_path / "p")
     shutil.copy(folder / "foreground_means.safetensors", folder / "old_means.safetensors")
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
-    assert svc.methods == METHODS == ("steer", "probe-gradient", "random-control")
+    assert svc.methods == METHODS and METHODS[:3] == ("steer", "probe-gradient", "random-control")
     assert set(svc.intervention_banks) == {"foreground", "foreground_means"}
     assert not svc.problems and "old_means" not in svc.status_markdown()
     (folder / "foreground_means.safetensors").unlink()
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
     svc.model = tiny_model
-    assert svc.methods == ("probe-gradient",)
+    # what needs only the foreground probe stays (the paper's method first); steer and its control go
+    assert svc.methods == tuple(m for m in METHODS if METHOD_BANKS[m] == ("foreground",))
+    assert svc.methods[0] == "probe-gradient" and not {"steer", "random-control"} & set(svc.methods)
     target = np.zeros(tiny_model.image_size, bool)
     target[:8, :8] = True
     with pytest.raises(InterventionError, match="needs the foreground_means probes, which this model's probe folder "
@@ -504,3 +510,107 @@ def test_toy_model_end_to_end(tmp_path):
         target = svc.shift_target(run, 16, 0)
         last = list(svc.intervene_stream(run, target, "steer"))[-1]
         assert last.comparison is not None and 0 <= last.comparison.iou_target <= 1
+
+
+# -- what the page says about a run that is gone, stopped or still going ---------------------------
+
+def test_run_ledger_tells_evicted_from_expired_from_never():
+    from ldm_scene.ui.runs import RunLedger
+
+    now = [1000.0]
+    ledger = RunLedger(lambda: 200, ttl_s=3600, remember=3, clock=lambda: now[0])
+    assert ledger.missing("a") is None and ledger.missing(None) is None  # never stored: "generate first"
+    ledger.stored("a")
+    now[0] += 60
+    assert "evicted" in ledger.missing("a") and "200 most recent sessions" in ledger.missing("a")
+    now[0] += 3600
+    assert "expired" in ledger.missing("a") and "61 minutes ago" in ledger.missing("a")
+    for s in "bcd":  # bounded: the oldest is forgotten
+        ledger.stored(s)
+    assert ledger.missing("a") is None and ledger.missing("d") is not None
+
+
+def test_stop_says_where_it_stopped(service, run):
+    """Steps in messages count from 1, as the page does."""
+    import dataclasses
+
+    from ldm_scene.ui.tab_generate import stopped_text
+
+    before = run.started - 1
+    partial = dataclasses.replace(run, previews=run.previews[:2], image=None)
+    assert "Stopped at step 2 of 4" in stopped_text(partial, before)
+    assert "finished (step 4 of 4)" in stopped_text(run, before)
+    assert "before the first step" in stopped_text(run, run.started + 1)  # the run shown is an older one
+    assert "before the first step" in stopped_text(None, before)
+    from ldm_scene.ui.service import ServiceError
+
+    with pytest.raises(ServiceError, match="stopped at step 2 of 4"):
+        service.shift_target(partial, 4, 0)
+
+
+def test_target_pane_is_filled_when_a_run_finishes(service, run):
+    from ldm_scene.ui.tab_intervene import DRAW, SHIFT, target_values
+
+    picture, note = target_values(service, run, SHIFT, 8, 0)
+    assert picture.size == (service.display_size, service.display_size) and note == ""
+    # draw mode is left to the drawing, and without a finished run there is nothing to shift
+    for values in (target_values(service, run, DRAW, 8, 0), target_values(service, None, SHIFT, 8, 0)):
+        assert not any(isinstance(v, Image.Image) for v in values)
+
+
+# -- vocabulary -----------------------------------------------------------------------------------------
+
+def test_vocabulary_and_prompt_warnings_for_a_word_level_model(service):
+    vocab = service.vocabulary()
+    assert {"a", "red", "cube", "sphere"} <= set(vocab) and "photo" not in vocab
+    assert service.prompt_warnings("a red cube") == []
+    unknown, = service.prompt_warnings("a red truck")
+    assert "'truck'" in unknown and "not in this model's vocabulary" in unknown
+    place, = service.prompt_warnings("a red cube on the left")[:1]
+    assert "'left'" in place and "never say where" in place
+    assert service.prompt_warnings(42) == []  # refused elsewhere, not warned about
+
+
+def test_an_open_vocabulary_model_lists_and_checks_no_words(service):
+    """SD's CLIP BPE has ~49k tokens and reads any English: nothing is listed or warned about."""
+    import types
+
+    from ldm_scene.ui.service import Service
+
+    class BigTokenizer:
+        def __len__(self):
+            return 49_408
+
+    svc = Service(None)
+    svc.model = types.SimpleNamespace(pipe=types.SimpleNamespace(tokenizer=BigTokenizer()))
+    assert svc.vocabulary() == () and svc.prompt_warnings("a cat on the left") == []
+
+
+# -- pictures ---------------------------------------------------------------------------------------------
+
+def test_foreground_outline_is_smooth_and_leaves_the_image_untouched():
+    from ldm_scene.viz import outline_picture
+
+    image = Image.new("RGB", (32, 32), (90, 140, 200))
+    prob = np.full((4, 4), 0.1, np.float32)
+    prob[1:3, 1:3] = 0.9
+    out = np.asarray(outline_picture(image, prob, 256)).astype(int)
+    changed = np.any(out != (90, 140, 200), axis=-1)
+    # only a thin line changes; inside and outside the object the picture is the clean image
+    assert 0 < changed.mean() < 0.08
+    assert not changed[128, 128] and not changed[5, 5]
+    # bilinear, not blocks: the outline's corners are cut, so the box's corner pixels stay clean
+    ys, xs = np.nonzero(changed)
+    assert not changed[ys.min(), xs.min()]
+
+
+def test_maps_have_a_colour_bar_and_are_upsampled_smoothly():
+    from ldm_scene.viz import colour_bar_picture, upsample_smooth
+
+    values = np.arange(16, dtype=np.float32).reshape(4, 4)
+    up = upsample_smooth(values, (64, 64))
+    assert len(np.unique(up[32])) > 16  # nearest upsampling would give 4 values per row
+    picture = colour_bar_picture(values, 0.0, 15.0, "magma_r", 128, "depth", "near", "far")
+    assert picture.size[1] == 128 and picture.size[0] > 128
+    bar = np.asarray(picture)[:, 128 + 8]  # a column of the colour bar: a ramp, top to bottom
+    assert len({tuple(px) for px in bar[2:-2]}) > 32

@@ -218,3 +218,16 @@ def test_ks_control_is_small_for_the_renderers_own_sample_and_shrinks_with_n():
     # KS between n draws and the rest has median about 0.83 / sqrt(n) for n << N.
     assert 0.1 < small < 0.25 and 0.02 < large < 0.07 and large < small
     assert thirds(np.array([0.1, 0.2, 0.5, 0.9, 0.999, 1.0])) == [2, 1, 3]
+
+
+def test_model_card_names_the_v2_legs_apart_from_the_v1_plan():
+    plan = {"n_train": 10, "ae_steps": 7, "labeler_steps": 1, "classifier_steps": 1, "unet_steps": 3, "unet_batch": 2,
+            "uncond_prob": 0.1, "ema_decay": 0.9, "arch": {}}
+    v1 = {"stage": "UNet", "steps": "0-1000", "command": "python -m ldm_scene.toy train", "threads": 1, "minutes": 25}
+    v2 = {"stage": "UNet fine-tune on v2 renders", "steps": "2000 of batch 32", "world": "v2",
+          "command": "python -m ldm_scene.toy train --unet-init weights/toy-scenes", "threads": 1, "minutes": 60}
+    card = render_model_card(_report(), plan, {"unet": "1M"}, [v1, v2])
+    assert "fine-tuning the v1 weights below on v2 renders" in card
+    assert "UNet fine-tune on v2 renders (2000 of batch 32)." in card
+    assert "| 2 | v2: UNet fine-tune on v2 renders |" in card and "| 1 | UNet |" in card
+    assert "v2 world" not in render_model_card(_report(), plan, {"unet": "1M"}, [v1])

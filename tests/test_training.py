@@ -20,6 +20,7 @@ from ldm_scene.capture import capture
 from ldm_scene.probes import TASKS, ProbeBank, load_probe_dir
 from ldm_scene.sampler import GenerationConfig, sample
 from ldm_scene.training import evaluate as ev
+from ldm_scene.training import report as rep
 from ldm_scene.training.dataset import Shard, make_records, read_prompts, split_counts
 from ldm_scene.training.fit import RidgeStats
 from ldm_scene.training.labelers import (
@@ -179,31 +180,67 @@ def test_check_labels_resizes_and_validates():
 
 # --- batched metrics ----------------------------------------------------------------------------
 
+def _bilinear(x, size):
+    """The read-out the evaluation promises, written out independently of ``ev.upsample``."""
+    return F.interpolate(x[:, None].double(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
 def test_batched_metrics_equal_the_reference_metrics():
+    """Every batched score equals ldm_scene.metrics (scipy) on the bilinearly upsampled map, also
+    with ties in the target and in the readout, and against several targets at once."""
     g = torch.Generator().manual_seed(0)
     target = torch.rand(16, 16, generator=g, dtype=torch.float64)
     target[:4, :4] = 0.5  # ties in the target
     grid = torch.randint(0, 5, (6, 4, 4), generator=g).to(torch.float64)  # many ties in the readout
     grid[5] = 2.0  # a constant readout: undefined correlation
-    full = ev.upsample(grid, (16, 16))
-    got = ev.spearman_rows(grid, target)  # computed on the grid
-    got_full = ev.spearman_rows(full, target)  # computed at full resolution
+    full = _bilinear(grid, (16, 16))
+    torch.testing.assert_close(ev.upsample(grid, (16, 16)), full, rtol=0, atol=0)
+    got = ev.spearman_rows(grid, target)  # upsampled inside
+    got_full = ev.spearman_rows(full, target)  # already at full resolution
     want = [M.spearman(full[i].numpy(), target.numpy()) for i in range(6)]
     np.testing.assert_allclose(got[:5], want[:5], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got_full[:5], want[:5], rtol=0, atol=1e-12)
     assert math.isnan(got[5]) and math.isnan(want[5])
     np.testing.assert_array_equal(ev.average_ranks(target.reshape(1, -1))[0].numpy(), M.rank_average(target.numpy()))
 
+    # several targets at once: every readout against every target, the same numbers as one by one
+    targets = torch.stack([target, target.T, torch.rand(16, 16, generator=g, dtype=torch.float64)])
+    many = ev.spearman_rows(grid[:5], targets)
+    assert many.shape == (5, 3)
+    for j in range(3):
+        np.testing.assert_allclose(many[:, j], ev.spearman_rows(grid[:5], targets[j]), rtol=0, atol=1e-12)
+
+    # foreground: threshold after upsampling
     mask = target > 0.6
-    pred = grid > 2
-    pred[4] = False
-    np.testing.assert_allclose(ev.dice_rows(pred, mask), [M.dice(p, mask.numpy()) for p in ev.upsample(pred, (16, 16)).numpy()])
-    np.testing.assert_allclose(ev.iou_rows(pred, mask), [M.iou(p, mask.numpy()) for p in ev.upsample(pred, (16, 16)).numpy()])
-    assert ev.dice_rows(torch.zeros(1, 4, 4, dtype=torch.bool), torch.zeros(16, 16, dtype=torch.bool))[0] == 1.0
+    pred = ev.foreground_mask(grid, (16, 16), 2.0)
+    assert torch.equal(pred, full > 2.0)
+    np.testing.assert_allclose(ev.dice_rows(pred, mask), [M.dice(p, mask.numpy()) for p in pred.numpy()])
+    np.testing.assert_allclose(ev.iou_rows(pred, mask), [M.iou(p, mask.numpy()) for p in pred.numpy()])
+    assert ev.dice_rows(torch.zeros(1, 16, 16, dtype=torch.bool), torch.zeros(16, 16, dtype=torch.bool))[0] == 1.0
+    with pytest.raises(ValueError, match="same size"):
+        ev.dice_rows(grid > 2, mask)  # a coarse mask is refused: upsample the scores, then threshold
+    with pytest.raises(TypeError, match="then threshold"):
+        ev.upsample(grid > 2, (16, 16))
+    scored = ev.score_maps("foreground", grid, target.to(torch.float32), threshold=2.0)
+    np.testing.assert_allclose(scored["score"], ev.dice_rows(pred, target > 0.5))
 
     prior = torch.linspace(0, 1, 16, dtype=torch.float64)[:, None].expand(16, 16)
     res = ev.score_maps("depth", grid[:5], target, prior)["residual"]
     np.testing.assert_allclose(res, [M.spearman((full[i] - prior).numpy(), (target - prior).numpy()) for i in range(5)], atol=1e-12)
+    both = ev.score_maps("depth", grid[:5], targets, prior)
+    assert both["residual"].shape == (5, 3)
+    np.testing.assert_allclose(both["residual"][:, 0], res, atol=1e-12)
+
+
+def test_bilinear_upsampling_of_a_constant_is_the_constant():
+    """Bilinear weights sum to one at every pixel (edges clamp), so a constant map stays that constant."""
+    out = ev.upsample(torch.full((2, 3, 5), 0.37, dtype=torch.float64), (12, 20))
+    assert out.shape == (2, 12, 20)
+    torch.testing.assert_close(out, torch.full((2, 12, 20), 0.37, dtype=torch.float64), rtol=0, atol=1e-15)
+    # a linear ramp across cell centres is reproduced between them: bilinear, not nearest
+    ramp = torch.arange(4, dtype=torch.float64).reshape(1, 1, 4).expand(1, 4, 4)
+    row = ev.upsample(ramp, (8, 8))[0, 0]
+    torch.testing.assert_close(row[1:7], torch.tensor([0.25, 0.75, 1.25, 1.75, 2.25, 2.75], dtype=torch.float64))
 
 
 def test_first_step_reaching_and_json_clean():
@@ -303,8 +340,8 @@ def test_sharded_fit_merged_equals_the_single_run(run_root, tiny_model, referenc
 
 def test_foreground_threshold_is_chosen_on_validation_and_folded_into_the_bias(reference):
     """Recomputed here from the validation image: at every (site, step) the saved threshold gives
-    the best Dice on the grid, and the shipped (calibrated) probe's softmax > 0.5 is exactly the
-    raw ridge prediction above that threshold."""
+    the best Dice of the bilinearly upsampled ridge prediction on the grid of thresholds, and the
+    shipped (calibrated) probe's logit margin is exactly twice the raw prediction minus it."""
     import json
 
     ctx = reference[1]
@@ -322,10 +359,33 @@ def test_foreground_threshold_is_chosen_on_validation_and_folded_into_the_bias(r
             w, b = bank.weights[(info.key, step)], bank.biases[(info.key, step)]
             z = trace.acts[info.key][step].float() @ w.T + b
             p_raw = (z[:, 1] - z[:, 0]) / 2 + tau  # the calibrated margin is 2 * (p_raw - tau)
-            dice = ev.dice_rows((p_raw[None] > grid[:, None]).reshape(len(grid), info.height, info.width), label)
-            assert dice[THRESHOLD_GRID.index(tau)] == pytest.approx(dice.max()), (info.key, step)
+            full = _bilinear(p_raw.reshape(1, info.height, info.width), tuple(label.shape))[0]
+            dice = ev.dice_rows(full[None] > grid[:, None, None].double(), label)
+            assert dice[THRESHOLD_GRID.index(tau)] == pytest.approx(dice.max(), abs=1e-9), (info.key, step)
             prob = torch.softmax(z, dim=1)[:, 1]
             assert torch.equal(prob > 0.5, z[:, 1] > z[:, 0])
+
+
+def test_images_are_generated_under_the_models_own_guidance_schedule(run_root, tiny_model):
+    """A model whose ldm_scene.json lowers guidance late is probed under that schedule, not a
+    constant 7.5; an explicit setting overrides it; the fingerprint tells the two runs apart."""
+    from dataclasses import replace
+
+    late = replace(tiny_model, late_guidance=2.5, late_from=0.5)
+    ctx = prepare(_config(run_root / "late", permuted=False), LumaLabeler(), late)
+    record = ctx.fit_records[0]
+    assert ctx.guidance["per_step"] == [7.5, 7.5, 2.5]  # from round(0.5 * 3) = step 2 (0-based) on
+    assert "at most 2.5" in ctx.guidance["text"]
+    config = ctx.generation(record)
+    assert (config.guidance, config.late_guidance, config.late_from) == (7.5, 2.5, 0.5)
+    image = generate_trace(ctx, record).image
+    own = [s.image for s in sample(late, config) if s.image is not None][0]
+    constant = [s.image for s in sample(late, GenerationConfig(record.prompt, seed=record.seed, steps=STEPS)) if s.image is not None][0]
+    assert np.array_equal(image, np.asarray(own.convert("RGB")))
+    assert not np.array_equal(image, np.asarray(constant.convert("RGB")))
+    fixed = prepare(_config(run_root / "late-constant", permuted=False, late_guidance=7.5), LumaLabeler(), late)
+    assert fixed.guidance["per_step"] == [7.5] * STEPS and fixed.guidance["source"] == "set for this run"
+    assert fixed.fingerprint()["guidance"] != ctx.fingerprint()["guidance"]
 
 
 def test_work_dir_of_another_run_is_refused(run_root, tiny_model, reference):
@@ -350,10 +410,31 @@ def test_metrics_schema_banks_figures_and_readme(reference, tiny_model):
         assert t["best_site"] in sites and len(t["best_site_per_step"]) == STEPS
         assert all(s in sites for s in t["best_site_per_step"])
         assert t["best_per_step"] == [t["probe"][s][i] for i, s in enumerate(t["best_site_per_step"])]
-        assert set(t["baselines"]) == {"labeler_on_x0", "latent_probe", "permuted_unet", "prior"}
+        assert set(t["baselines"]) == {"labeler_on_x0", "latent_probe", "permuted_unet", "prior", "prompt_only",
+                                       "same_prompt_control"}
         assert all(len(v) == STEPS for v in t["baselines"].values())
         assert t["first_step_90pct"] is None or 0 <= t["first_step_90pct"] < STEPS
         assert len(set(t["baselines"]["prior"])) == 1  # the prior does not change with the step
+        assert len(set(t["baselines"]["prompt_only"])) == 1  # nor does the prompt-only map
+        # the grid ceiling depends on the site's grid only; probe / ceiling is read off the two
+        assert list(t["grid_ceiling"]) == sites
+        grid_of = {i.key: (i.height, i.width) for i in tiny_model.sites()}
+        by_grid = {}
+        for site, v in t["grid_ceiling"].items():
+            assert by_grid.setdefault(grid_of[site], v) == v
+        for i, site in enumerate(t["best_site_per_step"]):
+            assert t["grid_ceiling_best_per_step"][i] == t["grid_ceiling"][site]
+            if t["grid_ceiling"][site]:
+                assert t["probe_over_ceiling_best_per_step"][i] == pytest.approx(t["best_per_step"][i] / t["grid_ceiling"][site])
+        # margins: paired per image, so the mean margin is the probe's mean minus the baseline's
+        # over the images that have both, with an interval around it
+        for name in ("prompt_only", "same_prompt_control", "labeler_on_x0"):
+            mg = t["margins"][name]
+            assert len(mg["mean"]) == len(mg["ci95_low"]) == len(mg["ci95_high"]) == STEPS
+            for m, lo, hi in zip(mg["mean"], mg["ci95_low"], mg["ci95_high"]):
+                assert m is None or lo - 1e-12 <= m <= hi + 1e-12
+        assert t["margins"]["prompt_only"]["n_images"] == [6] * STEPS
+        assert t["margins"]["same_prompt_control"]["n_images"] == [metrics["n_test_with_same_prompt_partners"]] * STEPS
         if task == "foreground":
             assert list(t["iou"]) == sites
             d = [v for v in t["probe"][sites[0]] if v is not None]
@@ -361,7 +442,19 @@ def test_metrics_schema_banks_figures_and_readme(reference, tiny_model):
         if task == "depth":
             assert list(t["residual"]) == sites
             assert t["baselines_residual"]["prior"] == [0.0] * STEPS
+            assert {"prompt_only", "same_prompt_control"} <= set(t["baselines_residual"])
+            assert set(t["margins_residual"]) == {"prompt_only", "same_prompt_control", "labeler_on_x0"}
     assert all(v is not None for v in metrics["tasks"]["depth"]["baselines"]["labeler_on_x0"])
+    # the tiny prompts repeat (4 prompts over 10 images), so test images have same-prompt partners
+    assert metrics["n_test_with_same_prompt_partners"] > 0
+    assert metrics["prompt_only_threshold"] in THRESHOLD_GRID
+    assert metrics["upsampling"].startswith("bilinear")
+    # the guidance schedule: the tiny model's own (7.5 throughout: it has no ldm_scene.json)
+    assert (metrics["guidance"], metrics["late_guidance"], metrics["guidance_per_step"]) == (7.5, None, [7.5] * STEPS)
+    assert [t["name"] for t in metrics["targets"]] == [t[0] for t in rep.TARGETS]
+    for t in metrics["targets"]:
+        assert t["met"] == (t["value"] is not None and t["value"] >= t["threshold"])
+        assert 0 <= t["step"] < STEPS
     avr = metrics["adam_vs_ridge"]
     assert avr["n_images"] == 4 and avr["keys"]
     for task in TASKS:
@@ -375,25 +468,34 @@ def test_metrics_schema_banks_figures_and_readme(reference, tiny_model):
         assert meta.training["method"] == "ridge" and meta.training["n_images"] == 4
         assert meta.training["labeler"] == "luma-test" and len(meta.training["penalty"]) == 16 * STEPS
         assert (meta.target_std == 1.0) == (task == "foreground")
+        assert meta.training["guidance_per_step"] == [7.5] * STEPS and meta.training["late_guidance"] is None
+        assert meta.training["guidance_schedule"] == metrics["guidance_schedule"] == "guidance 7.5"
 
-    for name in ["emergence.png", "strips.png"] + [f"heatmap_{t}.png" for t in TASKS]:
+    for name in ["emergence.png", "strips.png", "controls.png"] + [f"heatmap_{t}.png" for t in TASKS]:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 200
     readme = (out / "README.md").read_text()
-    assert readme == ev.render_readme(metrics)
-    assert "emergence.png" in readme and "strips.png" in readme
+    assert readme == rep.render_readme(metrics)
+    assert "emergence.png" in readme and "strips.png" in readme and "controls.png" in readme
     fg = metrics["tasks"]["foreground"]
     assert f"`{fg['best_site']}`" in readme
+    assert f"## Targets at step {STEPS} of {STEPS}" in readme  # step 5 of 15, read at the last of 3 steps
+    targets = readme.split("## Targets")[1].split("\n## ")[0]
+    assert targets.count("met**") == len(metrics["targets"])  # each target says met or not met, from the numbers
+    assert "guidance 7.5" in readme and "prompt-only" in readme and "same-prompt control" in readme
 
 
 def test_constructed_labels_are_read_perfectly_at_their_site(run_root, tiny_model):
-    """Labels that are a linear function of one site's activations at one step are read
-    (near-)perfectly by that site's probe at that step, and validation picks that site."""
+    """Labels that are a linear function of one site's activations at one step (constant on each
+    token's cell) are fit perfectly by that site's probe at that step, and validation picks that
+    site. Its test score is then exactly that of the perfect read-out, the bilinear upsampling of
+    the linear function: just under 1, since bilinear blends neighbouring cells near their edges
+    where the constructed labels step."""
     site, step = "up_blocks.3.attentions.0", 1  # an 8x8 grid, 8 channels
     records = make_records(N, prompts=WORDS)
     g = torch.Generator().manual_seed(1)
     v_depth, v_shade = torch.randn(8, generator=g), torch.randn(8, generator=g)
-    table = {}
+    table, perfect = {}, {}
     for r in records:
         with capture(tiny_model.unet, [site], steps=[step]) as cap:
             for s in sample(tiny_model, GenerationConfig(r.prompt, seed=r.seed, steps=STEPS)):
@@ -403,9 +505,12 @@ def test_constructed_labels_are_read_perfectly_at_their_site(run_root, tiny_mode
         def up(x):
             return F.interpolate(x.reshape(1, 1, 8, 8), size=(32, 32), mode="nearest")[0, 0].numpy()
 
-        depth = act @ v_depth
-        table[r.seed] = {"depth": up(depth), "shading": up(act @ v_shade),
-                         "foreground": up((depth > depth.median()).float())}
+        depth, shading = act @ v_depth, act @ v_shade
+        table[r.seed] = {"depth": up(depth), "shading": up(shading), "foreground": up((depth > depth.median()).float())}
+        if r.split == "test":
+            for task, x in (("depth", depth), ("shading", shading)):
+                readout = _bilinear(x.reshape(1, 8, 8), (32, 32))[0].numpy()
+                perfect.setdefault(task, []).append(M.spearman(readout, table[r.seed][task]))
 
     class Linear:
         name, tasks, labels_any_image = "linear-in-activations", TASKS, False
@@ -417,9 +522,10 @@ def test_constructed_labels_are_read_perfectly_at_their_site(run_root, tiny_mode
     metrics = run(config, labeler=Linear(), model=tiny_model, progress=False)
     for task in ("depth", "shading"):
         t = metrics["tasks"][task]
-        assert t["probe"][site][step] > 0.999
-        assert t["best_site_per_step"][step] == site
         assert t["validation_r2"][site][step] > 0.999
+        assert t["best_site_per_step"][step] == site
+        assert t["probe"][site][step] == pytest.approx(np.mean(perfect[task]), abs=2e-3)
+        assert 0.85 < np.mean(perfect[task]) < 0.99
         assert t["baselines"]["labeler_on_x0"] == [None] * STEPS  # a folder-like labeler cannot label previews
     # a thresholded linear function is not itself linear: least squares reads it well, not perfectly
     assert metrics["tasks"]["foreground"]["probe"][site][step] > 0.6

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     iv.add_argument("--out", default=None, help="default: <model>/intervention")
     iv.add_argument("--scheduler", choices=("model", "lms"), default="model",
                     help="the model's own scheduler, or the paper's LMS for every generation of the trials")
-    sw = sub.add_parser("intervene-sweep", help="steer's success per (sites, steps, gain) on seeds apart from the evaluation's")
+    iv.add_argument("--methods", default=None, help="comma list (default: every method with its random control)")
+    iv.add_argument("--fresh", action="store_true", help="start over instead of resuming the trials in --out")
+    sw = sub.add_parser("intervene-sweep", help="each method's success per (sites, steps, gain) on seeds apart from the evaluation's")
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
     sw.add_argument("--out", default=None, help="default: <model>/intervention")
@@ -58,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "intervene-eval":
-        from .intervention_eval import run_trials
+        from .intervention_eval import EVAL_METHODS, run_trials
 
         out = Path(args.out) if args.out else Path(args.model) / "intervention"
         from diffusers import LMSDiscreteScheduler
 
         scheduler = LMSDiscreteScheduler if args.scheduler == "lms" else None
-        print(json.dumps(run_trials(Path(args.model), args.n, out, scheduler=scheduler), indent=2))
+        methods = tuple(args.methods.split(",")) if args.methods else EVAL_METHODS
+        print(json.dumps(run_trials(Path(args.model), args.n, out, methods=methods, scheduler=scheduler,
+                                    resume=not args.fresh), indent=2))
         return 0
 
     if args.command == "train":

@@ -1,113 +1,479 @@
-"""Does editing activations move the object? Trials on the toy world, per intervention method.
+"""Does editing activations put the object where a mask says? Trials on the toy world, per method.
 
-Each trial draws a fresh prompt and seed, generates the original image, finds its foreground with
-the shipped labeler, and shifts that mask sideways by 25-40% of the image width (towards the side
-with more room) as the target. Every method then regenerates the same prompt and seed with its
-edit, and the result's foreground (same labeler) is compared with the target and the original.
-A trial succeeds when the result overlaps the target more than the original and IoU > 0.5.
+Each trial draws a fresh seed and the renderer's prompt for it ("a red cube": what, never where),
+generates the unedited image, finds its object with the shipped labeler, and draws one target
+(the kinds take turns, :data:`TARGET_KINDS`):
+
+- ``shift``: the object's mask moved by (dx, dy), both drawn with either sign, at least
+  :data:`MIN_SHIFT` of the width in all;
+- ``nudge``: the mask moved by :data:`NUDGE_FRACTION` of the width, left, right, up or down;
+- ``ellipse`` / ``rectangle``: a region of :data:`DRAWN_AREA` of the image, any aspect in 1:2..2:1,
+  at a random centre;
+- ``scaled``: the object's own mask scaled by 0.7-1.4 and put at a random centre.
+
+Shifts are drawn so the moved mask's bounding box stays in the frame, so nothing is clipped; a
+nudge with no room in any direction (an object spanning the frame) is clipped: what would leave
+the frame is dropped. Drawn regions lie in the frame by construction (:mod:`ldm_scene.intervention_targets`).
+
+Every method then regenerates the same prompt and seed with its edit (its default sites, steps
+and dose), and the result is judged by the shipped labeler and classifier (:func:`succeeded`):
+the object is present, its mask's centroid lies within :data:`SUCCESS_DISTANCE` of the image size
+of the target's, and its shape (classifier) and colour (mean hue in its mask) are those of the
+unedited image. Also per method: centroid distance in pixels (DragBench's mean distance), IoU
+with the target, PSNR of the background outside the original and target masks (result vs
+unedited), and the cost per edit as a ratio to a plain generation timed in the same trial, just
+before and after the edits (interleaved, so a busy machine slows both alike). Each method's
+random-direction control of the same norm runs alongside it, and the unedited image itself is
+scored against the target as the do-nothing baseline.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .. import metrics
-from ..intervention import (
-    METHODS, default_edit_steps, load_intervention_banks, make_editor, mask_image, side_by_side, translate_mask,
+from ..intervention import METHOD_DEFAULTS, default_edit_steps, load_intervention_banks, make_editor, mask_image, \
+    side_by_side
+from ..intervention_methods import guided_sample
+from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
+    DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
+    make_target, nudge_target, rectangle_mask, scaled_mask, shift_room, shift_target,
 )
 from ..models import load_model
 from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
-from .quality import has_object, mask_colour, parse_prompt
+from .quality import has_object, mask_centroid, mask_colour
 from .render import scene_from_seed
 
 #: Trial seeds start here: unused by training, held-out renders, probes and the report.
 TRIAL_SEED0 = 30_000_000
-#: The sweep that chose steer's defaults draws its trials here, apart from the evaluation's.
+#: The sweep that chooses the methods' defaults draws its trials here, apart from the evaluation's.
 SWEEP_SEED0 = 40_000_000
+#: A result succeeds when its centroid lies within this fraction of the image size of the target's.
+SUCCESS_DISTANCE = 0.07
+#: The evaluated methods, each followed by its random-direction control.
+EVAL_METHODS: tuple[str, ...] = ("readout-guidance", "random-guidance", "steer", "random-control", "probe-gradient")
+#: Which method each control is the random-direction twin of.
+CONTROL_OF = {"random-guidance": "readout-guidance", "random-control": "steer"}
+#: How many trials keep their images for the figure.
+N_EXAMPLES = 6
 
-#: (sites, fraction of steps edited, gain, outside share) of steer tried by ``intervene-sweep``; the
-#: first is the one-token projection at the paper's sites and steps.
-SWEEP_GRID: tuple[tuple[str, float, float, float], ...] = (
-    ("up", 1 / 3, 1.0, 1.0), ("up", 1 / 3, 15.0, 1.0), ("all", 1 / 3, 15.0, 1.0),
-    ("all", 2 / 3, 5.0, 1.0), ("all", 2 / 3, 15.0, 1.0), ("all", 2 / 3, 30.0, 1.0),
-    ("all", 2 / 3, 15.0, 0.3), ("all", 2 / 3, 30.0, 0.3), ("all", 2 / 3, 10.0, 0.3), ("all", 1 / 2, 15.0, 0.3),
-    ("up", 2 / 3, 15.0, 0.3), ("up", 1 / 2, 20.0, 0.2), ("all", 1 / 2, 20.0, 0.2),
-    ("up", 1.0, 5.0, 0.3), ("up", 1.0, 8.0, 0.3),
+
+# -- judging -------------------------------------------------------------------------------------
+
+def centroid_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Distance in pixels between two masks' centroids (None if either is empty)."""
+    ca, cb = mask_centroid(a), mask_centroid(b)
+    if ca is None or cb is None:
+        return None
+    h, w = a.shape
+    return math.hypot((ca[0] - cb[0]) * w, (ca[1] - cb[1]) * h)
+
+
+def background_psnr(result: np.ndarray, original: np.ndarray, *masks: np.ndarray) -> float:
+    """PSNR (dB, peak 255) of ``result`` against ``original`` over the pixels outside every mask.
+
+    Inf where they agree exactly there; nan if the masks cover the whole image.
+    """
+    keep = ~np.logical_or.reduce([np.asarray(m, bool) for m in masks])
+    if not keep.any():
+        return math.nan
+    diff = np.asarray(result, np.float64)[keep] - np.asarray(original, np.float64)[keep]
+    mse = float(np.mean(diff**2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def succeeded(present: bool, distance: float | None, same_shape: bool, same_colour: bool,
+              limit: float = SUCCESS_DISTANCE) -> bool:
+    """The success rule: an object, its centroid within ``limit`` (a fraction of the image size)
+    of the target's, with the unedited image's shape and colour."""
+    return bool(present and distance is not None and distance <= limit and same_shape and same_colour)
+
+
+@dataclass
+class Original:
+    """The unedited generation of a trial, as the judges see it."""
+
+    image: Image.Image
+    mask: np.ndarray
+    shape: str
+    colour: str | None
+    seconds: float
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def judge(image: Image.Image, original: Original, target: np.ndarray, labeler: ToyLabeler,
+          classifier: ToyClassifier) -> tuple[dict, np.ndarray]:
+    """One result's row (see the module docstring) and its labeler mask."""
+    arr = np.asarray(image)
+    mask = labeler(arr)["mask"][0]
+    present = has_object(mask)
+    distance_px = centroid_distance(mask, target) if present else None
+    size = max(mask.shape)
+    distance = None if distance_px is None else distance_px / size
+    shape, colour = classifier.name(arr), mask_colour(arr, mask)
+    row = {
+        "present": present, "distance_px": distance_px, "distance": distance,
+        "iou_target": metrics.iou(mask, target), "iou_original": metrics.iou(mask, original.mask),
+        "background_psnr": _finite(background_psnr(arr, np.asarray(original.image), original.mask, target)),
+        "shape_kept": shape == original.shape, "colour_kept": colour == original.colour,
+    }
+    row["success"] = succeeded(present, distance, row["shape_kept"], row["colour_kept"])
+    return row, mask
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def _final(states) -> Image.Image:
+    return [s.image for s in states][-1]
+
+
+def _timed(states) -> tuple[Image.Image, float]:
+    t0 = time.perf_counter()
+    image = _final(states)
+    return image, time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where and how hard one method edits (a row of the sweep); None keeps the method's default."""
+
+    method: str
+    sites: str | None = None
+    steps_fraction: float | None = None
+    gain: float | None = None
+    outside: float | None = None
+    #: Other editor attributes to set, as (name, value) pairs (e.g. readout-guidance's ``layout_grid``).
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, seed: int):
+    """The editor for ``setting``: the method's defaults (:data:`METHOD_DEFAULTS`) where it says None."""
+    from ..sites import SITE_KEYS, UP_SITE_KEYS
+
+    d = METHOD_DEFAULTS[setting.method]
+    sites = None
+    if setting.sites is not None:
+        sites = UP_SITE_KEYS if setting.sites == "up" else SITE_KEYS
+    fraction = d.steps_fraction if setting.steps_fraction is None else setting.steps_fraction
+    edit_steps = tuple(range(max(1, round(steps * fraction))))
+    if sites is not None:
+        bank = next(iter(banks.values()))
+        sites = tuple(s for s in sites if s in bank.meta.sites)
+    editor = make_editor(setting.method, banks, target, sites, edit_steps, 1.0, seed)
+    if setting.gain is not None:
+        for attr in ("strength", "gain", "iterations"):  # steer, readout-guidance, probe-gradient
+            if hasattr(editor, attr):
+                setattr(editor, attr, type(getattr(editor, attr))(setting.gain))
+                break
+    if setting.outside is not None and hasattr(editor, "outside"):
+        editor.outside = setting.outside
+    for name, value in setting.options:
+        if not hasattr(editor, name):
+            raise ValueError(f"{setting.method} has no setting {name!r}")
+        setattr(editor, name, value)
+    return editor
+
+
+class _World:
+    """The model, its probes and the judges, loaded once."""
+
+    def __init__(self, model_dir: Path, scheduler: type | None = None):
+        torch.set_num_threads(1)
+        self.model = load_model(str(model_dir), device="cpu")
+        if scheduler is not None:
+            self.model.pipe.scheduler = scheduler.from_config(self.model.pipe.scheduler.config)
+        self.banks = load_intervention_banks(model_dir / "probes", expect_sites=self.model.sites())
+        self.labeler = ToyLabeler.load(model_dir / "labelers")
+        self.classifier = ToyClassifier.load(model_dir / "labelers")
+
+    def original(self, seed: int, steps: int):
+        config = config_for(self.model, scene_from_seed(seed).prompt, seed, steps)
+        image, seconds = _timed(sample(self.model, config))
+        arr = np.asarray(image)
+        mask = self.labeler(arr)["mask"][0]
+        return config, Original(image, mask, self.classifier.name(arr), mask_colour(arr, mask), seconds)
+
+    def edit(self, config, setting: Setting, target: np.ndarray, steps: int):
+        editor = build_editor(setting, self.banks, target, steps, config.seed)
+        image, seconds = _timed(guided_sample(self.model, config, [editor]))
+        return image, seconds, editor
+
+
+def _trial_target(seed: int, index: int, mask: np.ndarray) -> tuple[str, np.ndarray, dict]:
+    kind = TARGET_KINDS[index % len(TARGET_KINDS)]
+    target, params = make_target(kind, mask, np.random.default_rng(seed))
+    return kind, target, params
+
+
+def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL_METHODS, steps: int = 15,
+               scheduler: type | None = None, resume: bool = True) -> dict:
+    """Run ``n`` trials and write ``intervention.json``, ``README.md`` and ``examples.png`` into ``out``.
+
+    Each finished trial is appended to ``out/trials.jsonl`` at once; with ``resume``, a rerun with
+    the same model, steps, scheduler and methods skips the trials already there. ``scheduler``
+    (a diffusers scheduler class) replaces the model's own for every generation of the trials.
+    """
+    world = _World(Path(model_dir), scheduler)
+    methods = tuple(methods)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"model": str(model_dir), "steps": steps, "scheduler": world.model.scheduler_name, "methods": list(methods),
+           "seed0": TRIAL_SEED0}
+    log, header = out / "trials.jsonl", out / "run.json"
+    done: dict[int, dict] = {}
+    if resume and log.exists() and header.exists() and json.loads(header.read_text()) == run:
+        for line in log.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["seed"]] = row
+    else:
+        log.write_text("")
+        header.write_text(json.dumps(run))
+    examples_dir = out / "examples"
+    examples_dir.mkdir(exist_ok=True)
+    for i in tqdm(range(n), desc="intervention trials", initial=sum(TRIAL_SEED0 + i in done for i in range(n))):
+        seed = TRIAL_SEED0 + i
+        if seed in done:
+            continue
+        row = _one_trial(world, seed, i, methods, steps, examples_dir if i < N_EXAMPLES else None)
+        done[seed] = row
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    rows = [done[TRIAL_SEED0 + i] for i in range(n)]
+    summary = summarise(rows, methods)
+    summary.update(scheduler=world.model.scheduler_name, steps=steps,
+                   guidance=config_for(world.model, "a", 0, steps).guidance_text,
+                   defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods})
+    (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
+    (out / "README.md").write_text(render_table(summary))
+    examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
+    return summary
+
+
+def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], steps: int,
+               keep_images: Path | None) -> dict:
+    config, original = world.original(seed, steps)
+    row: dict[str, Any] = {"seed": seed, "prompt": config.prompt}
+    if not has_object(original.mask):
+        return {**row, "skipped": "no object in the unedited image"}
+    kind, target, params = _trial_target(seed, index, original.mask)
+    row.update(kind=kind, target=params, target_area=float(target.mean()), original_shape=original.shape,
+               original_colour=original.colour)
+    unedited, _ = judge(original.image, original, target, world.labeler, world.classifier)
+    row["unedited"] = unedited
+    images = {"original": original.image, "original_mask": mask_image(original.mask), "target": mask_image(target)}
+    # Interleaved timing: plain generations just before (the original) and after the edits, and the
+    # methods in an order that rotates from trial to trial.
+    order = [methods[(index + k) % len(methods)] for k in range(len(methods))]
+    for method in order:
+        image, seconds, editor = world.edit(config, Setting(method), target, steps)
+        result, _ = judge(image, original, target, world.labeler, world.classifier)
+        result["seconds"] = seconds
+        losses = getattr(editor, "losses", None)
+        if losses:
+            result["readout_loss"] = [float(v) for _, v in losses]
+        if getattr(editor, "agreement", None):
+            result["probe_agreement_before"] = float(np.mean([a[2] for a in editor.agreement]))
+            result["probe_agreement_after"] = float(np.mean([a[3] for a in editor.agreement]))
+        row[method] = result
+        images[method] = image
+    _, after = _timed(sample(world.model, config))
+    row["plain_seconds"] = [original.seconds, after]
+    plain = (original.seconds + after) / 2
+    for method in methods:
+        row[method]["cost"] = row[method]["seconds"] / plain
+    if keep_images is not None:
+        for name, im in images.items():
+            im.save(keep_images / f"{seed}_{name}.png")
+    return row
+
+
+# -- summaries -----------------------------------------------------------------------------------
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise_rows(results: Sequence[dict]) -> dict:
+    """The means of a method's per-trial results (distances over the results with an object)."""
+    out = {
+        "n": len(results),
+        "success_rate": _mean([r["success"] for r in results]),
+        "object_present": _mean([r["present"] for r in results]),
+        "distance_px": _mean([r["distance_px"] for r in results]),
+        "iou_target": _mean([r["iou_target"] for r in results]),
+        "iou_original": _mean([r["iou_original"] for r in results]),
+        "shape_kept": _mean([r["shape_kept"] for r in results]),
+        "colour_kept": _mean([r["colour_kept"] for r in results]),
+        "background_psnr": _mean([r["background_psnr"] for r in results]),
+    }
+    costs = [r["cost"] for r in results if "cost" in r]
+    if costs:
+        out["cost_vs_plain"] = float(np.median(costs))
+        out["seconds"] = float(np.median([r["seconds"] for r in results]))
+    return out
+
+
+def summarise(rows: Sequence[dict], methods: Sequence[str]) -> dict:
+    """Per method (and the unedited baseline): overall, per target kind; plus the control pairs."""
+    done = [r for r in rows if "skipped" not in r]
+    summary: dict[str, Any] = {"n_trials": len(rows), "n_evaluated": len(done), "success_distance": SUCCESS_DISTANCE,
+                               "methods": {}, "by_kind": {}}
+    for m in ("unedited", *methods):
+        summary["methods"][m] = summarise_rows([r[m] for r in done])
+        summary["by_kind"][m] = {k: summarise_rows([r[m] for r in done if r["kind"] == k])["success_rate"]
+                                 for k in TARGET_KINDS if any(r["kind"] == k for r in done)}
+    summary["kinds"] = {k: sum(r["kind"] == k for r in done) for k in TARGET_KINDS}
+    summary["controls"] = {c: m for c, m in CONTROL_OF.items() if c in methods and m in methods}
+    if done:
+        summary["plain_seconds"] = float(np.median([np.mean(r["plain_seconds"]) for r in done]))
+    return summary
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def render_table(summary: dict) -> str:
+    """The README, rendered from the summary (nothing typed by hand)."""
+    kinds = ", ".join(f"{n} {k}" for k, n in summary["kinds"].items())
+    lines = [
+        "# Intervention on the toy model", "",
+        "Generated by `python -m ldm_scene.toy intervene-eval` from `intervention.json`; do not edit by hand.", "",
+        f"{summary['n_evaluated']} of {summary['n_trials']} trials evaluated (the rest drew no object to move); "
+        f"targets: {kinds}. Every image drawn with {summary.get('steps', 15)} steps of "
+        f"{summary.get('scheduler', '?')}{', ' + summary['guidance'] if summary.get('guidance') else ''}; prompts "
+        "say what the object is, never where. Success: an object whose centroid lies within "
+        f"{summary['success_distance']:g} of the image size of the target's, with the unedited image's shape "
+        "(shipped classifier) and colour (mean hue in its mask). Distance: between centroids, in pixels, over "
+        "results with an object (DragBench's MD). Background PSNR: result against the unedited image, outside "
+        "the original and the target masks. Cost: median over trials of the edit's time over a plain generation's "
+        "timed in the same trial. `unedited` scores the unedited image against the target (the do-nothing "
+        "baseline); a `random-*` row is its method's edit along random directions of the same norm.", "",
+        "| method | success | object present | centroid distance (px) | IoU with target | IoU with original "
+        "| shape kept | colour kept | background PSNR (dB) | cost / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, s in summary["methods"].items():
+        name = f"{m} (control of {summary['controls'][m]})" if m in summary.get("controls", {}) else m
+        lines.append(
+            f"| {name} | {_pct(s['success_rate'])} | {_pct(s['object_present'])} | {_num(s['distance_px'], '.1f')} "
+            f"| {_num(s['iou_target'], '.3f')} | {_num(s['iou_original'], '.3f')} | {_pct(s['shape_kept'])} "
+            f"| {_pct(s['colour_kept'])} | {_num(s['background_psnr'], '.1f')} "
+            f"| {_num(s.get('cost_vs_plain'), '.2f') + 'x' if s.get('cost_vs_plain') is not None else '—'} |")
+    kinds_done = [k for k in TARGET_KINDS if summary["kinds"].get(k)]
+    lines += ["", "Success by target kind:", "", "| method | " + " | ".join(f"{k} ({summary['kinds'][k]})" for k in kinds_done)
+              + " |", "|---|" + "---|" * len(kinds_done)]
+    for m, by in summary["by_kind"].items():
+        lines.append(f"| {m} | " + " | ".join(_pct(by.get(k)) for k in kinds_done) + " |")
+    for control, method in summary.get("controls", {}).items():
+        a, b = summary["methods"][method]["success_rate"], summary["methods"][control]["success_rate"]
+        if a is not None and b is not None:
+            lines += ["", f"{method} over its random-direction control: {a - b:+.0%} success "
+                      f"({_pct(a)} against {_pct(b)})."]
+    if summary.get("plain_seconds"):
+        lines += ["", f"A plain generation took {summary['plain_seconds']:.2f} s (median) on this machine."]
+    lines += ["", "![examples](examples.png)", ""]
+    return "\n".join(lines)
+
+
+def _outline(image: Image.Image, mask: np.ndarray, scale: int) -> Image.Image:
+    """``image`` upscaled with ``mask``'s boundary drawn in magenta."""
+    big = np.asarray(image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)).copy()
+    m = np.kron(mask.astype(np.uint8), np.ones((scale, scale), np.uint8)).astype(bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    big[m & ~inner] = (255, 0, 255)
+    return Image.fromarray(big)
+
+
+def examples_figure(rows: Sequence[dict], methods: Sequence[str], images: Path, path: Path, scale: int = 2) -> None:
+    """One row per kept trial: unedited image, its mask, the target, each method's result (target outlined)."""
+    strips = []
+    for row in rows:
+        if "skipped" in row or not (images / f"{row['seed']}_original.png").exists():
+            continue
+        load = {name: Image.open(images / f"{row['seed']}_{name}.png") for name in ("original", "original_mask", "target", *methods)}
+        target = np.asarray(load["target"]) > 127
+        ims = [load["original"], load["original_mask"], _outline(load["target"].convert("RGB"), target, 1)]
+        titles = ["unedited", "its mask", f"target: {row['kind']}"]
+        for m in methods:
+            ims.append(_outline(load[m], target, 1))
+            titles.append(f"{m}{' ok' if row[m]['success'] else ''}")
+        strips.append(side_by_side(ims, titles, scale=scale))
+    if strips:
+        grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), "white")
+        y = 0
+        for s in strips:
+            grid.paste(s, (0, y))
+            y += s.height
+        grid.save(path)
+
+
+# -- sweep ---------------------------------------------------------------------------------------
+
+#: The settings ``intervene-sweep`` tries: readout-guidance's gain and steps, steer's gain and outside share.
+SWEEP_GRID: tuple[Setting, ...] = (
+    Setting("readout-guidance", "up", 1 / 3, 0.25), Setting("readout-guidance", "up", 1 / 3, 0.4),
+    Setting("readout-guidance", "up", 1 / 2, 0.15), Setting("readout-guidance", "up", 1 / 2, 0.25),
+    Setting("readout-guidance", "up", 1 / 2, 0.4), Setting("readout-guidance", "up", 2 / 3, 0.25),
+    Setting("readout-guidance", "all", 1 / 3, 0.25),
+    Setting("readout-guidance", "up", 1 / 3, 0.25, options=(("layout_grid", 8),)),
+    Setting("steer", "up", 2 / 3, 15.0, 0.3), Setting("steer", "up", 2 / 3, 8.0, 0.3),
+    Setting("steer", "up", 1 / 3, 15.0, 0.3), Setting("steer", "all", 2 / 3, 15.0, 0.3),
 )
 
 
-def succeeded(iou_target: float, iou_original: float) -> bool:
-    """A trial's success: the result overlaps the target more than the original, and by IoU > 0.5."""
-    return bool(iou_target > iou_original and iou_target > 0.5)
+def _is_default(s: Setting) -> bool:
+    d = METHOD_DEFAULTS[s.method]
+    return not s.options and (s.sites, round(s.steps_fraction or 0, 4), s.gain,
+                              s.outside if s.outside is not None else d.outside) == (
+        d.sites, round(d.steps_fraction, 4), d.gain, d.outside)
 
 
-def trial_target(mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Shift ``mask`` by 25-40% of the width towards the side with more room."""
-    w = mask.shape[1]
-    col = np.nonzero(mask)[1].mean() / w
-    dx = int(round(rng.uniform(0.25, 0.40) * w)) * (1 if col < 0.5 else -1)
-    return translate_mask(mask, dx, 0), dx
+def run_sweep(model_dir: Path, n: int, out: Path, grid: Sequence[Setting] = SWEEP_GRID, steps: int = 15) -> list[dict]:
+    """Success per setting on ``n`` trials drawn from :data:`SWEEP_SEED0` (targets as in the evaluation).
 
-
-def _trials(model, labeler, seed0: int, n: int, steps: int):
-    """Up to ``n`` (config, original image, original mask, target, dx) with an object to move."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        seed = seed0 + i
-        config = config_for(model, scene_from_seed(seed).prompt, seed, steps)
-        t0 = time.perf_counter()
-        original = [s.image for s in sample(model, config, previews=False)][-1]
-        seconds = time.perf_counter() - t0
-        before = labeler(np.asarray(original))["mask"][0]
-        if not has_object(before):
-            yield config, original, before, None, 0, seconds
-            continue
-        target, dx = trial_target(before, rng)
-        yield config, original, before, target, dx, seconds
-
-
-def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 15) -> list[dict]:
-    """Success of steer per (sites, steps fraction, gain) on trials drawn from :data:`SWEEP_SEED0`.
-
-    This is how steer's defaults were chosen; its seeds are disjoint from :func:`run_trials`'s,
+    This is how the methods' defaults are chosen; its seeds are disjoint from :func:`run_trials`'s,
     so the evaluation does not measure the settings on the trials that chose them.
     """
-    from ..sites import SITE_KEYS, UP_SITE_KEYS
-
-    torch.set_num_threads(1)
-    model = load_model(str(model_dir), device="cpu")
-    banks = load_intervention_banks(model_dir / "probes", expect_sites=model.sites())
-    labeler = ToyLabeler.load(model_dir / "labelers")
-    classifier = ToyClassifier.load(model_dir / "labelers")
-    trials = [t for t in tqdm(_trials(model, labeler, SWEEP_SEED0, n, steps), total=n, desc="sweep originals")
-              if t[3] is not None]
-    # Kept: the same shape as the unedited image of the seed (as in run_trials); prompted: the prompt's.
-    shapes_before = {t[0].seed: classifier.name(t[1]) for t in trials}
+    world = _World(Path(model_dir))
+    trials = []
+    for i in tqdm(range(n), desc="sweep originals"):
+        seed = SWEEP_SEED0 + i
+        config, original = world.original(seed, steps)
+        if has_object(original.mask):
+            kind, target, _ = _trial_target(seed, i, original.mask)
+            trials.append((config, original, kind, target))
     rows = []
-    for sites_name, fraction, gain, outside in tqdm(grid, desc="sweep settings"):
-        sites = UP_SITE_KEYS if sites_name == "up" else SITE_KEYS
-        edit_steps = tuple(range(max(1, round(steps * fraction))))
+    for setting in tqdm(grid, desc="sweep settings"):
         results = []
-        for config, _, before, target, _, _ in trials:
-            editor = make_editor("steer", banks, target, sites, edit_steps, 1.0, config.seed)
-            editor.strength, editor.outside = gain, outside
-            edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
-            after = labeler(np.asarray(edited))["mask"][0]
-            iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
-            shape = classifier.name(edited)
-            results.append((iou_t, iou_o, succeeded(iou_t, iou_o), has_object(after),
-                            shape == shapes_before[config.seed], shape == parse_prompt(config.prompt).shape))
-        r = np.asarray(results, dtype=float).mean(0)
-        rows.append({"method": "steer", "sites": sites_name, "steps_fraction": fraction, "gain": gain, "outside": outside,
-                     "n": len(results), "guidance": trials[0][0].guidance_text if trials else None,
-                     "iou_target": r[0], "iou_original": r[1], "success_rate": r[2], "object_present": r[3],
-                     "shape_kept": r[4], "shape_prompted": r[5]})
+        for config, original, _, target in trials:
+            image, seconds, _ = world.edit(config, setting, target, steps)
+            results.append(judge(image, original, target, world.labeler, world.classifier)[0])
+        s = summarise_rows(results)
+        rows.append({**vars(setting), "options": dict(setting.options), "default": _is_default(setting), **s,
+                     "guidance": trials[0][0].guidance_text if trials else None})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     text = render_sweep(rows, steps)
@@ -116,190 +482,21 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid=SWEEP_GRID, steps: int = 
     return rows
 
 
-def render_sweep(rows: list[dict], steps: int = 15) -> str:
-    """sweep.md from sweep.json's rows (nothing typed by hand); the shipped default is marked."""
-    from ..intervention import METHOD_DEFAULTS
-
-    lines = ["# Steer settings on the toy model", "",
-             f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from {SWEEP_SEED0:,} "
-             f"(the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
-             f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}. Success as in the evaluation; shape kept: the "
-             "classifier names the same shape as in the unedited image; shape prompted: the prompt's. * marks steer's default.", "",
-             "| sites | steps edited | gain | outside share | trials | success | IoU target | IoU original | object present "
-             "| shape kept | shape prompted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    d = METHOD_DEFAULTS["steer"]
+def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
+    """sweep.md from sweep.json's rows (nothing typed by hand); * marks each method's shipped default."""
+    lines = ["# Intervention settings on the toy model", "",
+             f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from "
+             f"{SWEEP_SEED0:,} (the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
+             f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}; targets and success as in "
+             "the evaluation. * marks the method's shipped default.", "",
+             "| method | sites | steps edited | gain | outside share | other | trials | success | centroid distance (px) "
+             "| IoU target | shape kept | colour kept | background PSNR (dB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        star = " *" if (r["sites"], round(r["steps_fraction"], 4), r["gain"], r["outside"]) == (
-            d.sites, round(d.steps_fraction, 4), d.gain, d.outside) else ""
-        edited = "all" if r["steps_fraction"] >= 1 else f"first {r['steps_fraction']:.2f}"
-        lines.append(f"| {r['sites']}{star} | {edited} | {r['gain']:g} | {r['outside']:g} | {r['n']} "
-                     f"| {r['success_rate']:.0%} | {r['iou_target']:.3f} | {r['iou_original']:.3f} | {r['object_present']:.0%} "
-                     f"| {r.get('shape_kept', float('nan')):.0%} | {r.get('shape_prompted', float('nan')):.0%} |")
+        edited = "all" if (r["steps_fraction"] or 0) >= 1 else f"first {r['steps_fraction']:.2f}"
+        lines.append(f"| {r['method']}{' *' if r.get('default') else ''} | {r['sites']} | {edited} | {r['gain']:g} "
+                     f"| {'—' if r.get('outside') is None else format(r['outside'], 'g')} "
+                     f"| {', '.join(f'{k} {v}' for k, v in (r.get('options') or {}).items()) or '—'} | {r['n']} "
+                     f"| {_pct(r['success_rate'])} | {_num(r['distance_px'], '.1f')} | {_num(r['iou_target'], '.3f')} "
+                     f"| {_pct(r['shape_kept'])} | {_pct(r['colour_kept'])} | {_num(r['background_psnr'], '.1f')} |")
     return "\n".join(lines) + "\n"
-
-
-def run_trials(model_dir: Path, n: int, out: Path, methods=METHODS, steps: int = 15,
-               scheduler: type | None = None) -> dict:
-    """Run ``n`` trials and write ``intervention.json``, ``README.md`` and figures into ``out``.
-
-    ``scheduler`` (a diffusers scheduler class) replaces the model's own for every generation of
-    the trials, originals included (e.g. the paper's LMS, to compare with the toy model's Euler).
-    """
-    torch.set_num_threads(1)
-    model = load_model(str(model_dir), device="cpu")
-    if scheduler is not None:
-        model.pipe.scheduler = scheduler.from_config(model.pipe.scheduler.config)
-    banks = load_intervention_banks(model_dir / "probes", expect_sites=model.sites())
-    labeler = ToyLabeler.load(model_dir / "labelers")
-    classifier = ToyClassifier.load(model_dir / "labelers")
-    rows_of = tuple(methods)
-    rows, examples, seconds = [], [], {m: [] for m in ("plain", *rows_of)}
-    for config, original, before, target, dx, plain_s in tqdm(_trials(model, labeler, TRIAL_SEED0, n, steps),
-                                                              total=n, desc="intervention trials"):
-        seconds["plain"].append(plain_s)
-        seed, prompt = config.seed, config.prompt
-        words = parse_prompt(prompt)
-        if target is None:
-            rows.append({"seed": seed, "prompt": prompt, "skipped": "no object in the original"})
-            continue
-        orig_arr = np.asarray(original)
-        orig_shape = classifier.name(orig_arr)
-        orig_colour = mask_colour(orig_arr, before)
-        row = {"seed": seed, "prompt": prompt, "dx": dx, "original_shape": orig_shape, "original_colour": orig_colour}
-        results = {}
-        for method in rows_of:
-            t0 = time.perf_counter()
-            editor = make_editor(method, banks, target, None, default_edit_steps(steps, method), 1.0, seed)
-            edited = [s.image for s in sample(model, config, editors=[editor], previews=False)][-1]
-            seconds[method].append(time.perf_counter() - t0)
-            arr = np.asarray(edited)
-            after = labeler(arr)["mask"][0]
-            iou_t, iou_o = metrics.iou(after, target), metrics.iou(after, before)
-            shape = classifier.name(arr)
-            colour = mask_colour(arr, after)
-            row[method] = {
-                "iou_target": iou_t, "iou_original": iou_o, "success": succeeded(iou_t, iou_o),
-                "present": has_object(after),
-                # Kept: the same shape/colour as the unedited image of this seed (the model itself
-                # does not always draw the prompted ones); prompted: as the prompt says.
-                "shape_kept": shape == orig_shape, "colour_kept": colour == orig_colour,
-                "shape_prompted": shape == words.shape, "colour_prompted": colour == words.colour,
-            }
-            if getattr(editor, "agreement", None):
-                # Did the optimisation reach its objective? (the probe reads the target at the edited sites)
-                row[method]["probe_agreement_before"] = float(np.mean([a[2] for a in editor.agreement]))
-                row[method]["probe_agreement_after"] = float(np.mean([a[3] for a in editor.agreement]))
-            results[method] = (edited, after)
-        rows.append(row)
-        if len(examples) < 6:
-            examples.append((original, before, target, results))
-    summary = summarise(rows, rows_of, seconds)
-    summary["scheduler"], summary["steps"] = model.scheduler_name, steps
-    summary["guidance"] = config_for(model, "a", 0, steps).guidance_text
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
-    (out / "README.md").write_text(render_table(summary))
-    _figures(examples, summary, rows_of, out)
-    return summary
-
-
-def summarise(rows: list[dict], methods, seconds: dict) -> dict:
-    done = [r for r in rows if "skipped" not in r]
-    summary = {"n_trials": len(rows), "n_evaluated": len(done), "methods": {}}
-    for m in methods:
-        vals = [r[m] for r in done]
-        summary["methods"][m] = {
-            "success_rate": float(np.mean([v["success"] for v in vals])),
-            "iou_target": float(np.mean([v["iou_target"] for v in vals])),
-            "iou_original": float(np.mean([v["iou_original"] for v in vals])),
-            "object_present": float(np.mean([v["present"] for v in vals])),
-            "shape_kept": float(np.mean([v["shape_kept"] for v in vals])),
-            "colour_kept": float(np.mean([v["colour_kept"] for v in vals])),
-            "shape_prompted": float(np.mean([v["shape_prompted"] for v in vals])),
-            **({k: float(np.mean([v[k] for v in vals])) for k in ("probe_agreement_before", "probe_agreement_after")
-                if vals and k in vals[0]}),
-            "colour_prompted": float(np.mean([v["colour_prompted"] for v in vals])),
-            "seconds": float(np.median(seconds[m])),
-            "cost_vs_plain": float(np.median(seconds[m]) / np.median(seconds["plain"])),
-        }
-    # The model does not always draw what it is asked for; an edit of a malformed original is a
-    # harder case, so success is also given for the trials whose original shows the prompted shape.
-    well_formed = [r for r in done if r["original_shape"] == parse_prompt(r["prompt"]).shape]
-    summary["n_well_formed"] = len(well_formed)
-    for m in methods:
-        summary["methods"][m]["well_formed"] = {
-            k: (float(np.mean([r[m][v] for r in well_formed])) if well_formed else None)
-            for k, v in (("success_rate", "success"), ("shape_kept", "shape_kept"), ("object_present", "present"))
-        }
-    if "random-control" in methods:
-        # A control success can mean the object's place was fragile in that seed: how many of the
-        # control's successes each method shares says how much of its own rate that explains.
-        control = [r for r in done if r["random-control"]["success"]]
-        summary["control_successes"] = len(control)
-        summary["shared_with_control"] = {m: int(sum(r[m]["success"] for r in control)) for m in methods if m != "random-control"}
-    summary["plain_seconds"] = float(np.median(seconds["plain"]))
-    summary["original_shape_prompted"] = float(np.mean([r["original_shape"] == parse_prompt(r["prompt"]).shape for r in done]))
-    summary["original_colour_prompted"] = float(np.mean([r["original_colour"] == parse_prompt(r["prompt"]).colour for r in done]))
-    return summary
-
-
-def render_table(summary: dict) -> str:
-    """The README table, rendered from the summary (nothing typed by hand)."""
-    lines = [
-        "# Intervention on the toy model", "",
-        f"{summary['n_evaluated']} of {summary['n_trials']} trials evaluated (the rest drew no object to move), "
-        f"every image drawn with {summary.get('steps', 15)} steps of {summary.get('scheduler', 'LMSDiscreteScheduler')}"
-        f"{', ' + summary['guidance'] if summary.get('guidance') else ''}. "
-        "Target: the original foreground shifted sideways by 25-40% of the width. Success: IoU(result, target) > "
-        "IoU(result, original) and > 0.5. Masks and shapes judged by the shipped labeler and classifier. "
-        "Kept: the same shape (colour) as the unedited image of the seed; prompted: the prompt's. "
-        f"Unedited images show the prompted shape in {summary['original_shape_prompted']:.0%} and the prompted "
-        f"colour in {summary['original_colour_prompted']:.0%} of these trials.", "",
-        "| method | success | IoU with target | IoU with original | object present | shape kept | colour kept "
-        "| shape prompted | colour prompted | time / plain generation |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m, s in summary["methods"].items():
-        lines.append(
-            f"| {m} | {s['success_rate']:.0%} | {s['iou_target']:.3f} | {s['iou_original']:.3f} | {s['object_present']:.0%} "
-            f"| {s['shape_kept']:.0%} | {s['colour_kept']:.0%} | {s['shape_prompted']:.0%} | {s['colour_prompted']:.0%} "
-            f"| {s['cost_vs_plain']:.2f}x |"
-        )
-    if summary.get("n_well_formed"):
-        lines += ["", f"The {summary['n_well_formed']} trials whose unedited image shows the prompted shape (classifier):", "",
-                  "| method | success | shape kept | object present |", "|---|---|---|---|"]
-        for m, s in summary["methods"].items():
-            w = s["well_formed"]
-            lines.append(f"| {m} | {w['success_rate']:.0%} | {w['shape_kept']:.0%} | {w['object_present']:.0%} |")
-    for m, s in summary["methods"].items():
-        if "probe_agreement_after" in s:
-            lines += ["", f"{m}: at the edited sites and steps the foreground probe agreed with the target on "
-                      f"{s['probe_agreement_before']:.0%} of tokens before the edit and {s['probe_agreement_after']:.0%} after "
-                      "it (the optimisation's own objective), averaged over trials."]
-    if summary.get("control_successes"):
-        shared = ", ".join(f"{m} {k}" for m, k in summary["shared_with_control"].items())
-        lines += ["", f"The random control succeeded in {summary['control_successes']} trials; of those, the other methods also "
-                  f"succeeded in: {shared}. A push with the target's layout moves an object whose place is still open, "
-                  "whatever its direction; the margin over the control is what the direction adds."]
-    lines += ["", "![examples](examples.png)", ""]
-    return "\n".join(lines)
-
-
-def _figures(examples: list, summary: dict, methods, out: Path) -> None:
-    rows = []
-    for original, before, target, results in examples:
-        ims = [original, mask_image(before), mask_image(target)]
-        titles = ["original", "mask", "target"]
-        for m in methods:
-            ims += [results[m][0]]
-            titles += [m]
-        rows.append(side_by_side(ims, titles, scale=2))
-    if rows:
-        from PIL import Image
-
-        grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
-        y = 0
-        for r in rows:
-            grid.paste(r, (0, y))
-            y += r.height
-        grid.save(out / "examples.png")

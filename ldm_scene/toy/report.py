@@ -400,6 +400,18 @@ def render_layout(report: dict) -> list[str]:
     return lines
 
 
+def render_v2_legs(history: list[dict]) -> list[str]:
+    """Lines for the model card on how the v2 world (prompts that never say where) was reached:
+    the legs of ``train_history.json`` marked ``"world": "v2"``, which continue the v1 weights."""
+    legs = [leg for leg in history if leg.get("world") == "v2"]
+    if not legs:
+        return []
+    return ["The v2 world (prompts name the object, never its place; salient objects placed anywhere by the",
+            "seed) was reached by fine-tuning the v1 weights below on v2 renders, in the legs marked v2 in the",
+            "table: " + "; ".join(f"{leg['stage']} ({leg['steps']})" for leg in legs) + ".",
+            "The v1 plan and legs follow (v1 prompts said \"on the left\" and so on).", ""]
+
+
 def render_history(history: list[dict]) -> list[str]:
     """Lines for the model card from ``train_history.json``: each leg of an interrupted, resumed run."""
     if not history:
@@ -412,7 +424,7 @@ def render_history(history: list[dict]) -> list[str]:
              + "):", "",
              "| leg | stage | steps | command | torch threads | minutes (wall clock) |", "|---|---|---|---|---|---|"]
     for i, leg in enumerate(history, 1):
-        lines.append(f"| {i} | {leg['stage']} | {leg['steps']} | `{leg['command']}` | {leg['threads']}"
+        lines.append(f"| {i} | {'v2: ' if leg.get('world') == 'v2' else ''}{leg['stage']} | {leg['steps']} | `{leg['command']}` | {leg['threads']}"
                      + (f" ({leg['device']})" if "device" in leg else "") + f" | {leg['minutes']} |")
     return lines
 
@@ -450,6 +462,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         "- Beside it, `labelers/` holds the labeler (foreground, depth, shading) and the shape classifier that play",
         "  TRACER, MiDaS and VGG-16's roles for this world.", "",
         "## How it was trained",
+        *render_v2_legs(history or []),
         f"`python -m ldm_scene.toy train` with the plan in `train_plan.json`: {plan.get('n_train')} rendered scenes",
         f"(mirrored as augmentation), autoencoder {plan.get('ae_steps')} steps"
         + (f" then its decoder alone {plan['decoder_steps']} more (encoder frozen, object pixels weighted"

@@ -5,4 +5,7 @@ activations: generation streams each (site, step) activation into per-probe suff
 (:class:`ldm_scene.training.fit.RidgeStats`) that give closed-form ridge probes in one pass, and a
 second, seeded pass evaluates them. :func:`ldm_scene.training.fit.train_adam` is the paper's
 trainer (Adam on a bias-free linear map) for comparison on data small enough to hold in memory.
+:mod:`.evaluate` scores readouts (bilinear read-out), :mod:`.controls` makes the prompt-only,
+same-prompt and grid-ceiling controls, :mod:`.report` writes ``metrics.json`` and the README, and
+:mod:`.pipeline` strings the phases together.
 """

@@ -2,7 +2,8 @@
 
 Examples::
 
-    # the toy world (embedded model, its own labelers), as shipped in weights/toy-scenes/probes
+    # the toy world (embedded model, its own labelers and its own guidance schedule from
+    # ldm_scene.json), as shipped in weights/toy-scenes/probes
     python -m ldm_scene.training run --model toy --n 600 --out weights/toy-scenes/probes
 
     # the paper's setting on a GPU machine (needs the Hub for SD v1.4 and DPT, and
@@ -10,7 +11,9 @@ Examples::
     accelerate launch -m ldm_scene.training run --model CompVis/stable-diffusion-v1-4 --n 617 \\
         --prompts prompts.txt --labeler dpt+tracer --out runs/sd14-probes
 
-The run is resumable: rerunning the same command continues from ``OUT/work``.
+Guidance: by default the model's own schedule (``ldm_scene.json``: guidance, late_guidance,
+late_from; 7.5 throughout without one, the paper's); ``--late-guidance`` equal to ``--guidance``
+gives a constant scale. The run is resumable: rerunning the same command continues from ``OUT/work``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=int, required=True, help="number of images (40%% fit the probes, 60%% test them)")
     r.add_argument("--out", required=True, help="output directory (probes, metrics.json, figures; work/ for state)")
     r.add_argument("--steps", type=int, default=15)
-    r.add_argument("--guidance", type=float, default=7.5)
+    r.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's own, from its ldm_scene.json; else 7.5)")
+    r.add_argument("--late-guidance", type=float, default=None,
+                   help="cap on the guidance from --late-from of the steps on (default: the model's own; "
+                        "set it to --guidance for a constant scale)")
+    r.add_argument("--late-from", type=float, default=None,
+                   help="fraction of the steps from which --late-guidance applies (default: the model's own)")
     r.add_argument("--seed", type=int, default=0, help="first seed; images use seeds SEED..SEED+N-1")
     r.add_argument("--labeler", default=None,
                    help="toy | toy:DIR | dpt | dpt-large | tracer | folder:[TASK=]PATH, joined by '+' "
@@ -46,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-permuted", action="store_true", help="skip the permuted-UNet control")
     r.add_argument("--no-latent", action="store_true", help="skip the latent-probe baseline")
     r.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    r.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the test images for the margins' 95%% intervals")
     r.add_argument("--device", default=None, help="torch device (default: accelerate's, else cuda if available)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--quick", action="store_true", help="a small run (12 images, short Adam) to check the setup")
@@ -58,7 +69,8 @@ def config_from_args(args: argparse.Namespace):
     from .pipeline import RunConfig
 
     config = RunConfig(
-        model=args.model, n=args.n, out=args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        model=args.model, n=args.n, out=args.out, steps=args.steps, guidance=args.guidance,
+        late_guidance=args.late_guidance, late_from=args.late_from, seed=args.seed, bootstrap_resamples=args.bootstrap,
         labeler=args.labeler, prompts=args.prompts, checkpoint_every=args.checkpoint_every,
         preview_images=args.preview_images, adam_images=args.adam_images,
         adam_keys=() if args.no_adam else None, permuted=not args.no_permuted, latent_baseline=not args.no_latent,
@@ -101,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             for task, t in metrics["tasks"].items()
         }
         print(json.dumps(summary, indent=1))
+        for t in metrics.get("targets", []):
+            print(f"target: {t['name']} at step {t['step'] + 1}: {t['value'] if t['value'] is None else round(t['value'], 3)} "
+                  f"(>= {t['threshold']:g}: {'met' if t['met'] else 'not met'})")
         print(f"wrote probes, metrics.json, figures and README.md to {config.out}")
     return 0
 

@@ -6,7 +6,9 @@ outputs). :class:`RidgeStats` accumulates ``X^T X``, ``X^T y`` and ``sum y^2`` o
 addition, and :meth:`RidgeStats.solve` gives the exact ridge solution (intercept unpenalised).
 The paper scored its probe on the nearest-upsampled 512x512 map; since every token covers the
 same number of pixels, least squares against full-resolution labels equals least squares against
-each token's cell mean, so targets at token resolution lose nothing for a linear probe.
+each token's cell mean, so targets at token resolution lose nothing for a linear probe with that
+read-out. (The evaluation here reads probes out bilinearly, :func:`~.evaluate.upsample`, which
+smooths across cell edges; the fit keeps the per-token cell-mean targets, the paper's objective.)
 
 Foreground with ridge regresses one-hot (or fractional) targets ``[1 - p, p]`` (K=2), so the
 result has the paper's ``[2, C]`` shape and is read by argmax / softmax like its probes.

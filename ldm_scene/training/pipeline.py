@@ -32,7 +32,16 @@ The run, for N seeded images split train / val / test (:mod:`.dataset`):
    probe, the latent and permuted probes, the labeler applied to each step's decoded x0 preview,
    and the layout prior are scored against the labels of the final image (:mod:`.evaluate`);
    per-image scores are written to disk, so this pass resumes too.
-4. **Report**: ``metrics.json``, figures and ``README.md`` in the output directory.
+   Readouts are upsampled bilinearly to the labels' resolution before thresholding or ranking
+   (:func:`~.evaluate.upsample`). The same pass scores the prompt-only baseline and each site
+   grid's ceiling (:mod:`.controls`), and keeps the readouts and labels of every test image that
+   shares its prompt with another test image.
+4. **Same-prompt control** (:func:`control_pass`): each such image's readouts scored against the
+   other same-prompt test images' labels.
+5. **Report** (:mod:`.report`): ``metrics.json``, figures and ``README.md`` in the output directory.
+
+Every image is generated under the model's own guidance schedule (:func:`~ldm_scene.sampler.config_for`)
+unless the run sets one; probe metadata and ``metrics.json`` record it.
 """
 from __future__ import annotations
 
@@ -55,11 +64,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..capture import capture, hook_sites
-from ..models import ALIASES, Model, load_model
+from ..models import ALIASES, SETTINGS_FILE, Model, load_model
 from ..probes import CLASS_MEANS, TASKS, ProbeBank, ProbeMeta, class_means_bank, load_probe_dir, probe_path, tensor_name, task_outputs
-from ..sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, decode, sample
+from ..sampler import DEFAULT_STEPS, GenerationConfig, config_for, decode, describe_guidance, sample
 from ..sites import SITE_KEYS, SiteInfo
+from . import controls as ctl
 from . import evaluate as ev
+from . import report as rep
 from .dataset import Record, Shard, make_records, read_prompts
 from .fit import DEFAULT_PENALTY_GRID, RidgeStats, choose_penalty, ridge_targets, to_normalised, train_adam
 from .labelers import Labeler, build_labeler, check_labels
@@ -85,6 +96,7 @@ __all__ = [
     "solve",
     "train_adam_probes",
     "eval_pass",
+    "control_pass",
     "report",
     "run",
 ]
@@ -94,25 +106,36 @@ LATENT = "latent"
 #: Statistics groups: the model's own UNet, and its permuted copy.
 UNET, PERMUTED = "unet", "permuted"
 _META_KEY = "ldm_scene_fit"
+#: Version of the work directory's layout; a work directory of another version is refused.
+#: 2: per-prompt label sums in the fit state, prompt-only and same-prompt controls, bilinear read-out.
+WORK_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One probe run. ``out`` receives the probes, metrics and figures; ``out/work`` the resumable state.
 
+    ``guidance``, ``late_guidance`` and ``late_from`` are the generation's guidance schedule; each
+    None takes the model's own (its ``ldm_scene.json``, see :func:`~ldm_scene.sampler.config_for`;
+    7.5 throughout for a model without one, the paper's). Pass ``late_guidance=guidance`` for a
+    constant scale on a model that lowers it late. Probes are fit and evaluated under the same
+    schedule, which their metadata and ``metrics.json`` record.
     ``labeler`` is a :func:`~.labelers.build_labeler` spec (default: ``toy`` when the model
     directory has ``labelers/``, else ``dpt+tracer``). ``prompts`` is a file of prompts (default:
     the toy renderer's prompt for each seed). ``preview_images`` caps how many test images get the
     labeler-on-x0 baseline (None: all). ``adam_keys`` are ``(site, step)`` pairs for the Adam vs
     ridge comparison (None: a default few; empty: skip it), trained on the first ``adam_images``
-    fitting images.
+    fitting images. ``bootstrap_resamples`` resamples of the test images (a generator seeded with
+    ``seed``) give the 95% confidence intervals of the margins over the baselines.
     """
 
     model: str
     n: int
     out: str
     steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
+    guidance: float | None = None
+    late_guidance: float | None = None
+    late_from: float | None = None
     seed: int = 0
     labeler: str | None = None
     prompts: str | None = None
@@ -130,6 +153,7 @@ class RunConfig:
     n_examples: int = 3
     figures: bool = True
     device: str | None = None
+    bootstrap_resamples: int = 1000
 
     def __post_init__(self) -> None:
         if self.n < 3:
@@ -144,6 +168,14 @@ class RunConfig:
             raise ValueError(f"penalties must be finite and >= 0, got {self.penalties}")
         if self.adam_images < 1 or self.adam_epochs < 1 or self.n_examples < 0:
             raise ValueError("adam_images and adam_epochs must be >= 1, n_examples >= 0")
+        for name in ("guidance", "late_guidance"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value <= 30):
+                raise ValueError(f"{name} must be between 0 and 30 (or None: the model's own), got {value}")
+        if self.late_from is not None and not 0 <= self.late_from <= 1:
+            raise ValueError(f"late_from must be a fraction of the steps in [0, 1] (or None), got {self.late_from}")
+        if self.bootstrap_resamples < 10:
+            raise ValueError(f"bootstrap_resamples must be >= 10, got {self.bootstrap_resamples}")
         for key in self.adam_keys or ():
             if key[0] not in SITE_KEYS or not 0 <= int(key[1]) < self.steps:
                 raise ValueError(f"adam key {key} is not (site, step) with a known site and step < {self.steps}")
@@ -250,6 +282,44 @@ class RunContext:
             return set()
         return {r.index for r in self.fit_records[: self.config.adam_images]}
 
+    def generation(self, record: Record) -> GenerationConfig:
+        """The generation of ``record``'s image: its prompt and seed under the run's guidance schedule."""
+        c = self.config
+        return config_for(self.model, record.prompt, record.seed, c.steps, c.guidance, c.late_guidance, c.late_from)
+
+    @property
+    def guidance(self) -> dict[str, Any]:
+        """The guidance schedule every image of the run is generated with, resolved against the model."""
+        g = config_for(self.model, "schedule", 0, self.config.steps, self.config.guidance,
+                       self.config.late_guidance, self.config.late_from)
+        if any(getattr(self.config, k) is not None for k in ("guidance", "late_guidance", "late_from")):
+            source = "set for this run"
+        elif self.model.directory is not None and (Path(self.model.directory) / SETTINGS_FILE).is_file():
+            source = f"the model's own, from its {SETTINGS_FILE}"
+        else:
+            source = "the paper's; the model recommends none"
+        return {
+            "guidance": float(g.guidance),
+            "late_guidance": None if g.late_guidance is None else float(g.late_guidance),
+            "late_from": float(g.late_from),
+            "per_step": [g.guidance_at(s) for s in range(self.config.steps)],
+            "text": describe_guidance(float(g.guidance), g.late_guidance, g.late_from),
+            "source": source,
+        }
+
+    @property
+    def prompt_index(self) -> dict[str, int]:
+        """Rows of the per-prompt label sums (:func:`~.controls.shared_prompts`)."""
+        by_split = {split: [r.prompt for r in self.records if r.split == split] for split in ("train", "val", "test")}
+        return {p: k for k, p in enumerate(ctl.shared_prompts(by_split["train"], by_split["val"], by_split["test"]))}
+
+    @property
+    def test_partners(self) -> dict[int, list[Record]]:
+        """Each test record's index -> the other test records with its prompt (the same-prompt control)."""
+        tests = self.test_records
+        return {tests[i].index: [tests[j] for j in js]
+                for i, js in enumerate(ctl.same_prompt_partners([r.prompt for r in tests]))}
+
     @property
     def permuted_unet(self) -> torch.nn.Module:
         if self._permuted is None:
@@ -260,8 +330,10 @@ class RunContext:
         """What the saved state depends on; a resumed run must match it."""
         c = self.config
         prompts = hashlib.sha256("\n".join(r.prompt for r in self.records).encode()).hexdigest()[:16]
+        g = self.guidance
         return {
-            "model": self.model.model_id, "n": c.n, "steps": c.steps, "guidance": float(c.guidance), "seed": c.seed,
+            "format": WORK_FORMAT, "model": self.model.model_id, "n": c.n, "steps": c.steps,
+            "guidance": [g["guidance"], g["late_guidance"], g["late_from"]], "seed": c.seed,
             "labeler": self.labeler.name, "tasks": list(self.layout.tasks), "prompts_sha256": prompts,
             "splits": [c.train_fraction, c.val_fraction], "latent": c.latent_baseline, "permuted": c.permuted,
             "permute_seed": c.permute_seed, "adam_keys": [list(k) for k in self.adam_keys], "adam_images": c.adam_images,
@@ -390,8 +462,7 @@ def unet_inputs(unet: torch.nn.Module, guided: bool) -> Iterator[list[tuple[torc
 
 def generate_trace(ctx: RunContext, record: Record, previews: bool = False) -> ImageTrace:
     """Generate ``record``'s image keeping every site's conditional activation at every step."""
-    c = ctx.config
-    config = GenerationConfig(record.prompt, seed=record.seed, steps=c.steps, guidance=c.guidance)
+    config = ctx.generation(record)
     unet = ctx.model.unet
     start = time.perf_counter()
     x0s, image = [], None
@@ -465,12 +536,17 @@ class FitState:
     ``stats[group][split][(key, step)]``: group ``"unet"`` or ``"permuted"``, split ``"train"`` or
     ``"val"``, key a site or :data:`LATENT`. ``pixels[task]`` is ``[sum, sum of squares, count]``
     over every label pixel of the fitting images (train and val) and ``maps[task]`` the per-pixel
-    sum ``[H, W]`` of the label maps over ``n_images`` images. ``done`` counts processed images.
+    sum ``[H, W]`` of the label maps over ``n_images`` images. ``prompt_sums[split][task]`` is
+    ``[P + 1, H, W]``: the label sums of that split's images per prompt of
+    :attr:`RunContext.prompt_index` (row P: every image of the split), ``prompt_counts[split]``
+    ``[P + 1]`` their image counts (the prompt-only baseline). ``done`` counts processed images.
     """
 
     stats: dict[str, dict[str, dict[tuple[str, int], RidgeStats]]]
     pixels: dict[str, torch.Tensor]
     maps: dict[str, torch.Tensor]
+    prompt_sums: dict[str, dict[str, torch.Tensor]]
+    prompt_counts: dict[str, torch.Tensor]
     n_images: int = 0
     done: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -483,6 +559,10 @@ class FitState:
         for task in self.pixels:
             self.pixels[task] += other.pixels[task]
             self.maps[task] += other.maps[task]
+        for split, per_task in other.prompt_sums.items():
+            for task, v in per_task.items():
+                self.prompt_sums[split][task] += v
+            self.prompt_counts[split] += other.prompt_counts[split]
         self.n_images += other.n_images
         self.done += other.done
         for k, v in other.seconds.items():
@@ -509,7 +589,10 @@ def new_fit_state(ctx: RunContext) -> FitState:
     h, w = ctx.image_size
     pixels = {t: torch.zeros(3, dtype=torch.float64) for t in ctx.layout.tasks}
     maps = {t: torch.zeros(h, w, dtype=torch.float64) for t in ctx.layout.tasks}
-    return FitState(stats, pixels, maps)
+    rows = len(ctx.prompt_index) + 1
+    prompt_sums = {split: {t: torch.zeros(rows, h, w, dtype=torch.float64) for t in ctx.layout.tasks} for split in ("train", "val")}
+    prompt_counts = {split: torch.zeros(rows, dtype=torch.float64) for split in ("train", "val")}
+    return FitState(stats, pixels, maps, prompt_sums, prompt_counts)
 
 
 def _state_tensors(state: FitState) -> dict[str, torch.Tensor]:
@@ -522,6 +605,10 @@ def _state_tensors(state: FitState) -> dict[str, torch.Tensor]:
     for task in state.pixels:
         out[f"pixels/{task}"] = state.pixels[task].contiguous()
         out[f"maps/{task}"] = state.maps[task].contiguous()
+    for split, per_task in state.prompt_sums.items():
+        for task, v in per_task.items():
+            out[f"prompt_sums/{split}/{task}"] = v.contiguous()
+        out[f"prompt_counts/{split}"] = state.prompt_counts[split].contiguous()
     return out
 
 
@@ -553,6 +640,10 @@ def load_fit_state(ctx: RunContext, path: Path) -> FitState:
             state.pixels[parts[1]] = tensor.clone()
         elif parts[0] == "maps":
             state.maps[parts[1]] = tensor.clone()
+        elif parts[0] == "prompt_sums":
+            state.prompt_sums[parts[1]][parts[2]] = tensor.clone()
+        elif parts[0] == "prompt_counts":
+            state.prompt_counts[parts[1]] = tensor.clone()
     for (group, split, key, step), sd in grouped.items():
         state.stats[group][split][(key, step)] = RidgeStats.from_state_dict(sd, device=device)
     expected = sum(len(k) for s in state.stats.values() for k in s.values())
@@ -602,10 +693,14 @@ def accumulate(ctx: RunContext, state: FitState, trace: ImageTrace, labels: dict
         t3 = time.perf_counter()
         state.seconds["permuted_forward"] = state.seconds.get("permuted_forward", 0.0) + t2 - t1
         state.seconds["permuted_update"] = state.seconds.get("permuted_update", 0.0) + t3 - t2
+    index = ctx.prompt_index
+    rows = [len(index)] + ([index[trace.record.prompt]] if trace.record.prompt in index else [])  # the split's row, the prompt's
     for task in layout.tasks:
         y = torch.from_numpy(labels[task]).to(torch.float64)
         state.pixels[task] += torch.stack([y.sum(), (y * y).sum(), torch.tensor(float(y.numel()), dtype=torch.float64)])
         state.maps[task] += y
+        state.prompt_sums[split][task][rows] += y
+    state.prompt_counts[split][rows] += 1
     state.n_images += 1
     state.seconds["update"] = state.seconds.get("update", 0.0) + t1 - t0
 
@@ -698,6 +793,10 @@ class Solution:
     ``weights[group][task][(key, step)] = (w [K, C], b [K])`` predicting normalised targets;
     ``val_r2[group][task][key]`` per step; ``best[group][task]`` the site per step with the highest
     validation R^2; ``norm[task] = (mean, std)``; ``priors[task]`` the per-pixel mean label map.
+    The prompt-only baseline: ``prompt_maps[task]`` ``[P, H, W]``, the fitting images' mean label
+    per prompt of ``prompts`` (nan rows for a prompt without fitting images); ``train_prompt_maps``
+    and ``train_priors`` the same over the train images alone (for choosing its foreground threshold
+    on the validation images), and ``prompt_threshold`` that threshold.
     """
 
     weights: dict[str, dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]]
@@ -709,6 +808,16 @@ class Solution:
     priors: dict[str, torch.Tensor]
     n_fit: dict[str, int]
     thresholds: dict[str, dict[tuple[str, int], float]] | None = None
+    prompts: list[str] = field(default_factory=list)
+    prompt_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_prompt_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_priors: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt_threshold: float | None = None
+
+    def prompt_only(self, task: str, prompt: str) -> tuple[torch.Tensor, bool]:
+        """The prompt-only map ``[H, W]`` for a test image's prompt, and whether same-prompt images made it."""
+        index = {p: k for k, p in enumerate(self.prompts)}
+        return ctl.prompt_map(prompt, index, self.prompt_maps[task], self.priors[task])
 
 
 def _val_r2(val: RidgeStats, mse: float) -> float:
@@ -744,6 +853,13 @@ def solve(ctx: RunContext, state: FitState, progress: bool = True) -> Solution:
         std = math.sqrt(max(sq / count - mean * mean, 0.0))
         norm[task] = (mean, std if std > 0 else 1.0)
     priors = {t: (state.maps[t] / max(state.n_images, 1)).to(torch.float32) for t in ctx.layout.tasks}
+    prompt_maps, train_prompt_maps, train_priors = {}, {}, {}
+    for t in ctx.layout.tasks:
+        sums = state.prompt_sums["train"][t] + state.prompt_sums["val"][t]
+        counts = state.prompt_counts["train"] + state.prompt_counts["val"]
+        prompt_maps[t] = ctl.prompt_means(sums[:-1], counts[:-1]).to(torch.float32)
+        train = ctl.prompt_means(state.prompt_sums["train"][t], state.prompt_counts["train"]).to(torch.float32)
+        train_prompt_maps[t], train_priors[t] = train[:-1], train[-1]
     weights: dict = {}
     penalties: dict = {}
     val_r2: dict = {}
@@ -778,7 +894,8 @@ def solve(ctx: RunContext, state: FitState, progress: bool = True) -> Solution:
         "train": sum(1 for r in ctx.records if r.split == "train"),
         "val": sum(1 for r in ctx.records if r.split == "val"),
     }
-    sol = Solution(weights, penalties, val_r2, best, best_site, norm, priors, n_fit)
+    sol = Solution(weights, penalties, val_r2, best, best_site, norm, priors, n_fit, prompts=list(ctx.prompt_index),
+                   prompt_maps=prompt_maps, train_prompt_maps=train_prompt_maps, train_priors=train_priors)
     save_solution(ctx, sol)
     if "foreground" in cols and UNET in state.stats:
         save_class_means(ctx, sol, state)
@@ -789,6 +906,7 @@ def _meta(ctx: RunContext, sol: Solution, task: str, group: str) -> ProbeMeta:
     c = ctx.config
     mean, std = sol.norm[task]
     seeds = [r.seed for r in ctx.records]
+    g = ctx.guidance
     return ProbeMeta(
         task=task,
         model_id=ctx.model.model_id,
@@ -812,7 +930,12 @@ def _meta(ctx: RunContext, sol: Solution, task: str, group: str) -> ProbeMeta:
             "n_val": sol.n_fit["val"],
             "seeds": {"first": min(seeds), "count": len(seeds), "fit": [r.seed for r in ctx.fit_records]},
             "labeler": ctx.labeler.name,
-            "guidance": float(c.guidance),
+            "guidance": g["guidance"],
+            "late_guidance": g["late_guidance"],
+            "late_from": g["late_from"],
+            "guidance_schedule": g["text"],
+            "guidance_per_step": g["per_step"],
+            "readout_upsampling": ev.UPSAMPLING,
             "bias": True,
             **({"decision_threshold": {
                 "chosen_on": "validation images, highest mean Dice over a grid of thresholds on the ridge "
@@ -859,6 +982,10 @@ def save_solution(ctx: RunContext, sol: Solution) -> None:
             bank = _bank(ctx, sol, task, group)
             bank.save(probe_path(ctx.out if group == UNET else ctx.work / "permuted", task))
     tensors = {f"prior/{t}": p.contiguous() for t, p in sol.priors.items()}
+    for t in sol.prompt_maps:
+        tensors[f"prompt/fit/{t}"] = sol.prompt_maps[t].contiguous()
+        tensors[f"prompt/train/{t}"] = sol.train_prompt_maps[t].contiguous()
+        tensors[f"prompt/train_prior/{t}"] = sol.train_priors[t].contiguous()
     for task, keyed in sol.weights.get(UNET, {}).items():
         for (key, step), (w, b) in keyed.items():
             if key == LATENT:
@@ -868,6 +995,7 @@ def save_solution(ctx: RunContext, sol: Solution) -> None:
     info = {
         "val_r2": sol.val_r2, "best": sol.best, "best_site": sol.best_site, "norm": sol.norm, "n_fit": sol.n_fit,
         "latent_penalty": {t: [sol.penalties[UNET][t].get((LATENT, s)) for s in range(ctx.config.steps)] for t in ctx.layout.tasks},
+        "prompts": sol.prompts, "prompt_threshold": sol.prompt_threshold,
     }
     _write_text(ctx.work / "solution.json", ev.dumps(info))
 
@@ -890,10 +1018,14 @@ def load_solution(ctx: RunContext) -> Solution:
             task, step = parts[1], int(parts[2])
             weights[UNET][task][(LATENT, step)] = (tensor, tensors[f"latent/{task}/{parts[2]}/bias"])
     priors = {name.split("/")[1]: t for name, t in tensors.items() if name.startswith("prior/")}
+    prompt = {kind: {name.split("/")[2]: t for name, t in tensors.items() if name.startswith(f"prompt/{kind}/")}
+              for kind in ("fit", "train", "train_prior")}
     nan_fix = lambda d: {g: {t: {s: [math.nan if v is None else v for v in vals] for s, vals in st.items()} for t, st in gd.items()} for g, gd in d.items()}  # noqa: E731
     return Solution(
         weights=weights, penalties={}, val_r2=nan_fix(info["val_r2"]), best=info["best"], best_site=info["best_site"],
         norm={t: tuple(v) for t, v in info["norm"].items()}, priors=priors, n_fit=info["n_fit"],
+        prompts=info["prompts"], prompt_maps=prompt["fit"], train_prompt_maps=prompt["train"],
+        train_priors=prompt["train_prior"], prompt_threshold=info["prompt_threshold"],
     )
 
 
@@ -909,8 +1041,12 @@ def calibrate_foreground(ctx: RunContext, sol: Solution, progress: bool = True) 
     image, so its predictions shrink towards the background and ``p > 0.5`` under-segments. The
     threshold that maximises mean Dice on the validation images (never the test split) is chosen
     per (site, step), for the latent and permuted-UNet baselines too, so every row of the table
-    gets the same treatment. The thresholds go to ``work/calibration.json``; a resumed run reuses
-    them. Edits ``sol`` in place and saves it.
+    gets the same treatment; the prediction is upsampled bilinearly to the labels' resolution
+    before thresholding (:func:`~.evaluate.foreground_mask`), as on the test images. The
+    prompt-only baseline's threshold is chosen on the same images by the same rule, from the
+    train images' per-prompt means (a validation image never votes for its own map). The
+    thresholds go to ``work/calibration.json``; a resumed run reuses them. Edits ``sol`` in place
+    and saves it.
     """
     if "foreground" not in ctx.layout.tasks:
         return
@@ -919,34 +1055,45 @@ def calibrate_foreground(ctx: RunContext, sol: Solution, progress: bool = True) 
     if path.exists():
         saved = json.loads(path.read_text())
         thresholds = {g: {(k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])): v for k, v in saved[g].items()} for g in groups}
+        prompt_threshold = saved["prompt_only"]
     else:
-        grid = torch.tensor(THRESHOLD_GRID)
+        grid = torch.tensor(THRESHOLD_GRID, dtype=torch.float64)
+        size = ctx.image_size
         sums = {g: {} for g in groups}
         readouts = {g: _Readout(ctx, {"foreground": sol.weights[g]["foreground"]}, sol) for g in groups}
         records = [r for r in ctx.records if r.split == "val"]
+        index = {p: k for k, p in enumerate(sol.prompts)}
+        prompt_maps, masks = [], []
         for record in tqdm(records, desc="calibrate foreground", disable=not progress, unit="img"):
             trace = generate_trace(ctx, record)
             label = torch.from_numpy(label_images(ctx, trace.image[None], [record.seed])["foreground"][0] > 0.5)
-            sources = {UNET: {**trace.acts, LATENT: _latent_tokens(trace.inputs)}}
+            masks.append(label)
+            prompt_maps.append(ctl.prompt_map(record.prompt, index, sol.train_prompt_maps["foreground"],
+                                              sol.train_priors["foreground"])[0])
+            sources = {UNET: {**trace.acts, **({LATENT: _latent_tokens(trace.inputs)} if ctx.config.latent_baseline else {})}}
             if PERMUTED in groups:
                 sources[PERMUTED] = permuted_acts(ctx, trace)
             for group, acts in sources.items():
                 for key, x in acts.items():
                     hw = ctx.latent_hw if key == LATENT else next((i.height, i.width) for i in ctx.sites if i.key == key)
-                    z = readouts[group].logits(key, x).cpu()  # [S, T, 2]
+                    z = readouts[group].logits(key, x).cpu().to(torch.float64)  # [S, T, 2]
+                    p = ((z[..., 1] - z[..., 0] + 1) / 2).reshape(-1, *hw)  # the ridge prediction of the cell fraction
+                    full = ev.upsample(p, size)  # [S, H, W]
                     for step in range(x.shape[0]):
-                        p = (z[step, :, 1] - z[step, :, 0] + 1) / 2  # the ridge prediction of the cell fraction
-                        masks = (p[None] > grid[:, None]).reshape(len(grid), *hw)
-                        dice = torch.from_numpy(ev.dice_rows(masks, label))
+                        dice = torch.from_numpy(ev.dice_rows(full[step][None] > grid[:, None, None], label))
                         sums[group][(key, step)] = sums[group].get((key, step), 0) + dice
         thresholds = {g: {k: THRESHOLD_GRID[int(torch.argmax(v))] for k, v in sums[g].items()} for g in groups}
-        _write_text(path, json.dumps({g: {f"{k}@{t}": v for (k, t), v in thresholds[g].items()} for g in groups}, indent=1))
+        prompt_threshold, _ = ctl.choose_threshold(torch.stack(prompt_maps).to(torch.float64),
+                                                   torch.stack(masks).to(torch.float64), THRESHOLD_GRID)
+        saved = {g: {f"{k}@{t}": v for (k, t), v in thresholds[g].items()} for g in groups}
+        _write_text(path, json.dumps({**saved, "prompt_only": prompt_threshold}, indent=1))
     for group in groups:
         for key, tau in thresholds[group].items():
             w, b = sol.weights[group]["foreground"][key]
             shift = (2 * tau - 1) / 2  # margin z1 - z0 = 2p - 1 must exceed 2 * tau - 1
             sol.weights[group]["foreground"][key] = (w, b + torch.tensor([shift, -shift], dtype=b.dtype))
     sol.thresholds = thresholds
+    sol.prompt_threshold = float(prompt_threshold)
     save_solution(ctx, sol)
 
 
@@ -1051,27 +1198,47 @@ class _Readout:
         return torch.einsum("stc,skc->stk", acts.to(torch.float32), self.w[key]) + self.b[key][:, None, :]
 
     def maps(self, key: str, acts: torch.Tensor, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Readouts on the token grid ``{task: [S, h, w]}``: foreground probability; depth/shading in label units."""
+        """Readouts on the token grid ``{task: [S, h, w]}``: depth/shading in label units; foreground
+        the logit margin ``z1 - z0`` (:data:`FOREGROUND_THRESHOLD`: foreground above 0).
+
+        The margin, not the softmax probability, is what is upsampled: it is linear in the
+        activations (``2 (p - threshold)`` for a calibrated ridge probe), so its bilinear upsampling
+        above 0 is exactly the upsampled ridge prediction above the threshold chosen on validation.
+        """
         z = self.logits(key, acts)
         z = z * self.scale + self.shift
         z = z.reshape(z.shape[0], hw[0], hw[1], -1)
         out = {}
         for task, sl in self.layout.columns.items():
             if task == "foreground":
-                out[task] = torch.softmax(z[..., sl], dim=-1)[..., 1]
+                out[task] = z[..., sl.start + 1] - z[..., sl.start]
             else:
                 out[task] = z[..., sl.start]
         return out
+
+
+#: Foreground readouts of probes are logit margins: the mask is the upsampled margin above 0.
+FOREGROUND_THRESHOLD = 0.0
 
 
 def _eval_path(ctx: RunContext, record: Record) -> Path:
     return ctx.work / "eval" / f"{record.index:06d}.npz"
 
 
-def _score(ctx: RunContext, maps: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], priors: dict[str, torch.Tensor], ranks: dict) -> dict[str, np.ndarray]:
+def _pairs_path(ctx: RunContext, record: Record) -> Path:
+    return ctx.work / "pairs" / f"{record.index:06d}.safetensors"
+
+
+def _control_path(ctx: RunContext, record: Record) -> Path:
+    return ctx.work / "control" / f"{record.index:06d}.npz"
+
+
+def _score(ctx: RunContext, maps: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], priors: dict[str, torch.Tensor], ranks: dict,
+           threshold: float = FOREGROUND_THRESHOLD) -> dict[str, np.ndarray]:
+    """Score readouts ``{task: [M, h, w]}`` against one image's labels (``threshold``: the foreground one)."""
     out = {}
     for task, pred in maps.items():
-        scores = ev.score_maps(task, pred, labels[task], priors.get(task) if task == "depth" else None, ranks[task])
+        scores = ev.score_maps(task, pred, labels[task], priors.get(task) if task == "depth" else None, ranks[task], threshold)
         for name, v in scores.items():
             out[f"{task}/{name}"] = v
     return out
@@ -1102,14 +1269,20 @@ def eval_image(ctx: RunContext, sol: Solution, readouts: dict[str, _Readout], ad
     # computed below at its validation-chosen site per step only)
     perm = permuted_acts(ctx, trace) if ctx.config.permuted else None
     perm_maps: dict[str, dict[str, torch.Tensor]] = {}
+    # an image with same-prompt partners keeps its readouts and labels for the control pass
+    pairs: dict[str, torch.Tensor] | None = {} if ctx.test_partners.get(record.index) else None
     for row, info in enumerate(ctx.sites):
         hw = (info.height, info.width)
         maps = readouts[UNET].maps(info.key, trace.acts[info.key], hw)
         add("probe", _score(ctx, maps, labels, priors, ranks), row, len(ctx.sites))
+        if pairs is not None:
+            for task, v in maps.items():
+                pairs[f"pred/{task}/{info.key}"] = v.to(torch.float32).cpu().contiguous()
         if example:
             for task in ctx.layout.tasks:
                 if sol.best_site.get(task) == info.key:
-                    example_maps[f"probe/{task}"] = maps[task].cpu().numpy().astype(np.float32)
+                    shown = torch.sigmoid(maps[task]) if task == "foreground" else maps[task]  # margin -> probability
+                    example_maps[f"probe/{task}"] = shown.cpu().numpy().astype(np.float32)
         if perm is not None:
             perm_maps[info.key] = readouts[PERMUTED].maps(info.key, perm[info.key], hw)
             add("permuted", _score(ctx, perm_maps[info.key], labels, {}, ranks), row, len(ctx.sites))
@@ -1121,13 +1294,29 @@ def eval_image(ctx: RunContext, sol: Solution, readouts: dict[str, _Readout], ad
     if ctx.config.latent_baseline:
         maps = readouts[LATENT].maps(LATENT, _latent_tokens(trace.inputs), ctx.latent_hw)
         add("latent", _score(ctx, maps, labels, priors, ranks))
-    # the layout prior, the same map at every step
+    # the layout prior, the same map at every step (foreground: the mean mask above 0.5)
     pmaps = {t: priors[t][None] for t in ctx.layout.tasks}
-    prior_scores = {k: np.repeat(v, steps) for k, v in _score(ctx, pmaps, labels, priors, ranks).items()}
+    prior_scores = {k: np.repeat(v, steps) for k, v in _score(ctx, pmaps, labels, priors, ranks, 0.5).items()}
     if "depth/residual" in prior_scores:
         # prior minus prior is constant: no rank information, score 0 by definition
         prior_scores["depth/residual"] = np.zeros(steps)
     add("prior", prior_scores)
+    # the prompt-only map (the fitting images' mean label for this prompt), the same at every step
+    prompt_scores: dict[str, np.ndarray] = {}
+    for task in ctx.layout.tasks:
+        pmap, seen = sol.prompt_only(task, record.prompt)
+        tau = sol.prompt_threshold if sol.prompt_threshold is not None else 0.5
+        scores = _score(ctx, {task: pmap.to(device)[None]}, labels, priors, ranks, tau)
+        if not seen and f"{task}/residual" in scores:
+            scores[f"{task}/residual"] = np.zeros(1)  # the prior's own map: 0 by definition, as above
+        prompt_scores.update({k: np.repeat(v, steps) for k, v in scores.items()})
+    add("prompt_only", prompt_scores)
+    # the grid ceiling of each site: the exact label pooled to its grid and upsampled back
+    grids = [(i.height, i.width) for i in ctx.sites]
+    for task in ctx.layout.tasks:
+        by_grid = ctl.grid_ceiling_scores(task, labels[task], grids, priors.get(task) if task == "depth" else None, ranks[task])
+        for name in next(iter(by_grid.values())):
+            out[f"ceiling/{task}/{name}"] = np.array([by_grid[hw][name] for hw in grids])
     # the labeler on each step's decoded x0 preview
     if previews or example:
         preview_images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in decode(ctx.model, trace.x0)])
@@ -1136,7 +1325,7 @@ def eval_image(ctx: RunContext, sol: Solution, readouts: dict[str, _Readout], ad
         if previews and getattr(ctx.labeler, "labels_any_image", True):
             plabels = label_images(ctx, preview_images, None)
             pmaps = {t: torch.from_numpy(v).to(device) for t, v in plabels.items()}
-            add("x0", _score(ctx, pmaps, labels, priors, ranks))
+            add("x0", _score(ctx, pmaps, labels, priors, ranks, 0.5))
     # Adam vs ridge at the chosen keys
     for kind, probes in adam.items():
         for (task, site, step), (w, b) in probes.items():
@@ -1144,8 +1333,8 @@ def eval_image(ctx: RunContext, sol: Solution, readouts: dict[str, _Readout], ad
             z = trace.acts[site][step].to(torch.float32) @ w.to(device).T + b.to(device)  # [T, K]
             mean, std = sol.norm[task]
             z = z.reshape(1, info.height, info.width, -1)
-            pred = torch.softmax(z, dim=-1)[..., 1] if task == "foreground" else z[..., 0] * std + mean
-            s = ev.score_maps(task, pred, labels[task], None, ranks[task])
+            pred = z[..., 1] - z[..., 0] if task == "foreground" else z[..., 0] * std + mean
+            s = ev.score_maps(task, pred, labels[task], None, ranks[task], FOREGROUND_THRESHOLD)
             out[f"{kind}/{task}/{site}@{step}"] = np.asarray(s["score"])
     if example:
         example_maps["image"] = trace.image
@@ -1154,6 +1343,14 @@ def eval_image(ctx: RunContext, sol: Solution, readouts: dict[str, _Readout], ad
         path = ctx.work / "examples" / f"{record.index:06d}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **example_maps)
+    if pairs is not None:
+        for t, v in labels_np.items():
+            pairs[f"label/{t}"] = torch.from_numpy(v).contiguous()
+        path = _pairs_path(ctx, record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(pairs, str(tmp))
+        os.replace(tmp, path)
     out["seconds/generate"] = np.asarray(trace.seconds)
     return out
 
@@ -1197,6 +1394,66 @@ def eval_pass(ctx: RunContext, shard: Shard = Shard(), limit: int | None = None,
     return done
 
 
+def control_pass(ctx: RunContext, shard: Shard = Shard(), progress: bool = True) -> int:
+    """The same-prompt control for this shard's test images, one ``work/control/<index>.npz`` each.
+
+    Needs every test image evaluated (:func:`eval_pass` keeps the readouts and labels of each image
+    that shares its prompt with another test image in ``work/pairs/``). Each image's probe readouts,
+    at every site and step, are scored against the labels of the *other* test images with its
+    prompt, exactly as against its own, and averaged over them (:func:`~.controls.partner_scores`):
+    ``control/<task>/<score>`` ``[sites, steps]``. Done images are skipped; returns how many were
+    scored now. Images without partners get no file (their control is undefined: nan).
+    """
+    partners = ctx.test_partners
+    mine = [r for r in shard.select(ctx.test_records) if partners.get(r.index)]
+    todo = [r for r in mine if not _control_path(ctx, r).exists()]
+    if not todo:
+        return 0
+    missing = [r.index for r in ctx.test_records if partners.get(r.index) and not _pairs_path(ctx, r).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} test images have no kept readouts yet (e.g. index {missing[0]}); finish the evaluation first")
+    sol = load_solution(ctx)
+    device = ctx.model.device
+    priors = {t: p.to(device) for t, p in sol.priors.items()}
+    groups: dict[str, list[Record]] = {}
+    for record in todo:
+        groups.setdefault(record.prompt, []).append(record)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"same-prompt control {shard.tag}", disable=not progress, unit="img")
+    done = 0
+    try:
+        for prompt, records in groups.items():
+            members = [r for r in ctx.test_records if r.prompt == prompt]
+            labels = {t: [] for t in ctx.layout.tasks}
+            for r in members:
+                kept = load_file(str(_pairs_path(ctx, r)))
+                for t in ctx.layout.tasks:
+                    labels[t].append(kept[f"label/{t}"])
+            labels = {t: torch.stack(v).to(device) for t, v in labels.items()}
+            ranks = {t: ev.target_ranks_for(t, labels[t], priors.get(t) if t == "depth" else None) for t in labels}
+            for record in records:
+                kept = load_file(str(_pairs_path(ctx, record)), device=str(device))
+                others = [j for j, r in enumerate(members) if r.index != record.index]
+                scores: dict[str, np.ndarray] = {}
+                for row, info in enumerate(ctx.sites):
+                    for task in ctx.layout.tasks:
+                        prior = priors.get(task) if task == "depth" else None
+                        sub = {k: v[others] for k, v in ranks[task].items()}
+                        got = ctl.partner_scores(task, kept[f"pred/{task}/{info.key}"], labels[task][others], prior, sub,
+                                                 FOREGROUND_THRESHOLD)
+                        for name, v in got.items():
+                            scores.setdefault(f"control/{task}/{name}", np.full((len(ctx.sites), ctx.config.steps), np.nan))[row] = v
+                path = _control_path(ctx, record)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.stem + ".tmp.npz")
+                np.savez(tmp, **scores)
+                os.replace(tmp, path)
+                done += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    return done
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def _collect(ctx: RunContext) -> dict[str, np.ndarray]:
@@ -1205,124 +1462,20 @@ def _collect(ctx: RunContext) -> dict[str, np.ndarray]:
     if missing:
         raise RuntimeError(f"{len(missing)} test images are not evaluated yet (e.g. index {missing[0]}); rerun to finish")
     images = []
+    partners = ctx.test_partners
     for record in ctx.test_records:
         with np.load(_eval_path(ctx, record)) as f:
-            images.append({name: f[name] for name in f.files})
+            scores = {name: f[name] for name in f.files}
+        if partners.get(record.index):
+            path = _control_path(ctx, record)
+            if not path.exists():
+                raise RuntimeError(f"test image {record.index} has no same-prompt control yet; rerun to finish")
+            with np.load(path) as f:
+                scores.update({name: f[name] for name in f.files})
+        images.append(scores)
     shapes = {name: v.shape for scores in images for name, v in scores.items()}
     # an image without a baseline (e.g. no x0 previews beyond preview_images) counts as nan there
     return {name: np.stack([s.get(name, np.full(shape, np.nan)) for s in images]) for name, shape in shapes.items()}
-
-
-def _list(a: np.ndarray) -> list[float | None]:
-    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
-
-
-def build_metrics(ctx: RunContext, sol: Solution, stacked: dict[str, np.ndarray], adam_meta: dict) -> dict[str, Any]:
-    """The ``metrics.json`` dictionary from the stacked per-image scores."""
-    c = ctx.config
-    steps = c.steps
-    sites = [i.key for i in ctx.sites]
-    mean = {k: ev.nan_mean(v, axis=0) for k, v in stacked.items()}
-    n_test = len(ctx.test_records)
-    tasks: dict[str, Any] = {}
-    for task in ctx.layout.tasks:
-        probe = mean[f"probe/{task}/score"]  # [sites, steps]
-        best = sol.best[UNET][task]
-        idx = [sites.index(s) for s in best]
-        entry: dict[str, Any] = {
-            "metric": ev.METRIC[task],
-            "probe": {s: _list(probe[i]) for i, s in enumerate(sites)},
-            "best_site": sol.best_site[task],
-            "best_site_per_step": best,
-            "best_per_step": _list([probe[idx[t], t] for t in range(steps)]),
-            "max_over_sites_per_step": _list(np.nanmax(np.where(np.isnan(probe), -np.inf, probe), axis=0)),
-            "baselines": {},
-            "validation_r2": {s: _list(sol.val_r2[UNET][task][s]) for s in sites},
-        }
-        base = entry["baselines"]
-        base["labeler_on_x0"] = _list(mean[f"x0/{task}/score"]) if f"x0/{task}/score" in mean else [None] * steps
-        if f"latent/{task}/score" in mean:
-            base["latent_probe"] = _list(mean[f"latent/{task}/score"])
-        if f"permuted/{task}/score" in mean:
-            pbest = sol.best[PERMUTED][task]
-            perm = mean[f"permuted/{task}/score"]
-            base["permuted_unet"] = _list([perm[sites.index(pbest[t]), t] for t in range(steps)])
-            entry["permuted_site_per_step"] = pbest
-            entry["permuted_probe"] = {s: _list(perm[i]) for i, s in enumerate(sites)}
-        base["prior"] = _list(mean[f"prior/{task}/score"])
-        entry["first_step_90pct"] = ev.first_step_reaching(entry["best_per_step"])
-        if task == "foreground":
-            iou = mean["probe/foreground/iou"]
-            entry["iou"] = {s: _list(iou[i]) for i, s in enumerate(sites)}
-            entry["iou_best_per_step"] = _list([iou[idx[t], t] for t in range(steps)])
-        if task == "depth" and "probe/depth/residual" in mean:
-            res = mean["probe/depth/residual"]
-            entry["residual"] = {s: _list(res[i]) for i, s in enumerate(sites)}
-            entry["residual_best_per_step"] = _list([res[idx[t], t] for t in range(steps)])
-            entry["residual_first_step_90pct"] = ev.first_step_reaching(entry["residual_best_per_step"])
-            br: dict[str, Any] = {}
-            br["labeler_on_x0"] = _list(mean["x0/depth/residual"]) if "x0/depth/residual" in mean else [None] * steps
-            if "latent/depth/residual" in mean:
-                br["latent_probe"] = _list(mean["latent/depth/residual"])
-            if "permuted_best/depth/residual" in mean:
-                br["permuted_unet"] = _list(mean["permuted_best/depth/residual"])
-            br["prior"] = _list(mean["prior/depth/residual"])
-            entry["baselines_residual"] = br
-        tasks[task] = entry
-    adam_vs_ridge: dict[str, Any] = {}
-    if adam_meta:
-        per_task: dict[str, dict[str, dict[str, float | None]]] = {}
-        for name, values in mean.items():
-            kind, _, rest = name.partition("/")
-            if kind not in ("adam", "ridge"):
-                continue
-            task, _, key = rest.partition("/")
-            per_task.setdefault(task, {}).setdefault(key, {})[kind] = _list(values)[0]
-        adam_vs_ridge = {
-            "n_images": adam_meta["n_images"], "epochs": adam_meta["epochs"], "lr": adam_meta["lr"],
-            "batch_size": adam_meta["batch_size"], "seconds": adam_meta["seconds"],
-            "keys": [f"{s}@{t}" for s, t in ctx.adam_keys],
-            "note": "test-split scores of both probes fit on the same kept activations; ridge at the penalty chosen "
-                    f"for that (task, site, step) in the main fit, Adam as in the paper (bias-free, lr 1e-3, batch 4, "
-                    f"{adam_meta['epochs']} epochs; the paper used 30)",
-            "tasks": {t: per_task[t] for t in ctx.layout.tasks if t in per_task},
-        }
-    n_preview = int(np.sum(~np.isnan(stacked[f"x0/{ctx.layout.tasks[0]}/score"][:, 0]))) if f"x0/{ctx.layout.tasks[0]}/score" in stacked else 0
-    seeds = [r.seed for r in ctx.records]
-    return {
-        "model": ctx.model.model_id,
-        "image_size": list(ctx.image_size),
-        "scheduler": ctx.model.scheduler_name,
-        "num_steps": steps,
-        "guidance": float(c.guidance),
-        "labeler": ctx.labeler.name,
-        "n_train": sol.n_fit["train"],
-        "n_val": sol.n_fit["val"],
-        "n_test": n_test,
-        "n_test_labeler_on_x0": n_preview,
-        "seeds": {"first": min(seeds), "count": len(seeds)},
-        "sites": sites,
-        "steps": "0-based denoising-loop indices",
-        "selection": (
-            "best_site_per_step: the site with the highest validation R^2 of its ridge fit at that step; best_site: "
-            "the highest mean validation R^2 over the last 5 steps; permuted_unet: the permuted UNet's site chosen "
-            "the same way. Scores are means over test images (nan-skipping). max_over_sites_per_step is the "
-            "test-selected maximum, for reference only."
-        ),
-        "baseline_definitions": {
-            "labeler_on_x0": "the labeler applied to each step's decoded x0 prediction, scored against its labels of "
-                             "the final image (what a detector can see at that step)",
-            "latent_probe": "the same ridge fit on the 4-channel UNet input at that step (x_t after the scheduler's "
-                            "input scaling), on the latent grid",
-            "permuted_unet": "the same ridge fit on a copy of the UNet with every parameter tensor's entries shuffled "
-                             "(seeded), run on the real trajectory's inputs; its site chosen per step on validation",
-            "prior": "the fitting images' per-pixel mean label map (foreground: mean mask > 0.5), the same every step; "
-                     "its residual depth score is 0 by definition",
-            "residual": "depth Spearman after subtracting the prior depth map from prediction and target",
-        },
-        "tasks": tasks,
-        "adam_vs_ridge": adam_vs_ridge,
-    }
 
 
 def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -1331,7 +1484,7 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, An
     sol = load_solution(ctx)
     stacked = _collect(ctx)
     _, adam_meta = _load_adam(ctx)
-    metrics = build_metrics(ctx, sol, stacked, adam_meta)
+    metrics = rep.build_metrics(ctx, sol, stacked, adam_meta)
     if extra:
         metrics.update(extra)
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -1345,9 +1498,11 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, An
                 examples.append({"seed": record.seed, "prompt": record.prompt, **{k: f[k] for k in f.files}})
     if ctx.config.figures:
         from .. import viz
+        from .figures import controls_figure
 
         viz.write_probe_figures(metrics, examples, ctx.out)
-    _write_text(ctx.out / "README.md", ev.render_readme(metrics))
+        viz.save_figure(controls_figure(metrics), ctx.out / "controls.png")
+    _write_text(ctx.out / "README.md", rep.render_readme(metrics))
     return metrics
 
 
@@ -1409,6 +1564,8 @@ def run(
         train_adam_probes(ctx, solution, progress=progress)
     barrier()
     eval_pass(ctx, shard, progress=progress)
+    barrier()
+    control_pass(ctx, shard, progress=progress)
     barrier()
     if not shard.is_main:
         return None

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +30,13 @@ from ..capture import hook_sites
 from ..metrics import iou
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
 from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
-from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, readout_image, upsample_nearest
+from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, upsample_nearest, value_range
 from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, describe_guidance,
     sample,
 )
+from ..viz import colour_bar_picture, outline_picture
+from .inputs import check_array_image, check_image_size, finite_number, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 #: The site choice that reads, at each step, the site that scored best at that step (metrics.json).
 BEST_PER_STEP = "best site at each step"
+#: A tokenizer with at most this many tokens is word-level (the toy and tiny models'); SD's CLIP
+#: BPE has 49,408 and an open vocabulary, so its words are neither listed nor checked.
+WORD_LEVEL_MAX_TOKENS = 1000
 #: The UI's limits (the library allows more; a public app should not run 200 steps per click).
 MAX_UI_STEPS = 50
 MAX_SHIFT_FRACTION = 0.75
@@ -62,6 +67,7 @@ class Run:
     their sites' grids. ``foreground`` is the finished image's object mask at image size (from
     the model's labeler, else the foreground probe at the last step), which the Intervene tab
     moves. ``reference`` holds what each step is scored against for the emergence curves.
+    ``started`` is the wall-clock time the run began (the page tells a stopped run from an old one).
     """
 
     config: GenerationConfig
@@ -78,6 +84,7 @@ class Run:
     emergence: dict[str, list[float]] = field(default_factory=dict)
     curves: Any = None
     notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
 
     @property
     def complete(self) -> bool:
@@ -88,9 +95,18 @@ class Run:
         return len(self.previews)
 
 
+#: How depth and shading maps are drawn: colour map, and what its low and high ends mean.
+MAP_STYLE = {"depth": ("magma_r", "near", "far"), "shading": ("gray", "dark", "lit")}
+
+
 @dataclass
 class StepView:
-    """What one step looks like: the preview, each task's picture and map, and where the run is."""
+    """What one step looks like: the preview, each task's picture and map, and where the run is.
+
+    ``overlays``: foreground as the outline of ``p > 0.5`` over the clean preview; depth and
+    shading as colour maps with a colour bar over a fixed range. ``foreground_heat`` is the
+    foreground probability as a heat map with its colour bar (None without a foreground readout).
+    """
 
     step: int
     num_steps: int
@@ -100,6 +116,7 @@ class StepView:
     readouts: dict[str, np.ndarray]
     run: Run
     image: Image.Image | None = None
+    foreground_heat: Image.Image | None = None
 
     @property
     def is_last(self) -> bool:
@@ -223,7 +240,7 @@ class Service:
         try:
             model = load_model(model_name, device=device)
             model.sites()  # a UNet without SD v1.4's layout has no probe sites: refuse it here
-        except (ModelLoadError, OSError, ValueError) as err:
+        except (ModelLoadError, OSError, ValueError, RecursionError) as err:
             shown = ALIASES.get(model_name, model_name)
             problems.append(f"The model `{shown}` could not be loaded: {err}")
             if model_name == "toy" or Path(shown) == TOY_MODEL_DIR:
@@ -339,12 +356,17 @@ class Service:
             return []
         try:
             rows = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("examples: cannot read %s: %s", path, err)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            log.warning("examples: cannot read %s: %s", path, type(err).__name__)
+            return []
+        if not isinstance(rows, list):
+            log.warning("examples: %s is not a JSON list", path)
             return []
         tok = self.model.pipe.tokenizer
         out = []
         for row in rows:
+            if not isinstance(row, dict):
+                continue
             prompt = str(row.get("prompt", ""))
             words = prompt.lower().split()
             if not words or any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words):
@@ -352,6 +374,46 @@ class Service:
             # Steps follow the loaded probes (readouts exist only at the length they were fit for).
             guidance = float(row.get("guidance", self.default_guidance))
             out.append([prompt, int(row.get("seed", 0)), self.default_steps, guidance])
+        return out
+
+    def vocabulary(self) -> tuple[str, ...]:
+        """The words a word-level model knows, for the page to list; ``()`` for SD (open vocabulary).
+
+        A word-level tokenizer also holds every letter (an unknown word falls apart into letters
+        and means nothing to the model), so its token list is not a word list: the words are the
+        toy world's prompt words that this tokenizer keeps whole.
+        """
+        if self.model is None:
+            return ()
+        tok = self.model.pipe.tokenizer
+        if len(tok) > WORD_LEVEL_MAX_TOKENS:
+            return ()
+        from ..toy.render import PROMPT_WORDS
+
+        return tuple(w for w in PROMPT_WORDS if len(tok(w, add_special_tokens=False).input_ids) == 1)
+
+    def prompt_warnings(self, prompt: Any) -> list[str]:
+        """Why a prompt may not mean what it says to this model (shown as warnings, never refused).
+
+        For a word-level model: place words (toy prompts only say what the object is; the noise
+        decides where) and words outside its vocabulary. Nothing for SD or for non-text input
+        (which :meth:`config` refuses).
+        """
+        vocab = self.vocabulary()
+        if not vocab or not isinstance(prompt, str):
+            return []
+        from ..toy.render import PLACE_WORDS
+
+        words = list(dict.fromkeys(re.findall(r"[^\W_]+", prompt.lower())))
+        place = [w for w in words if w in PLACE_WORDS]
+        unknown = [w for w in words if w not in vocab and w not in PLACE_WORDS]
+        out = []
+        if place:
+            out.append(f"{_quoted(place)}: this model's prompts never say where the object is; the noise decides "
+                       "its place, so place words are ignored at best.")
+        if unknown:
+            out.append(f"{_quoted(unknown)} {'is' if len(unknown) == 1 else 'are'} not in this model's vocabulary "
+                       f"({', '.join(vocab)}); the model cannot read {'it' if len(unknown) == 1 else 'them'}.")
         return out
 
     # --- validation ------------------------------------------------------------------------
@@ -363,7 +425,7 @@ class Service:
     def config(self, prompt: Any, seed: Any, steps: Any, guidance: Any) -> GenerationConfig:
         """Validate a generation request (types, ranges, prompt length) into a :class:`GenerationConfig`."""
         model = self._require_model()
-        seed, steps = _whole(seed, "seed"), _whole(steps, "steps")
+        seed, steps = whole_number(seed, "seed"), whole_number(steps, "steps")
         if steps is not None and not 1 <= steps <= MAX_UI_STEPS:
             raise GenerationError(f"steps must be between 1 and {MAX_UI_STEPS} in this app, got {steps}")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)):
@@ -467,12 +529,15 @@ class Service:
                 yield self._view(run, state.step, state.image)
 
     def view_of(self, run: Run, step: Any) -> StepView:
-        """Re-draw a stored step of ``run`` (the scrub slider), without model work."""
+        """Re-draw a stored step of ``run`` (the scrub slider), without model work.
+
+        ``step`` is 0-based like every ``step`` in the code; messages count from 1, as the page does.
+        """
         if run is None or not run.previews:
             raise ServiceError("nothing to show yet: generate an image first")
-        step = _whole(step, "step")
+        step = whole_number(step, "step")
         if not 0 <= step < run.num_steps:
-            raise ServiceError(f"step must be between 0 and {run.num_steps - 1}, got {step}")
+            raise ServiceError(f"there is no step {step + 1}: this run has steps 1 to {run.num_steps}")
         return self._view(run, step, run.image if step == run.num_steps - 1 else None)
 
     def classify(self, run: Run) -> Any:
@@ -493,9 +558,13 @@ class Service:
 
         return available_methods(self.intervention_banks)
 
+    def require_complete(self, run: Run | None) -> Run:
+        """``run`` if it finished; else ServiceError saying there is none or that it was stopped."""
+        _require_complete(run)
+        return run
+
     def _editable(self, run: Run | None) -> Run:
-        if run is None or not run.complete:
-            raise ServiceError("generate an image first (Generate tab), then move its object here")
+        _require_complete(run)
         if run.foreground is None:
             raise ServiceError(
                 "the generated image has no foreground mask to move (no labeler and no foreground probe); "
@@ -508,7 +577,7 @@ class Service:
         from ..intervention import translate_mask
 
         run = self._editable(run)
-        dx, dy = _whole(dx, "dx"), _whole(dy, "dy")
+        dx, dy = whole_number(dx, "dx"), whole_number(dy, "dy")
         h, w = run.foreground.shape
         limit_x, limit_y = int(w * MAX_SHIFT_FRACTION), int(h * MAX_SHIFT_FRACTION)
         if abs(dx) > limit_x or abs(dy) > limit_y:
@@ -518,34 +587,36 @@ class Service:
         return translate_mask(run.foreground, dx, dy)
 
     def drawn_target(self, layers: Sequence[Any] | None) -> np.ndarray:
-        """A target mask from the editor's drawing layers (opaque strokes = where the object goes).
+        """A target mask from the editor's drawing layers (strokes = where the object goes).
 
-        ``layers`` are RGBA arrays (or PIL images) of the editor canvas; strokes on any layer count.
-        Refuses no strokes, strokes that cover everything, and layers that are not images.
+        ``layers`` are arrays (or PIL images) of the editor canvas; strokes on any layer count.
+        Each is read by :func:`~ldm_scene.intervention.mask_values`: by its alpha where the alpha
+        says something (strokes on a transparent layer), else by brightness (white on black), so
+        an uploaded greyscale, RGB or opaque RGBA mask means what the hint says. Refuses no
+        strokes, strokes that cover everything, layers that are not images or are larger than
+        :data:`~.inputs.MAX_IMAGE_SIDE` px a side, and layers of different sizes.
         """
-        from ..intervention import InterventionError, prepare_target
+        from ..intervention import InterventionError, mask_values, prepare_target
 
         model = self._require_model()
         if not layers:
             raise InterventionError("the mask is empty: draw where the object should be")
-        alpha = None
+        strength = None
         for layer in layers:
             if layer is None:
                 continue
-            arr = np.asarray(layer)
-            if arr.ndim == 3 and arr.shape[-1] == 4:
-                a = arr[..., 3]
-            elif arr.ndim in (2, 3) and arr.size:
-                a = arr if arr.ndim == 2 else arr[..., :3].max(-1)
-            else:
-                raise InterventionError(f"a drawing layer has shape {arr.shape}; expected an image")
-            a = np.asarray(a, np.float32)
-            if alpha is not None and a.shape != alpha.shape:
-                raise InterventionError(f"drawing layers differ in size: {alpha.shape} vs {a.shape}")
-            alpha = a if alpha is None else np.maximum(alpha, a)
-        if alpha is None:
+            if isinstance(layer, Image.Image):
+                check_image_size(*layer.size, "drawing layer")
+                layer = np.asarray(layer)
+            if not isinstance(layer, np.ndarray):
+                raise InterventionError(f"a drawing layer is a {type(layer).__name__}; expected an image")
+            values = mask_values(check_array_image(layer, "drawing layer"))
+            if strength is not None and values.shape != strength.shape:
+                raise InterventionError(f"drawing layers differ in size: {strength.shape} vs {values.shape}")
+            strength = values if strength is None else np.maximum(strength, values)
+        if strength is None:
             raise InterventionError("the mask is empty: draw where the object should be")
-        return prepare_target(alpha, model.image_size)
+        return prepare_target(strength, model.image_size)
 
     def intervene_stream(
         self, run: Run | None, target: np.ndarray, method: str = "steer", strength: Any = 1.0
@@ -558,8 +629,7 @@ class Service:
         from ..intervention import METHOD_BANKS, METHODS, InterventionError, default_edit_steps, intervene, make_editor
 
         model = self._require_model()
-        if run is None or not run.complete:
-            raise ServiceError("generate an image first (Generate tab), then move its object here")
+        _require_complete(run)
         target = np.asarray(target)
         if target.dtype != bool or target.shape != tuple(model.image_size):
             raise InterventionError(f"target must be a bool mask of {model.image_size}, got {target.dtype} {target.shape}")
@@ -570,7 +640,7 @@ class Service:
                 raise InterventionError(f"method {method!r} needs the {lacking} probes, which this model's probe "
                                         f"folder lacks; {choose}")
             raise InterventionError(f"unknown method {method!r}; {choose}")
-        strength = _number(strength, "strength")
+        strength = finite_number(strength, "strength")
         edit_steps = default_edit_steps(run.config.steps, method)
         # Build the editor once up front so a missing probe is reported before any model work.
         make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed)
@@ -691,17 +761,27 @@ class Service:
     def _view(self, run: Run, step: int, image: Image.Image | None) -> StepView:
         preview = run.previews[step]
         maps = run.readouts[step]
-        overlays = {
-            task: readout_image(task, values, preview, self.banks[task], self.display_size)
-            for task, values in maps.items()
-        }
+        size = self.display_size
+        overlays, heat = {}, None
+        for task, values in maps.items():
+            if task == "foreground":
+                overlays[task] = outline_picture(preview, values, size)
+                heat = colour_bar_picture(values, 0.0, 1.0, "viridis", size, "p(object)", "background", "object")
+            else:
+                cmap, low, high = MAP_STYLE.get(task, ("viridis", "", ""))
+                lo, hi = value_range(self.banks[task])
+                overlays[task] = colour_bar_picture(values, lo, hi, cmap, size, task, low, high)
         shown = image if image is not None else preview
-        return StepView(step, run.config.steps, run.timesteps[step], _enlarge(shown, self.display_size),
-                        overlays, maps, run, image)
+        return StepView(step, run.config.steps, run.timesteps[step], _enlarge(shown, size),
+                        overlays, maps, run, image, heat)
 
     def display(self, image: Image.Image) -> Image.Image:
         """An image at the UI's display size (pixels kept sharp for small models)."""
         return _enlarge(image, self.display_size)
+
+    def outline(self, image: Image.Image, mask: np.ndarray | None) -> Image.Image:
+        """``image`` at display size with ``mask``'s outline drawn on it (the image itself untouched)."""
+        return outline_picture(image, None if mask is None else np.asarray(mask, bool), self.display_size)
 
     def mask_picture(self, mask: np.ndarray, over: Image.Image | None = None) -> Image.Image:
         """A mask drawn for the UI: red over ``over`` (the image it belongs to), or white on black."""
@@ -711,6 +791,18 @@ class Service:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _quoted(words: Sequence[str]) -> str:
+    return ", ".join(f"'{w}'" for w in words)
+
+
+def _require_complete(run: Run | None) -> None:
+    if run is None:
+        raise ServiceError("generate an image first (Generate tab), then move its object here")
+    if not run.complete:
+        raise ServiceError(f"the last run was stopped at step {run.num_steps} of {run.config.steps}, before it had "
+                           "an image: generate a full run (Generate tab), then move its object here")
 
 
 def centroid(mask: np.ndarray) -> list[float] | None:
@@ -737,39 +829,20 @@ def _enlarge(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), resample)
 
 
-def _whole(value: Any, name: str) -> int:
-    """An integer from a UI value (ints, integral floats, numeric strings); GenerationError otherwise."""
-    if value is None or isinstance(value, bool):
-        raise GenerationError(f"{name} must be a whole number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise GenerationError(f"{name} must be a whole number, got {value!r}") from None
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value) or value != int(value):
-            raise GenerationError(f"{name} must be a whole number, got {value!r}")
-        value = int(value)
-    if not isinstance(value, (int, np.integer)):
-        raise GenerationError(f"{name} must be a whole number, got {value!r}")
-    return int(value)
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ServiceError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ServiceError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[str, ProbeBank], list[str]]:
     """Each probe file on its own: one that does not fit is refused (with the loader's message,
     which names the file) and the others are still used."""
     errors: list[str] = []
-    loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
-                            tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors,
-                            expect_scheduler=model.scheduler_name)
+    try:
+        loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
+                                tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors,
+                                expect_scheduler=model.scheduler_name)
+    except Exception as err:  # noqa: BLE001 - Service.load never raises; the folder is untrusted input
+        # load_probe_dir turns every refusal it knows into a message; this is the last line for
+        # what it does not know, so that a bad file costs the readouts, not the app.
+        log.exception("loading probes from %s failed", folder)
+        return {}, {}, [f"The probe folder `{folder}` could not be read ({type(err).__name__}: {err}); "
+                        "generation works without readouts."]
     refused = [f"A probe file does not fit this model and is not used: {err}" for err in errors]
     banks = {t: b for t, b in loaded.items() if t in TASKS}
     means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
@@ -782,8 +855,10 @@ def _load_metrics(folder: Path) -> tuple[dict[str, Any], str | None]:
         return {}, None
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return {}, f"`{path}` could not be read ({err}); default sites are used"
+    except RecursionError:
+        return {}, f"`{path}` is nested too deeply to read; default sites are used"
     if not isinstance(data, dict):
         return {}, f"`{path}` is not a JSON object; default sites are used"
     return data, None

@@ -10,8 +10,10 @@ from typing import Any
 
 import gradio as gr
 
-from .plots import emergence_figure
-from .service import Run, Service
+from . import fields
+from .plots import count_steps_from_one, emergence_figure
+from .runs import RunLedger
+from .service import Run, Service, ServiceError
 
 
 @dataclass
@@ -37,7 +39,8 @@ def create(service: Service) -> ClassifierTab:
     with gr.Row():
         curves = gr.Plot(label="Classifier confidence per step", elem_id="classifier-curves")
         emergence = gr.Plot(label="Probe emergence for this image", elem_id="emergence")
-    summary = gr.Markdown("Generate an image first (Generate tab).", elem_id="classifier-summary")
+    summary = gr.Markdown("Generate an image first (Generate tab).", label="Classifier summary",
+                          elem_id="classifier-summary")
     button = gr.Button("Recompute the curves for the last run", interactive=service.classifier is not None)
     return ClassifierTab(curves, emergence, summary, button)
 
@@ -47,7 +50,7 @@ def curves_figure(service: Service, curves: Any) -> Any:
         return None
     from ..classify import plot_run_curves
 
-    return plot_run_curves(curves)
+    return count_steps_from_one(plot_run_curves(curves))
 
 
 def describe(run: Run | None) -> str:
@@ -67,7 +70,7 @@ def describe(run: Run | None) -> str:
             verdict += f" It never settles on the prompted **{curves.classes[curves.prompted_class]}**."
         else:
             verdict += (f" The prompted **{curves.classes[curves.prompted_class]}** is its top class from step "
-                        f"**{curves.first_correct_step}** (0-based) on.")
+                        f"**{curves.first_correct_step + 1}** on.")
         lines.append(verdict)
     return "\n\n".join(lines)
 
@@ -88,13 +91,29 @@ def live_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
     return [curves, emergence_figure(run, service.shipped_emergence()), describe(run)]
 
 
-def wire(service: Service, tab: ClassifierTab, run_state: gr.State) -> None:
-    def recompute(run):
+def stale_outputs(tab: ClassifierTab) -> list[Any]:
+    """The panels that show the previous run's curves."""
+    return [tab.curves, tab.emergence, tab.summary]
+
+
+def stale_values(why: str) -> list[Any]:
+    """Clear the previous run's curves when a run starts; say what a stopped run's curves cover."""
+    if why == "running":
+        return [None, None, "A new run is going: its classifier curve is drawn as it runs; the probe emergence "
+                            "appears when it finishes."]
+    return [gr.skip(), None, "The run was stopped: the classifier curve covers the steps that finished, and "
+                             "without a final image there is nothing to score the probes' emergence against."]
+
+
+def wire(service: Service, tab: ClassifierTab, run_state: gr.State, ledger: RunLedger) -> None:
+    def recompute(run, request: gr.Request = None):
         try:
+            if run is None and (why := ledger.missing(getattr(request, "session_hash", None))):
+                raise ServiceError(why)
             run.curves = service.classify(run)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
         return curves_figure(service, run.curves), emergence_figure(run, service.shipped_emergence()), describe(run), run
 
     tab.button.click(recompute, [run_state], [tab.curves, tab.emergence, tab.summary, run_state], api_name="classify",
-                     concurrency_limit=1, concurrency_id="model")
+                     concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE)

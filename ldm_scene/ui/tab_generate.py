@@ -1,6 +1,7 @@
 """Generate tab: prompt in, every denoising step out (x0 preview and the probes' readouts), live."""
 from __future__ import annotations
 
+import time
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -8,13 +9,17 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..probes import TASKS
+from . import fields
+from .inputs import InputError, whole_number
+from .runs import RunLedger
 from .service import MAX_UI_STEPS, Run, Service, StepView
 
 _TITLES = {
-    "foreground": "Foreground probe (red = object)",
+    "foreground": "Foreground probe: outline of p > 0.5",
     "depth": "Depth probe (bright = near)",
     "shading": "Shading probe (bright = lit)",
 }
+GENERATE, RUNNING = "Generate", "Running…"
 
 
 @dataclass
@@ -29,7 +34,18 @@ class GenerateTab:
     progress: gr.Markdown
     preview: gr.Image
     readouts: dict[str, gr.Image]
+    heat: gr.Image
     scrub: gr.Slider
+    started: gr.State
+
+
+def vocabulary_note(service: Service) -> str:
+    """The line under the prompt box: the words a word-level model knows (nothing for SD)."""
+    words = service.vocabulary()
+    if not words:
+        return ""
+    return (f"This model knows **{len(words)} words**: {', '.join(words)}. A prompt says what the object is "
+            "(\"a red cube\"), never where: the noise decides the place.")
 
 
 def create(service: Service) -> GenerateTab:
@@ -37,11 +53,13 @@ def create(service: Service) -> GenerateTab:
     with gr.Row():
         with gr.Column(scale=2, min_width=280):
             prompt = gr.Textbox(label="Prompt", placeholder="a red cube", max_lines=3, elem_id="prompt")
+            gr.Markdown(vocabulary_note(service), elem_id="vocabulary")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
-                steps = gr.Slider(1, MAX_UI_STEPS, value=service.default_steps, step=1, label="Steps", elem_id="steps")
-            guidance = gr.Slider(0, 15, value=service.default_guidance, step=0.5, label="Guidance scale",
-                                 info=service.guidance_note(), elem_id="guidance")
+                seed = fields.number("seed", whole=True, label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+                steps = fields.slider("steps", whole=True, minimum=1, maximum=MAX_UI_STEPS, value=service.default_steps,
+                                      step=1, label="Steps", elem_id="steps")
+            guidance = fields.slider("guidance", minimum=0, maximum=15, value=service.default_guidance, step=0.5,
+                                     label="Guidance scale", info=service.guidance_note(), elem_id="guidance")
             sites = {}
             with gr.Accordion("Where the probes read (one site per task)", open=False):
                 for task in TASKS:
@@ -56,9 +74,9 @@ def create(service: Service) -> GenerateTab:
                     "preview streams without readouts. Default: the best site per task in the probe set's metrics."
                 )
             with gr.Row():
-                button = gr.Button("Generate", variant="primary", elem_id="generate-btn", interactive=service.ready)
-                stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-            progress = gr.Markdown("", elem_id="gen-progress")
+                button = gr.Button(GENERATE, variant="primary", elem_id="generate-btn", interactive=service.ready)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False)
+            progress = gr.Markdown("", label="Progress", elem_id="gen-progress")
             examples = service.examples()
             if examples:
                 gr.Examples(examples, [prompt, seed, steps, guidance], label="Examples", examples_per_page=6)
@@ -70,9 +88,13 @@ def create(service: Service) -> GenerateTab:
             with gr.Row():
                 for task in ("depth", "shading"):
                     readouts[task] = _image(_TITLES[task], f"readout-{task}", size)
-            scrub = gr.Slider(1, max(service.default_steps, 2), value=1, step=1, label="Scrub through the steps (after a run)",
-                              interactive=False, elem_id="scrub")
-    return GenerateTab(prompt, seed, steps, guidance, sites, button, stop, progress, preview, readouts, scrub)
+            with gr.Accordion("Foreground probability (heat map)", open=False):
+                heat = _image("Foreground probability at this step", "readout-foreground-heat", size)
+            scrub = fields.slider("step", whole=True, minimum=1, maximum=max(service.default_steps, 2), value=1, step=1,
+                                  label="Step shown (drag or type, after a run)", interactive=False, elem_id="scrub")
+    started = gr.State(None)
+    return GenerateTab(prompt, seed, steps, guidance, sites, button, stop, progress, preview, readouts, heat, scrub,
+                       started)
 
 
 def _image(label: str, elem_id: str, size: int) -> gr.Image:
@@ -93,52 +115,112 @@ def step_outputs(service: Service, view: StepView) -> list[Any]:
     return out
 
 
+def scrub_update(num_steps: int, value: int | None = None) -> Any:
+    """The step slider for a run of ``num_steps`` (1-based, as on screen).
+
+    A 1-step run has nothing to scrub, and Gradio refuses a slider whose minimum is its maximum:
+    the slider is hidden (the progress line says "step 1 of 1") rather than offering 1-2.
+    """
+    if num_steps <= 1:
+        return gr.Slider(visible=False, interactive=False)
+    return gr.Slider(minimum=1, maximum=num_steps, value=num_steps if value is None else value,
+                     interactive=True, visible=True)
+
+
+def stopped_text(run: Run | None, started: float | None) -> str:
+    """What Stop did, in the progress line's words (steps counted from 1)."""
+    if run is None or started is None or run.started < started:
+        return "**Stopped before the first step finished.**"
+    if run.complete:
+        return f"**The run finished (step {run.num_steps} of {run.config.steps}) before Stop took effect.**"
+    return (f"**Stopped at step {run.num_steps} of {run.config.steps}.** The pictures show the last step that "
+            "finished; there is no final image, so the classifier curves stop there and nothing can be moved.")
+
+
 def wire(
     service: Service,
     tab: GenerateTab,
     run_state: gr.State,
+    ledger: RunLedger,
     after_outputs: list[gr.components.Component],
     after_values: Callable[[Run | None, bool], list[Any]],
+    stale_outputs: list[gr.components.Component],
+    stale_values: Callable[[str], list[Any]],
+    finish_outputs: list[gr.components.Component] = (),
+    finish_inputs: list[gr.components.Component] = (),
+    finish_values: Callable[..., list[Any]] | None = None,
 ) -> Any:
-    """Connect Generate, Stop and the scrub slider.
+    """Connect Generate, Stop and the step slider.
 
     ``after_outputs`` are other tabs' components the run also updates (classifier curves live,
     the Intervene tab's picture at the end); ``after_values(run, finished)`` gives their values.
+    ``stale_outputs`` are panels that belong to the previous run: ``stale_values(why)`` clears
+    or marks them when a run starts (``why="running"``) or is stopped (``why="stopped"``).
+    ``finish_values(run, *finish_inputs)`` fills ``finish_outputs`` when a run ends.
     """
     task_outputs = [tab.readouts[t] for t in TASKS]
 
-    def generate(prompt, seed, steps, guidance, *sites):
-        chosen = {t: s for t, s in zip(TASKS, sites) if s}
+    def start():
+        # Runs at once (no queue): the button shows that a run is going and cannot be pressed
+        # twice; Stop becomes pressable; the previous run's panels are cleared.
+        return [gr.Button(value=RUNNING, interactive=False), gr.Button(interactive=True),
+                "**A run is going…** (waiting for the model)", time.time(), *stale_values("running")]
+
+    def generate(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site,
+                 request: gr.Request = None):
+        chosen = {t: s for t, s in zip(TASKS, (foreground_site, depth_site, shading_site)) if s}
+        for warning in service.prompt_warnings(prompt):
+            gr.Warning(warning, duration=12)
         try:
             with closing(service.generate_stream(prompt, seed, steps, guidance, chosen)) as stream:
                 for view in stream:
                     run = view.run
-                    scrub = (gr.Slider(minimum=1, maximum=max(view.num_steps, 2), value=view.num_steps, interactive=True)
-                             if view.is_last else gr.Slider(interactive=False))
-                    yield [*step_outputs(service, view), scrub, run, *after_values(run, view.is_last)]
+                    if view.step == 0:
+                        ledger.stored(getattr(request, "session_hash", None))
+                    scrub = scrub_update(view.num_steps) if view.is_last else gr.Slider(interactive=False)
+                    yield [*step_outputs(service, view), scrub, run, *after_values(run, view.is_last), view.foreground_heat]
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
 
-    def scrub(run, step):
+    def finish(run, *values):
+        extra = finish_values(run, *values) if finish_values is not None else []
+        return [gr.Button(value=GENERATE, interactive=service.ready), gr.Button(interactive=False), *extra]
+
+    def stop(run, started):
+        return [gr.Button(value=GENERATE, interactive=service.ready), gr.Button(interactive=False),
+                stopped_text(run, started), *stale_values("stopped")]
+
+    def scrub(run, step, request: gr.Request = None):
         try:
-            view = service.view_of(run, int(step) - 1)
+            shown = whole_number(step, "step")
+            if run is None and (why := ledger.missing(getattr(request, "session_hash", None))):
+                raise InputError(why)
+            if run is not None and run.previews and not 1 <= shown <= run.num_steps:
+                raise InputError(f"step must be between 1 and {run.num_steps} for this run, got {shown}")
+            view = service.view_of(run, shown - 1)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        return step_outputs(service, view)
+        return [*step_outputs(service, view), view.foreground_heat]
 
     inputs = [tab.prompt, tab.seed, tab.steps, tab.guidance, *[tab.sites[t] for t in TASKS]]
-    outputs = [tab.preview, *task_outputs, tab.progress, tab.scrub, run_state, *after_outputs]
-    event = tab.button.click(
-        generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id="model",
+    outputs = [tab.preview, *task_outputs, tab.progress, tab.scrub, run_state, *after_outputs, tab.heat]
+    control = [tab.button, tab.stop]
+    started = tab.button.click(start, None, [*control, tab.progress, tab.started, *stale_outputs], queue=False,
+                               api_visibility="private", show_progress="hidden")
+    event = started.success(
+        generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE,
         show_progress="minimal", show_progress_on=[tab.preview],
     )
-    submitted = tab.prompt.submit(
-        generate, inputs, outputs, api_visibility="private", concurrency_limit=1, concurrency_id="model",
-        show_progress="minimal", show_progress_on=[tab.preview],
-    )
-    tab.stop.click(None, None, None, cancels=[event, submitted], api_visibility="private")
-    tab.scrub.release(
-        scrub, [run_state, tab.scrub], [tab.preview, *task_outputs, tab.progress], api_name="scrub",
-        concurrency_limit=None, show_progress="hidden", trigger_mode="always_last",
+    event.then(finish, [run_state, *finish_inputs], [*control, *finish_outputs], queue=False,
+               api_visibility="private", show_progress="hidden")
+    # Enter in the prompt box presses the button, so a run going (button disabled) is not queued twice.
+    tab.prompt.submit(None, None, None, js="() => { document.querySelector('#generate-btn')?.click(); }",
+                      api_visibility="private")
+    tab.stop.click(stop, [run_state, tab.started], [*control, tab.progress, *stale_outputs], cancels=[event],
+                   api_visibility="private", queue=False, show_progress="hidden")
+    # "input" fires when the slider is dragged and when a number is typed in its box.
+    tab.scrub.input(
+        scrub, [run_state, tab.scrub], [tab.preview, *task_outputs, tab.progress, tab.heat], api_name="scrub",
+        concurrency_limit=fields.VIEW_CONCURRENCY, concurrency_id=fields.VIEW_QUEUE, show_progress="hidden", trigger_mode="always_last",
     )
     return event

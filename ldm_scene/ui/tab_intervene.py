@@ -8,13 +8,20 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .service import MAX_SHIFT_FRACTION, Run, Service
+from . import fields
+from .runs import RunLedger
+from .service import MAX_SHIFT_FRACTION, Run, Service, ServiceError
 
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
     "steer": "move activations along the probe's foreground direction (moves the object in the toy world)",
     "probe-gradient": "the paper's method: optimise activations until the foreground probe reports the target",
     "random-control": "steer's edit along random directions of the same size (should not move anything)",
+}
+#: What the result panels say while a new run goes or after one was stopped.
+_STALE = {
+    "running": "A new run is going: the intervention waits for its image.",
+    "stopped": "The last run was stopped before it had an image: generate a full run to move its object.",
 }
 
 
@@ -50,7 +57,7 @@ def create(service: Service) -> InterveneTab:
         "compared with the target (IoU)."
     )
     with gr.Row():
-        original = gr.Image(label="Generated image and its foreground", type="pil", format="png",
+        original = gr.Image(label="Generated image and its foreground (outline)", type="pil", format="png",
                             interactive=False, elem_id="iv-original", height=min(size, 300))
         target = gr.Image(label="Target", type="pil", format="png", interactive=False, elem_id="iv-target",
                           height=min(size, 300))
@@ -59,29 +66,31 @@ def create(service: Service) -> InterveneTab:
     with gr.Row():
         with gr.Column(scale=2, min_width=280):
             mode = gr.Radio([SHIFT, DRAW], value=SHIFT, label="Target", elem_id="iv-mode")
-            dx = gr.Slider(-int(w * MAX_SHIFT_FRACTION), int(w * MAX_SHIFT_FRACTION), value=w // 4, step=1,
-                           label=f"dx: pixels to the right (of {w})", elem_id="iv-dx")
-            dy = gr.Slider(-int(h * MAX_SHIFT_FRACTION), int(h * MAX_SHIFT_FRACTION), value=0, step=1,
-                           label=f"dy: pixels down (of {h})", elem_id="iv-dy")
+            dx = fields.slider("dx", whole=True, minimum=-int(w * MAX_SHIFT_FRACTION), maximum=int(w * MAX_SHIFT_FRACTION),
+                               value=w // 4, step=1, label=f"dx: pixels to the right (of {w})", elem_id="iv-dx")
+            dy = fields.slider("dy", whole=True, minimum=-int(h * MAX_SHIFT_FRACTION), maximum=int(h * MAX_SHIFT_FRACTION),
+                               value=0, step=1, label=f"dy: pixels down (of {h})", elem_id="iv-dy")
             method = gr.Dropdown(methods, value=methods[0] if methods else None, label="Method", elem_id="iv-method",
                                  info=_METHOD_INFO.get(methods[0], "") if methods else "intervention is unavailable")
-            strength = gr.Slider(0, 3, value=1.0, step=0.25, label="Strength", elem_id="iv-strength")
-            note = gr.Markdown("", elem_id="iv-target-note")
+            strength = fields.slider("strength", minimum=0, maximum=3, value=1.0, step=0.25, label="Strength",
+                                     elem_id="iv-strength")
+            note = gr.Markdown("", label="Target note", elem_id="iv-target-note")
             with gr.Row():
                 button = gr.Button("Intervene", variant="primary", elem_id="intervene-btn",
                                    interactive=service.ready and bool(methods))
                 stop = gr.Button("Stop", variant="stop", elem_id="iv-stop-btn")
         with gr.Column(scale=3):
-            editor = gr.ImageEditor(
-                label="Draw the target mask (choose 'draw a new mask')", type="numpy", image_mode="RGBA",
+            editor = fields.MaskEditor(
+                label="Target mask drawing", type="numpy", image_mode="RGBA",
                 sources=[], layers=False, transforms=[], canvas_size=(size, size), fixed_canvas=True,
                 brush=gr.Brush(colors=["#ff2020"], color_mode="fixed", default_size=max(size // 14, 4)),
                 eraser=gr.Eraser(default_size=max(size // 14, 4)), elem_id="mask-editor", height=size + 120,
-                placeholder="Generate an image first",
+                placeholder="Generate an image first, choose 'draw a new mask', then draw (white = where the object goes)",
             )
-    gallery = gr.Gallery(label="Original · target · result", columns=3, height=size + 60, elem_id="iv-gallery",
-                         format="png", object_fit="contain")
-    summary = gr.Markdown("", elem_id="iv-summary")
+    # Whole pictures side by side: "contain" keeps each image uncropped; one row, its own height.
+    gallery = gr.Gallery(label="Original · target · result", columns=3, rows=1, height="auto", elem_id="iv-gallery",
+                         format="png", object_fit="contain", preview=False, allow_preview=True)
+    summary = gr.Markdown("", label="Intervention summary", elem_id="iv-summary")
     with gr.Accordion("Numbers", open=False):
         numbers = gr.JSON(label="Comparison", elem_id="iv-numbers")
     return InterveneTab(original, target, live, mode, dx, dy, editor, method, strength, button, stop,
@@ -92,9 +101,32 @@ def finished_values(service: Service, run: Run | None, finished: bool) -> list[A
     """Values for [original, editor] when a generation ends: the new image to move."""
     if not finished or run is None or run.image is None:
         return [gr.skip(), gr.skip()]
-    shown = service.mask_picture(run.foreground, run.image) if run.foreground is not None else service.display(run.image)
+    shown = service.outline(run.image, run.foreground)
     editor = {"background": service.display(run.image), "layers": [], "composite": None}
     return [shown, editor]
+
+
+def stale_outputs(tab: InterveneTab) -> list[Any]:
+    """The panels that show the previous run's intervention (cleared when a new run starts)."""
+    return [tab.original, tab.target, tab.live, tab.gallery, tab.summary, tab.numbers, tab.editor]
+
+
+def stale_values(why: str) -> list[Any]:
+    """Clear the previous run's pictures and say why (``why``: ``running`` or ``stopped``)."""
+    if why == "running":
+        return [None, None, None, None, _STALE[why], None, None]
+    return [gr.skip(), gr.skip(), gr.skip(), gr.skip(), _STALE.get(why, ""), gr.skip(), gr.skip()]
+
+
+def target_values(service: Service, run: Run | None, mode: str, dx: Any, dy: Any) -> list[Any]:
+    """[target, note] for a finished run in shift mode: the Target pane shows the default shift at once."""
+    if mode != SHIFT or run is None or not run.complete:
+        return [gr.skip(), gr.skip()]
+    try:
+        mask = service.shift_target(run, dx, dy)
+    except ValueError as err:
+        return [None, f"*{err}*"]
+    return [service.mask_picture(mask, run.image), ""]
 
 
 def _layers(editor: Any) -> list[Any]:
@@ -106,23 +138,28 @@ def _layers(editor: Any) -> list[Any]:
 def _target(service: Service, run: Run | None, mode: str, dx: Any, dy: Any, editor: Any) -> np.ndarray:
     if mode == DRAW:
         if run is None or not run.complete:
-            from .service import ServiceError
-
-            raise ServiceError("generate an image first (Generate tab), then draw where its object should go")
+            service.require_complete(run)
         return service.drawn_target(_layers(editor))
     return service.shift_target(run, dx, dy)
 
 
-def wire(service: Service, tab: InterveneTab, run_state: gr.State) -> Any:
-    def preview(run, mode, dx, dy, editor):
+def _require_run(run: Run | None, ledger: RunLedger, request: gr.Request | None) -> None:
+    if run is None and (why := ledger.missing(getattr(request, "session_hash", None))):
+        raise ServiceError(why)
+
+
+def wire(service: Service, tab: InterveneTab, run_state: gr.State, ledger: RunLedger) -> Any:
+    def preview(run, mode, dx, dy, editor, request: gr.Request = None):
         try:
+            _require_run(run, ledger, request)
             mask = _target(service, run, mode, dx, dy, editor)
         except ValueError as err:
             return None, f"*{err}*"
         return service.mask_picture(mask, run.image), ""
 
-    def intervene(run, mode, dx, dy, editor, method, strength):
+    def intervene(run, mode, dx, dy, editor, method, strength, request: gr.Request = None):
         try:
+            _require_run(run, ledger, request)
             target = _target(service, run, mode, dx, dy, editor)
             picture = service.mask_picture(target, run.image)
             with closing(service.intervene_stream(run, target, method, strength)) as stream:
@@ -133,9 +170,9 @@ def wire(service: Service, tab: InterveneTab, run_state: gr.State) -> Any:
                         yield live, picture, gr.skip(), f"**{view.label}**", gr.skip()
                         continue
                     gallery = [
-                        (service.mask_picture(c.original_mask, c.original), "original and its foreground"),
-                        (service.mask_picture(c.target, c.original), "target"),
-                        (service.mask_picture(c.result_mask, c.result), "result and its foreground"),
+                        (service.outline(c.original, c.original_mask), "original, its foreground outlined"),
+                        (service.mask_picture(c.target, c.original), "target (red) over the original"),
+                        (service.display(c.result), "result"),
                     ]
                     yield service.display(c.result), picture, gallery, c.summary(), c.numbers()
         except ValueError as err:
@@ -148,20 +185,23 @@ def wire(service: Service, tab: InterveneTab, run_state: gr.State) -> Any:
         return gr.Dropdown(info=_METHOD_INFO.get(method, ""))
 
     target_inputs = [run_state, tab.mode, tab.dx, tab.dy, tab.editor]
-    for trigger in (tab.dx.release, tab.dy.release, tab.mode.change):
-        trigger(preview, target_inputs, [tab.target, tab.note], api_visibility="private",
-                concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
+    # Every preview decodes the editor's layers (uploads up to MAX_IMAGE_SIDE px): CPU work with a
+    # memory cost, so previews queue with the other cheap views, a few at a time, never unbounded.
+    preview_queue = dict(api_visibility="private", concurrency_limit=fields.VIEW_CONCURRENCY,
+                         concurrency_id=fields.VIEW_QUEUE,
+                         show_progress="hidden", trigger_mode="always_last")
+    for trigger in (tab.dx.input, tab.dy.input, tab.mode.change):
+        trigger(preview, target_inputs, [tab.target, tab.note], **preview_queue)
     # The editor reports strokes as "input" (and "apply" from its save button), not "change".
     for trigger in (tab.editor.input, tab.editor.apply):
-        trigger(preview, target_inputs, [tab.target, tab.note], api_visibility="private",
-                concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
+        trigger(preview, target_inputs, [tab.target, tab.note], **preview_queue)
     tab.mode.change(show_sliders, [tab.mode], [tab.dx, tab.dy], api_visibility="private", concurrency_limit=None,
                     show_progress="hidden")
     tab.method.change(describe, [tab.method], [tab.method], api_visibility="private", concurrency_limit=None,
                       show_progress="hidden")
     event = tab.button.click(
         intervene, [*target_inputs, tab.method, tab.strength], [tab.live, tab.target, tab.gallery, tab.summary, tab.numbers],
-        api_name="intervene", concurrency_limit=1, concurrency_id="model", show_progress="minimal",
+        api_name="intervene", concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE, show_progress="minimal",
         show_progress_on=[tab.live],
     )
     tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
