@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import interleaved, machine, random_banks  # noqa: E402
 
+from ldm_scene import bundle  # noqa: E402
 from ldm_scene.intervention import METHODS, class_means_bank, intervene, load_intervention_banks  # noqa: E402
 from ldm_scene.models import TOY_MODEL_DIR, load_model  # noqa: E402
 from ldm_scene.sampler import GenerationConfig, sample  # noqa: E402
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     have_toy = (TOY_MODEL_DIR / "model_index.json").exists()
     model = load_model(str(TOY_MODEL_DIR) if have_toy else "tiny", device="cpu")
-    banks = load_intervention_banks(TOY_MODEL_DIR / "probes", model.sites()) if have_toy else {}
+    banks = load_intervention_banks(bundle.probes_dir(TOY_MODEL_DIR), model.sites()) if have_toy else {}
     if set(banks) != {"foreground", "foreground_means"}:
         fg = random_banks(model, 15)["foreground"]
         sums = {k: torch.randn(2, w.shape[1]) for k, w in fg.weights.items()}

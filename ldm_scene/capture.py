@@ -94,6 +94,91 @@ def hook_sites(
         yield counter
 
 
+#: A callback over one cross-attention site's attention probabilities ``[B, heads, T, L]`` at one
+#: step (conditional half, ``T`` image tokens, ``L`` text tokens; each row sums to 1 over ``L``).
+AttentionFn = Callable[[str, int, torch.Tensor], None]
+
+
+def attention_probabilities(attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """Recompute a diffusers ``Attention`` module's softmax ``[B, heads, T, L]`` from its inputs, in float32.
+
+    The processors hand out only the attended values (``scaled_dot_product_attention`` never
+    forms the probabilities), so the query and key projections are applied again. Refuses the
+    module variants this recomputation does not follow (attention masks are refused by the caller;
+    group, spatial and cross normalisation), rather than returning maps the UNet did not use.
+    """
+    if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None \
+            or getattr(attn, "norm_cross", None):
+        raise RuntimeError("attention maps: the module normalises its inputs (group/spatial/cross norm), "
+                           "which this reader does not reproduce")
+    if hidden_states.ndim != 3:
+        raise RuntimeError(f"attention maps: expected tokens [B, T, C], got shape {tuple(hidden_states.shape)}")
+    context = hidden_states if context is None else context
+    query, key = attn.to_q(hidden_states), attn.to_k(context)
+    b, heads = query.shape[0], attn.heads
+    query = query.view(b, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+    key = key.view(b, -1, heads, key.shape[-1] // heads).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * float(attn.scale)
+    return scores.softmax(-1)
+
+
+@contextmanager
+def hook_attention(
+    unet: nn.Module,
+    sites: Sequence[str],
+    fn: AttentionFn,
+    steps: Collection[int] | None = None,
+    split_guidance: bool = True,
+    layer: str = "attn2",
+) -> Iterator[StepCounter]:
+    """Call ``fn(site, step, probs)`` with each chosen site's attention probabilities at each chosen step.
+
+    ``layer="attn2"`` (the default) is the block's cross-attention, whose keys are the prompt's
+    tokens; ``attn1`` gives self-attention maps. Only the conditional half of a guidance batch is
+    computed (``chunk(2)``). Nothing is written back: the UNet's output is untouched. Hooks are
+    removed on exit, on error and when a generator holding this context is closed.
+    """
+    sites = _check_sites(sites)
+    wanted = None if steps is None else frozenset(int(s) for s in steps)
+    counter = StepCounter()
+    modules = {site: unet.get_submodule(module_path(site, layer)) for site in sites}
+
+    def make_hook(site: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            step = counter.step
+            if wanted is not None and step not in wanted:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+            if mask is not None:
+                raise RuntimeError(f"{site}: attention maps with an attention mask are not supported")
+            if split_guidance:
+                if hidden.shape[0] % 2:
+                    raise RuntimeError(
+                        f"{site}: batch of {hidden.shape[0]} cannot be split into [uncond, cond]; "
+                        "pass split_guidance=False when guidance is off"
+                    )
+                hidden = hidden.chunk(2)[1]
+                context = None if context is None else context.chunk(2)[1]
+            with torch.no_grad():
+                probs = attention_probabilities(module, hidden, context)
+            fn(site, step, probs)
+            return None
+
+        return hook
+
+    with ExitStack() as stack:
+        stack.callback(unet.register_forward_pre_hook(counter._on_unet_call).remove)
+        for site, module in modules.items():
+            stack.callback(module.register_forward_hook(make_hook(site), with_kwargs=True).remove)
+        yield counter
+
+
 @dataclass
 class Capture:
     """What :func:`capture` kept: ``values[(site, step)]`` is an activation or a reduction of it."""

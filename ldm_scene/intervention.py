@@ -34,7 +34,7 @@ from PIL import Image
 from .models import Model
 from .probes import CLASS_MEANS, ProbeBank, class_means_bank, load_probe_dir  # noqa: F401  (class_means_bank re-exported)
 from .intervention_methods import guided_sample
-from .sampler import GenerationConfig, StepState, config_for, sample
+from .sampler import GenerationConfig, Reader, StepState, config_for, sample
 from .sites import SITE_KEYS, UP_SITE_KEYS
 
 METHODS: tuple[str, ...] = ("steer", "probe-gradient", "random-control", "readout-guidance", "random-guidance")
@@ -331,12 +331,14 @@ def intervene(
     steps: Collection[int] | None = None,
     strength: float = 1.0,
     previews: bool = True,
+    readers: Sequence[Reader] = (),
 ) -> Iterator[StepState]:
     """Stream the edited denoising of ``config`` (same prompt and seed) towards ``target``.
 
     ``target`` is a bool mask at the model's image size (see :func:`prepare_target`). The edit is
     applied through the sampler's editor hooks, which are removed when the stream ends, fails or
-    is closed.
+    is closed. ``readers`` read the edited run as they read :func:`~ldm_scene.sampler.sample`'s;
+    they are hooked before the editor, so they see each site's activation as the UNet made it.
     """
     if target.shape != tuple(model.image_size):
         raise InterventionError(f"target mask is {target.shape}, the model draws {model.image_size}: use prepare_target")
@@ -345,7 +347,7 @@ def intervene(
     if bad:
         raise InterventionError(f"edit steps {bad} are outside the run's {config.steps} steps")
     editor = make_editor(method, banks, target, sites, steps, strength, config.seed)
-    return guided_sample(model, config, [editor], previews=previews)
+    return guided_sample(model, config, [editor], previews=previews, readers=readers)
 
 
 def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str | None = None) -> dict[str, ProbeBank]:

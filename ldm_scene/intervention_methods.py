@@ -205,15 +205,18 @@ class ReadoutGuidanceEditor:
 
 def guided_sample(
     model: Any, config: GenerationConfig, editors: Sequence[Any], previews: bool = False, decode_final: bool = True,
+    readers: Sequence[Any] = (),
 ) -> Iterator[StepState]:
     """:func:`~ldm_scene.sampler.sample` with ``editors``, hooking the UNet for those that guide it.
 
     An editor with an ``attached(unet)`` context manager (:class:`ReadoutGuidanceEditor`) is
     attached for exactly the lifetime of the stream; other editors pass through unchanged.
+    ``readers`` go to the sampler as they are.
     """
     with ExitStack() as stack:
         for editor in editors:
             attach = getattr(editor, "attached", None)
             if attach is not None:
                 stack.enter_context(attach(model.unet))
-        yield from sample(model, config, editors=editors, previews=previews, decode_final=decode_final)
+        yield from sample(model, config, readers=readers, editors=editors, previews=previews,
+                          decode_final=decode_final)

@@ -1,6 +1,6 @@
 """Per-image metrics for probe readouts: Dice, IoU, rank and linear correlation, RMSE.
 
-Pure numpy functions: arrays in, a Python float out. The paper (Chen et al. 2023) scores each
+Per-image functions take numpy arrays and return a Python float. The paper (Chen et al. 2023) scores each
 test image separately and averages over images, skipping images whose correlation is undefined
 (a constant map); :func:`mean_ignore_nan` and the ``mean_*`` helpers do exactly that.
 
@@ -12,6 +12,8 @@ Conventions:
   (ties get average ranks). A constant input has no defined correlation and gives ``nan`` (as
   ``scipy.stats`` does, here without its warning); non-finite inputs are refused with
   ``ValueError`` because a nan would silently poison a rank.
+- The ``*_rows`` functions are the same metrics batched over rows of torch tensors (every
+  readout of an image against one or several targets at once), for the probe evaluation.
 - :func:`bootstrap_mean_ci` resamples test images (a seeded generator) for confidence intervals of
   mean scores and of paired score differences.
 """
@@ -22,6 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import scipy.stats
+import torch
 
 __all__ = [
     "dice",
@@ -39,6 +42,10 @@ __all__ = [
     "mean_rmse",
     "spearman_tie_ceiling",
     "bootstrap_mean_ci",
+    "rank_rows",
+    "correlation_rows",
+    "dice_rows",
+    "iou_rows",
 ]
 
 
@@ -209,3 +216,70 @@ def bootstrap_mean_ci(
             low[col], high[col] = np.quantile(finite, [alpha, 1.0 - alpha])
     shape = values.shape[1:]
     return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+# --- batched over rows, in torch (the probe evaluation scores every step and site at once) ----
+
+def rank_rows(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..P of each row of ``x [M, P]``, ties given the mean of the ranks they span (float64, on
+    ``x``'s device): :func:`rank_average` of every row, by ``scipy.stats.rankdata``."""
+    if x.ndim != 2:
+        raise ValueError(f"expected [M, P], got {tuple(x.shape)}")
+    ranks = scipy.stats.rankdata(x.detach().cpu().numpy(), method="average", axis=1).astype(np.float64, copy=False)
+    return torch.from_numpy(ranks).to(x.device)
+
+
+def correlation_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Pearson correlation of every row of ``a [M, P]`` with every row of ``b [J, P]``: ``[M, J]``.
+
+    Given average ranks (:func:`rank_rows`), this is Spearman's correlation. ``nan`` where a row is
+    constant, as :func:`spearman`.
+    """
+    a = a.to(torch.float64)
+    b = b.to(device=a.device, dtype=torch.float64)
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    num = a @ b.T
+    den = torch.outer(a.pow(2).sum(-1).sqrt(), b.pow(2).sum(-1).sqrt())
+    ok = den > 0
+    r = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, math.nan))
+    return r.clamp(-1, 1).cpu().numpy()
+
+
+def _row_targets(target: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if target.ndim == 2:
+        return target[None], True
+    if target.ndim == 3:
+        return target, False
+    raise ValueError(f"target must be [H, W] or [J, H, W], got {tuple(target.shape)}")
+
+
+def _mask_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """|A| ``[M, 1]``, |B| ``[1, J]`` and |A n B| ``[M, J]`` of masks ``pred [M, H, W]`` and ``target [(J,) H, W]``."""
+    targets, single = _row_targets(target)
+    if tuple(pred.shape[-2:]) != tuple(targets.shape[-2:]):
+        raise ValueError(f"masks must have the same size, got {tuple(pred.shape[-2:])} and {tuple(targets.shape[-2:])}")
+    # float32 counts are exact up to 2**24 pixels (a 4096 x 4096 label)
+    a = pred.reshape(pred.shape[0], -1).to(torch.float32)
+    b = targets.bool().to(pred.device).reshape(targets.shape[0], -1).to(torch.float32)
+    return (a.sum(1, keepdim=True).double(), b.sum(1)[None].double(), (a @ b.T).double(), single)
+
+
+def dice_rows(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Dice of each mask of ``pred [M, H, W]`` with ``target [H, W]`` (``[M]``; 1.0 if both are empty).
+
+    With ``target [J, H, W]``: every mask against every target, ``[M, J]``. Masks of both
+    arguments are at the same (label) resolution: see :func:`foreground_mask`.
+    """
+    a, b, inter, single = _mask_counts(pred.bool(), target)
+    total = a + b
+    d = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(inter)).cpu().numpy()
+    return d[:, 0] if single else d
+
+
+def iou_rows(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """IoU of each mask of ``pred [M, H, W]`` with ``target [H, W]`` (or ``[J, H, W]``); 1.0 if both are empty."""
+    a, b, inter, single = _mask_counts(pred.bool(), target)
+    union = a + b - inter
+    j = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)).cpu().numpy()
+    return j[:, 0] if single else j

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from .bundle import SETTINGS_FILE, settings_path  # noqa: F401  (SETTINGS_FILE re-exported)
 from .sites import SITE_KEYS, SiteInfo, site_table
+from .tokenizer import word_tokenizer  # noqa: F401  (re-exported: the toy model and tests build tokenizers)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -33,9 +34,6 @@ ALIASES = {"toy": str(TOY_MODEL_DIR), "sd14": SD14_ID}
 PAPER_GUIDANCE = 7.5
 #: Where a late guidance cap starts, as a fraction of the steps, when a setting does not say.
 DEFAULT_LATE_FROM = 2 / 3
-#: An optional file in a local model's directory with ldm-scene's settings for it:
-#: ``{"guidance": 7.5, "late_guidance": 2.5, "late_from": 0.8}`` (see ``GenerationConfig``).
-SETTINGS_FILE = "ldm_scene.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -148,7 +146,7 @@ def load_model(
 
 def read_settings(directory: Path) -> dict:
     """The model directory's ``ldm_scene.json`` (``{}`` when there is none), checked."""
-    path = Path(directory) / SETTINGS_FILE
+    path = settings_path(directory)
     if not path.is_file():
         return {}
     try:
@@ -219,45 +217,3 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> StableDiffusionPipeline:
             "first), or pass a local directory. Without them, use the embedded toy model: "
             f"--model toy ({TOY_MODEL_DIR})."
         ) from err
-
-
-def word_tokenizer(words: Sequence[str], max_length: int):
-    """Build a CLIP tokenizer, offline, whose BPE merges make each of ``words`` one token.
-
-    The vocabulary also holds every lowercase letter and digit, so any prompt tokenizes (unknown
-    words fall apart into letters). Used by the tiny test models and the toy model's text encoder.
-    The same words always give the same ids and merges, in any process: a text encoder trained
-    with one build must read the same ids from the next.
-    """
-    from transformers import CLIPTokenizer
-
-    # Plain BPE over the word list with ties broken by the pair itself. (tokenizers' BpeTrainer
-    # breaks ties in hash order, so its ids and merge order changed from one call to the next.)
-    # Merges learned in this order re-segment every training word into the single token it became.
-    words = sorted(set(w.lower() for w in words))
-    segments = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts = Counter(pair for seg in segments for pair in zip(seg, seg[1:]))
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        segments = [_merge_pair(seg, best) for seg in segments]
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789").union(*words))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]:
-        vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
-
-def _merge_pair(seg: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(seg):
-        if i + 1 < len(seg) and (seg[i], seg[i + 1]) == pair:
-            out.append(seg[i] + seg[i + 1])
-            i += 2
-        else:
-            out.append(seg[i])
-            i += 1
-    return tuple(out)

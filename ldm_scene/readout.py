@@ -27,11 +27,12 @@ from typing import Collection, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .metrics import dice, spearman
 from .probes import TASKS, ProbeBank, ProbeError
+from .sites import as_hw
+from .upsample import nearest, nearest_array as upsample_nearest
 
 __all__ = [
     "ProbeReader",
@@ -159,9 +160,9 @@ class StackedProbes:
             if stack.sigmoid_rows:
                 z.narrow(1, 0, stack.sigmoid_rows).sigmoid_()
             if out_size is not None:
-                size = _as_hw(out_size)
+                size = as_hw(out_size)
                 if size != (h, w):
-                    z = F.interpolate(z, size=size, mode="nearest")
+                    z = nearest(z, size)
             out.append((stack.tasks, z))
         return out
 
@@ -214,13 +215,6 @@ def to_numpy(maps: Mapping[K, torch.Tensor]) -> dict[K, np.ndarray]:
         out[k] = flat[start : start + t.numel()].reshape(t.shape)
         start += t.numel()
     return out
-
-
-def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
 
 
 class ProbeReader:
@@ -294,17 +288,6 @@ class ProbeReader:
 
 
 # --- pictures ------------------------------------------------------------------------------------
-
-
-def upsample_nearest(values: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D map to ``(height, width)``, as the paper upsamples probes."""
-    values = np.asarray(values)
-    h, w = int(size[0]), int(size[1])
-    if values.shape == (h, w):
-        return values
-    rows = (np.arange(h) * values.shape[0] // h).clip(0, values.shape[0] - 1)
-    cols = (np.arange(w) * values.shape[1] // w).clip(0, values.shape[1] - 1)
-    return values[rows[:, None], cols[None, :]]
 
 
 def _display(image: Image.Image, size: int | None) -> Image.Image:

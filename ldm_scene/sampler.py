@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .capture import hook_sites
+from .capture import hook_attention, hook_sites
 from .models import DEFAULT_LATE_FROM, PAPER_GUIDANCE, Model
 
 #: The paper's generation settings (Chen et al. 2023): LMS, 15 steps, guidance 7.5. A model may
@@ -99,7 +99,12 @@ class GenerationConfig:
 
 
 class Reader(Protocol):
-    """Reads site activations during a step and reports once the step is done."""
+    """Reads site activations during a step and reports once the step is done.
+
+    A reader may also say what it ``reads``: ``"output"`` (when absent: each site's self-attention
+    output ``[B, T, C]``, see :func:`~ldm_scene.capture.hook_sites`) or ``"attention"`` (the
+    cross-attention probabilities ``[B, heads, T, L]``, see :func:`~ldm_scene.capture.hook_attention`).
+    """
 
     name: str
     sites: Sequence[str]
@@ -240,7 +245,7 @@ def sample(
 
     with ExitStack() as stack:
         for reader in readers:
-            stack.enter_context(hook_sites(pipe.unet, reader.sites, _reading(reader), reader.steps, guided))
+            stack.enter_context(reader_hooks(pipe.unet, reader, guided))
         for editor in editors:
             stack.enter_context(hook_sites(pipe.unet, editor.sites, editor.edit, editor.steps, guided,
                                            getattr(editor, "layer", "attn1")))
@@ -284,6 +289,16 @@ def config_for(
         model.late_guidance if late_guidance is None else late_guidance,
         model.late_from if late_from is None else late_from,
     )
+
+
+def reader_hooks(unet: Any, reader: Reader, split_guidance: bool) -> Any:
+    """The context manager that hooks ``unet`` for ``reader`` (by what it ``reads``) until it exits."""
+    reads = getattr(reader, "reads", "output")
+    if reads == "attention":
+        return hook_attention(unet, reader.sites, reader.read, reader.steps, split_guidance)
+    if reads != "output":
+        raise ValueError(f"reader {reader.name!r} reads {reads!r}; readers read 'output' or 'attention'")
+    return hook_sites(unet, reader.sites, _reading(reader), reader.steps, split_guidance)
 
 
 def _reading(reader: Reader):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 #: SD v1.4's 16 self-attention sites, in the order the forward pass reaches them.
 SITE_KEYS: tuple[str, ...] = (
     "down_blocks.0.attentions.0",
@@ -34,6 +36,24 @@ SITE_KEYS: tuple[str, ...] = (
 
 #: The 9 decoder-side sites the paper's intervention edits.
 UP_SITE_KEYS: tuple[str, ...] = tuple(k for k in SITE_KEYS if k.startswith("up_blocks"))
+
+# --- SD v1.4 (DESIGN.md section 2): the one place its published layout is written down ---------
+#: SD v1.4's UNet block types; the toy and tiny models keep them (same 16 site names).
+SD_DOWN_BLOCKS: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD_UP_BLOCKS: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+#: SD v1.4's published UNet config (the fields that define its architecture).
+SD14_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+#: SD v1.4's VAE: 512 px images -> 64x64 latents.
+SD_VAE_FACTOR = 8
+#: The paper's scheduler: LMS with SD v1.4's scaled-linear betas.
+SD_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1,
+)
 
 _HOOKED_SUFFIX = "transformer_blocks.0.attn1"
 #: The attention layers of a site's transformer block that can be hooked: ``attn1`` (self-attention,
@@ -74,9 +94,10 @@ class SiteInfo:
         return self.height * self.width
 
 
-def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` from one side (a square) or a pair."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
     h, w = size
     return int(h), int(w)
 
@@ -106,7 +127,7 @@ def site_table(
     lpb = unet_config.get("layers_per_block", 2)
     if lpb != 2:
         raise ValueError(f"layers_per_block must be 2 as in SD v1.4, got {lpb}")
-    img_h, img_w = _as_hw(image_size)
+    img_h, img_w = as_hw(image_size)
     if img_h % vae_scale_factor or img_w % vae_scale_factor:
         raise ValueError(f"image size {img_h}x{img_w} is not a multiple of the VAE factor {vae_scale_factor}")
     lat_h, lat_w = img_h // vae_scale_factor, img_w // vae_scale_factor

@@ -3,7 +3,9 @@
 The UNet keeps SD v1.4's block types and ``layers_per_block=2``, so it has the same 16
 self-attention sites with the same module names; only channels, resolution and the text encoder's
 size are small. Everything is built from configs in code (never downloaded or saved) and seeded
-with an explicit generator, so two calls give identical weights.
+with an explicit generator, so two calls give identical weights. Imports nothing from
+:mod:`ldm_scene.models` (which builds the tiny model from here): SD v1.4's layout comes from
+:mod:`ldm_scene.sites`, the word-level tokenizer from :mod:`ldm_scene.tokenizer`.
 """
 from __future__ import annotations
 
@@ -11,23 +13,11 @@ import torch
 from diffusers import AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .models import word_tokenizer
+from .sites import SD14_UNET_CONFIG, SD_DOWN_BLOCKS, SD_SCHEDULER_CONFIG, SD_UP_BLOCKS
+from .tokenizer import word_tokenizer
 
-SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-SD_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-
-#: The paper's scheduler: LMS with SD v1.4's scaled-linear betas.
-SD_SCHEDULER_CONFIG = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    steps_offset=1,
-)
-
-#: SD v1.4's published UNet config (the fields that define its architecture).
-SD14_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS,
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
+__all__ = ["SD14_UNET_CONFIG", "SD_DOWN_BLOCKS", "SD_UP_BLOCKS", "SD_SCHEDULER_CONFIG", "TINY_WORDS",
+           "tiny_unet_config", "tiny_pipeline", "sd14_unet_empty"]
 
 TINY_WORDS = "a an the on in of to with and photo red green blue cat dog cube sphere left right middle".split()
 

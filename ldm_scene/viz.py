@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "emergence_figure", "heatmap_figure", "strips_figure", "save_figure", "write_probe_figures",
-    "upsample_smooth", "foreground_margin", "outline_picture", "colour_bar_picture",
+    "upsample_smooth", "foreground_margin", "outline_picture", "colour_bar_picture", "word_attention_picture",
+    "picture_grid",
 ]
 
 _BASELINE_STYLE = {
@@ -67,11 +68,17 @@ def emergence_figure(metrics: Mapping[str, Any]) -> Figure:
             panels.append(("depth, residual (prior removed)", "spearman", _values(t["residual_best_per_step"]),
                            t.get("baselines_residual", {})))
     steps = np.arange(1, int(metrics["num_steps"]) + 1)
-    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, ylabel, probe, baselines) in zip(axes, panels):
         _panel(ax, title, ylabel, probe, baselines, steps)
-    axes[0].legend(fontsize=7, loc="lower right")
+    # One legend below all panels: inside a panel it covered that panel's curves.
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), fontsize=8, loc="outside lower center",
+               ncols=max(1, len(entries)), frameon=False)
     fig.suptitle(f"{metrics['model']}: what linear probes read at each step (test split, n={metrics['n_test']})")
     return fig
 
@@ -299,3 +306,72 @@ def _enlarge_rgb(image: "Image.Image", size: int) -> "Image.Image":
     # maps, which are smooth fields, are upsampled bilinearly instead (upsample_smooth).
     resample = Image.NEAREST if max(image.size) * 2 <= size else Image.BILINEAR
     return image.resize((size, size), resample)
+
+
+def word_attention_picture(image: "Image.Image", maps: np.ndarray, words: Sequence[str], tile: int,
+                           cmap: str = "inferno") -> "Image.Image":
+    """The image, then each word's attention map as a heat map: one tile each, one shared scale.
+
+    ``maps`` is ``[n_words, h, w]`` (any grid, upsampled bilinearly to ``tile`` px). All words share
+    one colour range, 0 to the largest value at this step, drawn as a bar under the tiles, so the
+    tiles compare words with each other (which word the image attends to where), not each word
+    with itself.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    maps = np.nan_to_num(np.asarray(maps, np.float32), nan=0.0)
+    n = len(words)
+    title_h, foot_h, pad = 16, 22, 4
+    canvas = Image.new("RGB", ((n + 1) * (tile + pad) - pad, title_h + tile + foot_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(_enlarge_rgb(image, tile), (0, title_h))
+    draw.text((2, 2), "x0 estimate", fill=(0, 0, 0))
+    top = float(maps.max()) if maps.size else 0.0
+    scale = top if top > 0 else 1.0
+    colours = colormaps[cmap]
+    for i, word in enumerate(words):
+        heat = colours((upsample_smooth(maps[i], (tile, tile)) / scale).clip(0, 1), bytes=True)[..., :3]
+        x = (i + 1) * (tile + pad)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(heat)), (x, title_h))
+        draw.text((x + 2, 2), f'"{str(word)[:16]}"', fill=(0, 0, 0))
+    if n:
+        x0, width, y = tile + pad, min(tile, 160), title_h + tile + 4
+        ramp = colours(np.linspace(0, 1, width)[None].repeat(8, 0), bytes=True)[..., :3]
+        canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (x0 + 10, y + 4))
+        draw.text((x0, y + 2), "0", fill=(0, 0, 0))
+        draw.text((x0 + width + 14, y + 2), f"{top:.3g}: share of each pixel's attention", fill=(0, 0, 0))
+    return canvas
+
+
+def picture_grid(rows: Sequence[Sequence["Image.Image | None"]], column_titles: Sequence[str],
+                 row_titles: Sequence[str], tile: int, missing: str | Sequence[str] = "not yet") -> "Image.Image":
+    """Pictures in a titled grid (each cell fitted to ``tile`` px, kept whole); None cells say ``missing``
+    (one text, or one per column)."""
+    from PIL import Image, ImageDraw
+
+    left, head, pad = 84, 16, 4
+    ncol = len(column_titles)
+    widths = [tile] * ncol
+    for row in rows:
+        for j, cell in enumerate(row):
+            if cell is not None:
+                widths[j] = max(widths[j], round(cell.width * tile / cell.height))
+    xs = np.concatenate([[left], left + np.cumsum([w + pad for w in widths])])
+    canvas = Image.new("RGB", (int(xs[-1]), head + len(rows) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(column_titles):
+        draw.text((int(xs[j]) + 2, 2), title, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        y = head + i * (tile + pad)
+        draw.text((2, y + tile // 2 - 6), row_titles[i][:13], fill=(0, 0, 0))
+        for j, cell in enumerate(row):
+            x = int(xs[j])
+            if cell is None:
+                draw.rectangle((x, y, x + tile - 1, y + tile - 1), fill=(235, 235, 235))
+                text = missing if isinstance(missing, str) else missing[j]
+                draw.text((x + 6, y + tile // 2 - 6), text, fill=(90, 90, 90))
+                continue
+            fitted = cell.convert("RGB").resize((round(cell.width * tile / cell.height), tile), Image.BILINEAR)
+            canvas.paste(fitted, (x, y))
+    return canvas

@@ -1,11 +1,23 @@
-"""Shared fixtures: offline mode, one thread, and the tiny / empty-weight models built once per session.
+"""Shared fixtures and the test tiers: offline mode, one thread, the tiny / empty-weight models built
+once per session, and the fast / slow split.
 
-diffusers and transformers cost ~10 s to import on this machine, so every test module imports them
-through these session fixtures (or after this file has run) and never in a subprocess.
+Tiers (as diffusers gates its slow tests with ``RUN_SLOW``):
+
+- **fast** (the default run, ``pytest -q -p no:cacheprovider``): unit tests on tiny random models
+  and small integration tests;
+- **slow** (marked ``slow`` here, by file or by test): anything that loads the shipped toy model end
+  to end, trains, serves the app to concurrent clients, drives a browser or builds the Dockerfile's
+  environment. Run them with ``RUN_SLOW=1`` (everything: what CI runs) or ``-m slow`` (only them).
+
+Test modules never import each other: shared helpers are fixtures here or live in
+:mod:`ldm_scene.testing`. diffusers and transformers cost ~10 s to import on this machine, so every
+test module imports them through these session fixtures (or after this file has run) and never in a
+subprocess.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Must be set before huggingface_hub is imported: it reads the flag once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -44,3 +56,81 @@ def _no_hook_leaks(request):
 
         model = request.getfixturevalue("tiny_model")
         assert attached_hooks(model.unet) == 0, "a test left hooks on the shared tiny UNet"
+
+
+# --- tiers ------------------------------------------------------------------------------------
+
+#: Whole files in the slow tier: the shipped toy model end to end, training, concurrent clients of
+#: the served app, a real browser, the Dockerfile's environment, intervention trials.
+SLOW_FILES = frozenset({
+    "test_browser.py",
+    "test_dockerfile.py",
+    "test_reliability.py",
+    "test_toy_model.py",
+    "test_toy_world.py",
+})
+#: Single slow tests in otherwise fast files (``file::name``, any parametrisation).
+SLOW_TESTS = frozenset({
+    "test_cli.py::test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary",
+    "test_intervention_eval.py::test_two_trials_write_json_table_and_figure_and_resume",
+    "test_service.py::test_toy_model_end_to_end",
+    "test_toy_train.py::test_train_all_builds_a_loadable_model_and_resumes",
+    "test_toy_train.py::test_decoder_finetune_keeps_the_latents_and_ships_the_tuned_decoder",
+    "test_toy_train.py::test_decoder_width_trains_a_fresh_wider_decoder_behind_the_same_encoder",
+    "test_toy_train.py::test_unet_init_fine_tunes_from_the_shipped_model",
+})
+
+
+def _run_slow(config: pytest.Config) -> bool:
+    return os.environ.get("RUN_SLOW", "").lower() in ("1", "true", "yes") or config.getoption("--run-slow")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run the slow tier too (same as RUN_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the slow tier; leave it out of a default run (kept with RUN_SLOW=1, --run-slow or -m)."""
+    for item in items:
+        name = Path(str(item.fspath)).name
+        if name in SLOW_FILES or f"{name}::{item.originalname}" in SLOW_TESTS or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+    if _run_slow(config) or config.getoption("-m"):
+        return
+    kept, slow = [], []
+    for item in items:
+        (slow if item.get_closest_marker("slow") else kept).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = kept
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _run_slow(config):
+        return "tiers: fast and slow (RUN_SLOW=1)"
+    if config.getoption("-m"):
+        return f"tiers: chosen by -m {config.getoption('-m')!r}"
+    return "tiers: fast only (RUN_SLOW=1 runs the slow tier too)"
+
+
+# --- the app --------------------------------------------------------------------------------------
+# (Helpers for the app's tests that are not fixtures live in tests/app_helpers.py.)
+
+@pytest.fixture(scope="session")
+def wait_idle():
+    """A function: whether an app service frees its model lock and leaves no hook on the UNet within
+    ``timeout`` seconds (after a cancelled or finished request)."""
+
+    def wait(service, model, timeout: float = 20.0) -> bool:
+        import time
+
+        from ldm_scene.capture import attached_hooks
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not service._lock.locked() and attached_hooks(model.unet) == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    return wait

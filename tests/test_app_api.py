@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -19,28 +18,10 @@ from PIL import Image
 
 from ldm_scene.capture import attached_hooks
 
-from test_service import STEPS, ColourClassifier, write_probe_dir
+from app_helpers import STEPS, ColourClassifier, free_port, launch, png_header, write_probe_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "ldm-scene-secret-7c1e"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(service):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from ldm_scene.ui.blocks import build_demo, launch_options
-
-    demo = build_demo(service)
-    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
-                **launch_options())
-    return demo
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +36,7 @@ def service(tiny_model, tmp_path_factory):
 
 def serving(service):
     """Fixture body: the app launched on ``service`` for the fixture's scope, then closed."""
-    demo = _launch(service)
+    demo = launch(service)
     yield demo
     demo.close()
 
@@ -216,7 +197,7 @@ def test_api_input_cannot_point_at_a_server_file(app, client, secret_file):
 def test_missing_model_is_explained_in_the_page(tmp_path):
     from ldm_scene.ui.service import Service
 
-    demo = _launch(Service.load(str(tmp_path / "no-model-here"), device="cpu"))
+    demo = launch(Service.load(str(tmp_path / "no-model-here"), device="cpu"))
     try:
         config = httpx.get(demo.local_url.rstrip("/") + "/config", timeout=10).json()
         text = json.dumps(config)
@@ -281,20 +262,6 @@ def test_generated_image_is_an_image(client):
 GENERIC = "upstream Gradio app has raised an exception"
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` pixels but carries almost no data.
-
-    Pillow reads the size from the header and fails only when decoding; so a message about the
-    size (not about a truncated file) proves the size was checked before any pixel was decoded.
-    """
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _editor_upload(path) -> dict:
@@ -342,7 +309,7 @@ def test_nan_is_refused_by_name(app):
     """NaN passes both of Gradio's bound checks; it used to reach int() and show Python's own
     'cannot convert float NaN to integer'."""
     assert "step must be a whole number, got nan" in _raw_error(app, "scrub", '{"data": [NaN]}')
-    body = '{"data": ["a red cube", 3, %d, NaN, null, null, null]}' % STEPS
+    body = '{"data": ["a red cube", 3, %d, NaN, null, null, null, null]}' % STEPS
     assert "guidance must be a number, got nan" in _raw_error(app, "generate", body)
 
 
@@ -433,7 +400,8 @@ def test_api_names_say_what_each_value_is(app):
         for r in endpoint["returns"]:
             assert r.get("label") and not re.fullmatch(r"value_\d+", r["label"]), (name, r)
     generate = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
-    assert generate == ["prompt", "seed", "steps", "guidance", "foreground_site", "depth_site", "shading_site"]
+    assert generate == ["prompt", "seed", "steps", "guidance", "foreground_site", "depth_site", "shading_site",
+                        "attention_sites"]
 
 
 def test_prompt_warnings_reach_the_page_without_refusing(app):
@@ -450,20 +418,26 @@ def test_prompt_warnings_reach_the_page_without_refusing(app):
 
 
 def test_run_controls_are_chained_so_a_click_mid_run_is_visible(app):
-    """Generate disables itself (and enables Stop) before the run, re-enables after it, and Stop
-    says where it stopped: the chain start -> generate (on success) -> finish, with Stop cancelling."""
+    """A refused request changes nothing (check, no outputs); otherwise Generate disables itself (and
+    enables Stop) before the run, re-enables after it (also after an error), and Stop says where it
+    stopped: the chain check -> start -> generate (each on success) -> finish, with Stop cancelling."""
     fns = list(app.fns.values())
     by_id = {fn._id: fn for fn in fns}
     generate = next(fn for fn in fns if fn.api_name == "generate")
     start = by_id[generate.trigger_after]
-    assert generate.trigger_only_on_success
+    check = by_id[start.trigger_after]
+    assert generate.trigger_only_on_success and start.trigger_only_on_success
     button = next(b for b in start.outputs if getattr(b, "elem_id", None) == "generate-btn")
-    assert any(target[0] == button._id and target[1] == "click" for target in start.targets)
+    assert any(target[0] == button._id and target[1] == "click" for target in check.targets)
+    assert not check.outputs and check.queue and check.concurrency_id != "model"  # a message, never a wait
     assert not start.queue  # runs at once, not behind the model's queue
-    finish = next(fn for fn in fns if fn.trigger_after == generate._id)
-    assert button in finish.outputs
+    finishers = [fn for fn in fns if fn.trigger_after == generate._id]
+    assert {fn.trigger_only_on_failure for fn in finishers} == {False, True}  # after success and after an error
+    assert all(button in fn.outputs for fn in finishers)
     cancel = next(fn for fn in fns if fn.is_cancel_function and generate._id in fn.cancels)
-    stop = next(fn for fn in fns if fn.fn is not None and not fn.is_cancel_function and fn.targets == cancel.targets)
+    # Stop's text comes after the cancel, so a step already on its way cannot overwrite it
+    clicked = [fn._id for fn in fns if fn.targets == cancel.targets]
+    stop = next(fn for fn in fns if fn.trigger_after in clicked and fn.fn is not None)
     assert button in stop.outputs and any(getattr(b, "elem_id", None) == "gen-progress" for b in stop.outputs)
     # the panels of the previous run are cleared when a run starts
     cleared = {getattr(b, "elem_id", None) for b in start.outputs}
@@ -480,7 +454,7 @@ def test_an_evicted_run_is_explained(service, tiny_model):
     from ldm_scene.ui.blocks import build_demo, launch_options
 
     demo = build_demo(service)
-    demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                 **{**launch_options(), "state_session_capacity": 2})
     try:
         first = Client(demo.local_url, verbose=False, download_files=False)

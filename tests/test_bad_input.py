@@ -19,7 +19,7 @@ from PIL import Image
 
 from ldm_scene.capture import attached_hooks
 
-from test_service import STEPS, ColourClassifier, write_probe_dir
+from app_helpers import STEPS, ColourClassifier, write_probe_dir
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def test_a_huge_layer_is_refused_by_size(service):
 
 
 def test_uploads_are_checked_from_the_header_before_decoding(tmp_path):
-    from test_app_api import png_header
+    from app_helpers import png_header
 
     from ldm_scene.ui.inputs import InputError, open_image
 

@@ -1,8 +1,12 @@
-"""The app in a real headless browser (Playwright driving Debian's Chromium).
+"""The app in a real headless browser (Playwright driving Debian's Chromium), as a user walks it.
 
-Open the page, type a prompt, generate and watch the step images arrive, look at the classifier
-curves, draw a stroke on the mask editor, intervene and see the result; screenshots of every tab go
-to ``artifacts/`` (git-ignored) for a person to look at.
+One session, in order: the page at load, bad inputs, a generation watched step by step (with the
+per-word attention and the compare strip), the scrubber (typed and dragged), the Classifier tab,
+the Intervene tab (shift, draw, Stop), a stopped generation and what every tab then says, a rerun,
+and the Results tab's links and tables. At each point it asserts what a user sees: texts, which
+buttons can be pressed, pictures whole inside their frames, links that lead somewhere on the page.
+Screenshots go to ``artifacts/`` (git-ignored); ``LDM_SCENE_SCREENSHOTS=DIR`` also writes the
+README's four tab screenshots there (``docs/screenshots`` for the shipped ones).
 
 Runs on the shipped toy model when its weights exist, else on the tiny random model with random
 probes (``LDM_SCENE_BROWSER_MODEL`` picks another model directory). Skipped when Chromium or
@@ -11,14 +15,14 @@ Playwright is missing, unless ``LDM_SCENE_BROWSER=1`` (as in CI), where that is 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from test_app_api import _launch
-from test_service import ColourClassifier, write_probe_dir
+from app_helpers import ColourClassifier, launch, write_probe_dir
 
 pytestmark = pytest.mark.browser
 
@@ -73,7 +77,7 @@ def served(tmp_path_factory):
         folder = write_probe_dir(load_model("tiny", device="cpu"), tmp_path_factory.mktemp("probes"))
         svc = Service.load("tiny", folder, device="cpu", classifier=ColourClassifier())
     assert svc.ready, svc.status_markdown()
-    demo = _launch(svc)
+    demo = launch(svc)
     yield chromium, demo, svc
     demo.close()
 
@@ -97,15 +101,38 @@ def page(served):
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
-def _shot(page, name: str) -> Path:
+# -- what a user sees ------------------------------------------------------------------------------
+
+def _shot(page, name: str, full_page: bool = True) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"browser_{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
+    docs = os.environ.get("LDM_SCENE_SCREENSHOTS")
+    if docs and name in DOC_SHOTS:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(docs) / f"{DOC_SHOTS[name]}.png"), full_page=full_page)
     return path
 
 
-def _progress(page) -> str:
-    return page.inner_text("#gen-progress")
+#: Which walk screenshots become the README's (``LDM_SCENE_SCREENSHOTS``).
+DOC_SHOTS = {"02_generated": "generate", "04_classifier": "classifier", "06_intervened_drawn": "intervene",
+             "10_results": "results"}
+
+
+def _text(page, selector: str) -> str:
+    """What a user reads in ``selector``: a markdown block's text (not its hidden status timer)."""
+    shown = page.query_selector(f"{selector} [data-testid='markdown']")
+    return shown.inner_text() if shown is not None else page.inner_text(selector)
+
+
+def _enabled(page, selector: str) -> bool:
+    return page.eval_on_selector(selector, "e => !e.disabled")
+
+
+def _wait_text(page, selector: str, text: str, timeout: float = 60_000) -> None:
+    page.wait_for_function(
+        "([s, t]) => { const e = document.querySelector(s + \" [data-testid='markdown']\") || document.querySelector(s);"
+        " return e && e.innerText.includes(t); }", arg=[selector, text], timeout=timeout)
 
 
 def _src(page, selector: str) -> str | None:
@@ -113,101 +140,283 @@ def _src(page, selector: str) -> str | None:
     return img.get_attribute("src") if img else None
 
 
-def test_generate_classify_draw_and_intervene(page, served):
-    _, _, svc = served
-    steps = svc.default_steps
-    assert "probes:" in page.inner_text("#status")
-    _shot(page, "0_start")
+def _whole_picture(page, selector: str) -> dict:
+    """The picture in ``selector`` is loaded, has a size, and lies inside its frame (not cropped)."""
+    frame = page.query_selector(selector)
+    assert frame is not None, f"{selector} is not on the page"
+    img = page.query_selector(f"{selector} img")
+    assert img is not None, f"{selector} shows no picture"
+    page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img, timeout=10_000)
+    box, outer = img.bounding_box(), frame.bounding_box()
+    assert box["width"] > 20 and box["height"] > 20, (selector, box)
+    for a, b in (("x", "width"), ("y", "height")):
+        assert box[a] >= outer[a] - 1 and box[a] + box[b] <= outer[a] + outer[b] + 1, (selector, box, outer)
+    fit = img.evaluate("e => getComputedStyle(e).objectFit")
+    if fit not in ("contain", "scale-down", "fill", "none"):
+        # a plain <img> keeps its aspect only if the box has it
+        natural = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+        assert abs(box["width"] / box["height"] - natural[0] / natural[1]) < 0.05, (selector, box, natural)
+    return box
 
-    # Generate: type a prompt and watch the steps arrive one by one.
-    page.fill("#prompt textarea", "a red cube")
+
+def _toast(page, text: str, timeout: float = 30_000) -> None:
+    page.get_by_text(text).filter(visible=True).first.wait_for(timeout=timeout)
+
+
+def _close_toasts(page) -> None:
+    for button in page.query_selector_all(".toast-close"):
+        try:
+            button.click(timeout=1000)
+        except Exception:  # noqa: BLE001 - a toast that closed by itself
+            pass
+
+
+def _generate(page, prompt: str, seed: int, steps: int) -> None:
+    page.fill("#prompt textarea", prompt)
+    page.fill("#seed input", str(seed))
+    page.fill("#steps input[type='number']", str(steps))
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    # the slider follows its number box once the box commits the value
+    page.wait_for_function("n => document.querySelector(\"#steps input[type='range']\").value == n", arg=str(steps),
+                           timeout=10_000)
     page.click("#generate-btn")
-    seen_steps, seen_previews = set(), set()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        text = _progress(page)
-        for s in range(1, steps + 1):
-            if f"step {s} of {steps}" in text:
-                seen_steps.add(s)
-        if (src := _src(page, "#preview")) is not None:
-            seen_previews.add(src)
-        if f"step {steps} of {steps}" in text:
-            break
-        time.sleep(0.05)
-    assert steps in seen_steps, f"the run did not finish: {_progress(page)!r}"
-    assert len(seen_steps) >= 2 and len(seen_previews) >= 2, (seen_steps, len(seen_previews))
-    for task in svc.banks:
-        assert _src(page, f"#readout-{task}"), f"no {task} readout shown"
-    page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=10_000)
-    page.wait_for_timeout(500)
-    _shot(page, "1_generate")
-
-    # Typing a step into the step box shows that step (steps are counted from 1 on the page).
-    page.fill("#scrub input[type='number']", "2")
-    page.wait_for_function(
-        f"document.querySelector('#gen-progress').innerText.includes('step 2 of {steps}')", timeout=30_000)
-
-    # Classifier: the curves for the same run and the probe emergence for that image.
-    page.get_by_role("tab", name="Classifier").click()
-    page.wait_for_selector("#emergence img, #emergence svg, #emergence canvas", timeout=30_000)
-    assert "Prompt:" in page.inner_text("#classifier-summary")
-    _shot(page, "2_classifier")
-
-    # Intervene: draw where the object should go, then run the edit.
-    page.get_by_role("tab", name="Intervene").click()
-    page.wait_for_selector("#iv-original img", timeout=30_000)
-    # the Target pane already shows the default shift: nothing had to be touched
-    page.wait_for_selector("#iv-target img", timeout=30_000)
-    page.get_by_label("draw a new mask").check()
-    page.click("#mask-editor button[aria-label='Brush']")
-    canvas = page.query_selector("#mask-editor canvas")
-    box = canvas.bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 50, cy)
-    page.mouse.down()
-    for i in range(21):
-        page.mouse.move(cx - 50 + 5 * i, cy + (i % 2) * 10, steps=2)
-    page.mouse.up()
-    page.wait_for_function(
-        "document.querySelector('#iv-target img') !== null", timeout=30_000
-    )
-    assert "empty" not in page.inner_text("#iv-target-note")
-    _shot(page, "3_mask_drawn")
-    page.click("#intervene-btn")
-    page.wait_for_function("document.querySelector('#iv-summary').innerText.includes('IoU')", timeout=180_000)
-    images = page.query_selector_all("#iv-gallery img")
-    assert images, "no original/target/result shown"
-    for img in images:  # whole pictures: scaled to fit, never cropped
-        assert img.evaluate("e => getComputedStyle(e).objectFit") == "contain"
-    page.wait_for_timeout(500)
-    _shot(page, "4_intervene")
-
-    page.get_by_role("tab", name="Results").click()
-    page.wait_for_selector("#results-text", timeout=10_000)
-    _shot(page, "5_results")
 
 
-def test_bad_input_shows_a_message(page):
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+# -- the walk ----------------------------------------------------------------------------------------
+
+def test_a_whole_session(page, served):
+    try:
+        _walk(page, served)
+    except BaseException:
+        _shot(page, "failed")  # what the page showed when the walk stopped
+        raise
+
+
+def _walk(page, served) -> None:
+    _, demo, svc = served
+    steps = svc.default_steps
+    size = svc.display_size
+
+    # 1. At load: what is loaded, the words the model knows, Generate pressable and Stop not.
+    assert "probes:" in _text(page, "#status")
+    vocabulary = _text(page, "#vocabulary")
+    if svc.vocabulary():
+        assert "This model knows" in vocabulary and "cube" in vocabulary
+    assert _enabled(page, "#generate-btn") and not _enabled(page, "#stop-btn")
+    _shot(page, "00_start")
+
+    # 2. Bad input: an empty prompt is refused with a message; nothing runs.
     page.fill("#prompt textarea", "   ")
     page.click("#generate-btn")
-    page.get_by_text("prompt is empty").first.wait_for(timeout=30_000)
-    page.wait_for_timeout(800)  # let the toast finish fading in
-    _shot(page, "6_error")
-
-
-def test_generate_is_disabled_while_running_and_stop_says_where(page):
-    """A click on Generate mid-run cannot go unnoticed: the button is disabled and says so; Stop
-    re-enables it and the progress line says at which step the run stopped."""
-    page.fill("#prompt textarea", "a blue sphere")
-    page.fill("#steps input[type='number']", "50")
-    page.keyboard.press("Tab")
-    page.click("#generate-btn")
-    page.wait_for_function("document.querySelector('#generate-btn').disabled", timeout=10_000)
-    assert "Running" in page.inner_text("#generate-btn")
-    page.wait_for_function("document.querySelector('#gen-progress').innerText.includes('step 2 of 50')",
-                           timeout=120_000)
-    page.click("#stop-btn")
-    page.wait_for_function("document.querySelector('#gen-progress').innerText.includes('Stopped at step')",
-                           timeout=30_000)
+    _toast(page, "prompt is empty")
     page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=10_000)
-    _shot(page, "7_stopped")
+    assert "step" not in _text(page, "#gen-progress")
+    _shot(page, "01_bad_prompt")
+    _close_toasts(page)
+
+    # 3. Generate, watching the steps arrive one by one; Generate cannot be pressed twice.
+    _generate(page, "a green torus", 7, steps)
+    page.wait_for_function("document.querySelector('#generate-btn').disabled", timeout=10_000)
+    assert "Running" in _text(page, "#generate-btn") and _enabled(page, "#stop-btn")
+    seen_steps, seen_attention = set(), set()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        for s in map(int, re.findall(rf"step (\d+) of {steps}", _text(page, "#gen-progress"))):
+            seen_steps.add(s)
+        if (src := _src(page, "#word-attention")) is not None:
+            seen_attention.add(src)
+        if steps in seen_steps:
+            break
+        time.sleep(0.05)
+    assert steps in seen_steps, f"the run did not finish: {_text(page, '#gen-progress')!r}"
+    assert len(seen_steps) >= 2 and len(seen_attention) >= 2, (seen_steps, len(seen_attention))
+    page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=20_000)
+    assert _text(page, "#generate-btn").strip() == "Generate" and not _enabled(page, "#stop-btn")
+    for selector in ["#preview", *[f"#readout-{t}" for t in svc.banks], "#word-attention", "#compare-strip"]:
+        _whole_picture(page, selector)
+    # the per-word maps have one tile per prompt word, beside the x0 estimate
+    natural = page.eval_on_selector("#word-attention img", "e => [e.naturalWidth, e.naturalHeight]")
+    from ldm_scene.ui.drawing import STRIP_TILE
+
+    assert natural[0] >= 4 * STRIP_TILE, natural  # x0 + "a", "green", "torus"
+    page.wait_for_timeout(300)
+    _shot(page, "02_generated")
+
+    # 4. Scrub: typing a step into the box shows it (counted from 1); the slider's keys move it.
+    last_attention = _src(page, "#word-attention")
+    page.fill("#scrub input[type='number']", "2")
+    _wait_text(page, "#gen-progress", f"step 2 of {steps}")
+    assert _src(page, "#word-attention") != last_attention  # the stored maps of step 2
+    page.focus("#scrub input[type='range']")
+    page.keyboard.press("ArrowRight")
+    _wait_text(page, "#gen-progress", f"step 3 of {steps}")
+    page.fill("#scrub input[type='number']", str(steps + 5))  # past the end: clamped or refused, never 0-based
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(1000)
+    assert f"step {steps + 5}" not in _text(page, "#gen-progress")
+    assert "between 0" not in page.inner_text("body")
+    _close_toasts(page)
+    _shot(page, "03_scrubbed")
+
+    # 5. Classifier: the same run's curves and probe emergence, no label chip over the titles.
+    _tab(page, "Classifier")
+    for plot in ("#classifier-curves", "#emergence"):
+        page.wait_for_selector(f"{plot} [data-testid='matplotlib'] img", timeout=30_000)
+        _whole_picture(page, f"{plot} [data-testid='matplotlib']")
+        # the figure carries its title: Gradio's label chip is not drawn over it (only for screen readers)
+        label = page.query_selector(f"{plot} [data-testid='block-label']")
+        assert label is None or "sr-only" in (label.get_attribute("class") or ""), f"{plot}: a label chip covers the title"
+    assert "Prompt: a green torus" in _text(page, "#classifier-summary").replace("*", "")
+    _shot(page, "04_classifier")
+
+    # 6. Intervene, shift: the Target pane already shows the default shift; the result is whole and clean.
+    _tab(page, "Intervene")
+    _whole_picture(page, "#iv-original")
+    _whole_picture(page, "#iv-target")
+    assert _text(page, "#iv-target-note").strip() == ""
+    assert "new run is going" not in _text(page, "#iv-summary")
+    assert _enabled(page, "#intervene-btn") and not _enabled(page, "#iv-stop-btn")
+    page.click("#intervene-btn")
+    _wait_text(page, "#iv-summary", "IoU", timeout=180_000)
+    page.wait_for_function("!document.querySelector('#intervene-btn').disabled", timeout=20_000)
+    images = page.query_selector_all("#iv-gallery img")
+    assert len(images) == 3, "original, target and result are shown"
+    frame = page.query_selector("#iv-gallery").bounding_box()
+    for img in images:  # whole pictures: scaled to fit, never cropped, inside the gallery
+        box = img.bounding_box()
+        assert img.evaluate("e => getComputedStyle(e).objectFit") == "contain"
+        assert box["y"] >= frame["y"] - 1 and box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, (box, frame)
+        assert box["height"] >= min(size, 250) - 2, box
+    result = _whole_picture(page, "#iv-live")
+    assert result["width"] >= min(size, 250) - 2
+    # the result pane shows the result itself, not an overlay: the same pixels as the gallery's "result"
+    live_png = page.request.get(_absolute(demo, _src(page, "#iv-live"))).body()
+    gallery_png = page.request.get(_absolute(demo, images[2].get_attribute("src"))).body()
+    assert _pixels(live_png) == _pixels(gallery_png)
+    _shot(page, "05_intervened_shift")
+
+    # 7. Draw: the editor's canvas fits the picture; a stroke past its edge is reported, not lost silently.
+    page.get_by_label("draw a new mask").check()
+    editor = page.query_selector("#mask-editor").bounding_box()
+    assert editor["width"] <= size + 160 and editor["height"] <= size + 160, editor
+    page.click("#mask-editor button[aria-label='Brush']")
+    canvas = page.query_selector("#mask-editor canvas").bounding_box()
+    cx, cy = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(cx - 20, cy)
+    page.mouse.down()
+    for i in range(40):  # rightwards, past the picture's right edge
+        page.mouse.move(cx - 20 + 6 * i, cy + (i % 2) * 6, steps=2)
+    page.mouse.up()
+    _wait_text(page, "#iv-target-note", "covers", timeout=30_000)
+    note = _text(page, "#iv-target-note")
+    assert "edge" in note and "not part of the target" in note, note
+    _whole_picture(page, "#iv-target")
+    page.click("#intervene-btn")
+    page.wait_for_function("document.querySelector('#iv-summary').innerText.includes('Intervening') || "
+                           "document.querySelector('#iv-summary').innerText.includes('Edited run')", timeout=30_000)
+    _wait_text(page, "#iv-summary", "IoU", timeout=180_000)
+    page.wait_for_timeout(300)
+    _shot(page, "06_intervened_drawn")
+
+    # 7b. Stop an intervention: it says where, the old result is gone, Intervene can be pressed again.
+    # (probe-gradient: 128 Adam iterations per edited site and step, slow enough to stop mid-run)
+    methods = svc.methods
+    if "probe-gradient" in methods:
+        page.click("#iv-method input")
+        page.get_by_role("option", name="probe-gradient").click()
+    page.click("#intervene-btn")
+    _wait_text(page, "#iv-summary", "Edited run: step", timeout=60_000)
+    page.click("#iv-stop-btn")
+    _wait_text(page, "#iv-summary", "Stopped", timeout=30_000)
+    assert re.search(r"Stopped at step \d+ of \d+|Stopped\.", _text(page, "#iv-summary"))
+    assert not page.query_selector_all("#iv-gallery img"), "a stopped intervention still shows the old result"
+    page.wait_for_function("!document.querySelector('#intervene-btn').disabled", timeout=10_000)
+    assert not _enabled(page, "#iv-stop-btn")
+    if "probe-gradient" in methods:
+        page.click("#iv-method input")
+        page.get_by_role("option", name=methods[0]).click()
+
+    # 8. Stop a long generation: where it stopped, Generate back, and every tab says what is stale.
+    _tab(page, "Generate")
+    _generate(page, "a blue sphere", 1, 50)
+    page.wait_for_function("document.querySelector('#generate-btn').disabled", timeout=10_000)
+    _wait_text(page, "#gen-progress", " of 50", timeout=120_000)  # the first step is in: stop it
+    page.click("#stop-btn")
+    _wait_text(page, "#gen-progress", "Stopped at step", timeout=30_000)
+    said = _text(page, "#gen-progress")
+    found = re.search(r"Stopped at step (\d+) of 50", said)
+    assert found, said
+    stopped = int(found[1])
+    assert 1 <= stopped < 50
+    page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=10_000)
+    assert not _enabled(page, "#stop-btn")
+    _shot(page, "07_stopped")
+    _tab(page, "Classifier")
+    assert "stopped" in _text(page, "#classifier-summary")
+    assert page.query_selector("#emergence [data-testid='matplotlib'] img") is None
+    _tab(page, "Intervene")
+    assert "stopped" in _text(page, "#iv-summary")
+    assert not page.query_selector_all("#iv-gallery img"), "the previous intervention's result is still shown"
+    page.get_by_label("shift its mask").check()
+    page.click("#intervene-btn")
+    _toast(page, "before it had an image")  # refused, with why: the run was stopped
+    assert re.search(r"stopped at step \d+ of 50", page.inner_text("body"))
+    assert "Error" not in _text(page, "#iv-live") and "Intervening" not in _text(page, "#iv-summary")
+    _close_toasts(page)
+    _shot(page, "08_stopped_intervene")
+
+    # 9. Rerun: a full run makes every tab current again; an unknown word warns but still runs.
+    _tab(page, "Generate")
+    _generate(page, "a pink torus", 4, steps)
+    if svc.vocabulary():
+        _toast(page, "not in this model's vocabulary")
+    _wait_text(page, "#gen-progress", f"step {steps} of {steps}", timeout=180_000)
+    page.wait_for_function("!document.querySelector('#generate-btn').disabled", timeout=20_000)
+    _close_toasts(page)
+    _tab(page, "Intervene")
+    _whole_picture(page, "#iv-original")
+    _whole_picture(page, "#iv-target")
+    assert "stopped" not in _text(page, "#iv-summary") and "going" not in _text(page, "#iv-summary")
+    _shot(page, "09_rerun")
+
+    # 10. Results: every link leads to a place on this page, tables do not break words, figures load.
+    _tab(page, "Results")
+    page.wait_for_selector("#results-text", timeout=10_000)
+    links = page.eval_on_selector_all("#results-text a[href]", "els => els.map(e => e.getAttribute('href'))")
+    for href in links:
+        if href.startswith("http"):
+            continue
+        assert href.startswith("#"), f"a link the app cannot serve: {href}"
+        assert page.query_selector(f"[id='{href[1:]}']") is not None, f"{href} leads nowhere"
+    internal = [h for h in links if h.startswith("#")]
+    if internal:
+        page.click(f"#results-text a[href='{internal[0]}']")
+        page.wait_for_function(
+            "id => { const r = document.getElementById(id).getBoundingClientRect(); "
+            "return r.top >= -5 && r.top < window.innerHeight; }", arg=internal[0][1:], timeout=10_000)
+    for cell in page.query_selector_all("#results-text th"):
+        assert cell.evaluate("e => getComputedStyle(e).whiteSpace") == "nowrap"
+    for img in page.query_selector_all("#results-text img"):
+        img.scroll_into_view_if_needed()
+        page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img, timeout=10_000)
+    assert "{'" not in _text(page, "#results-text")  # no raw Python dicts
+    page.evaluate("window.scrollTo(0, 0)")
+    _shot(page, "10_results", full_page=False)
+
+
+def _absolute(demo, src: str) -> str:
+    return src if src.startswith("http") else demo.local_url.rstrip("/") + "/" + src.lstrip("/")
+
+
+def _pixels(png: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return im.convert("RGB").tobytes()

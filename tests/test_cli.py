@@ -107,7 +107,7 @@ def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp
 
 
 def test_intervene_refuses_probes_fit_under_another_scheduler(tmp_path, capsys):
-    from test_service import write_probe_dir
+    from app_helpers import write_probe_dir
 
     from ldm_scene.models import load_model
 
@@ -116,3 +116,46 @@ def test_intervene_refuses_probes_fit_under_another_scheduler(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sampled with LMSDiscreteScheduler, the loaded model samples with EulerDiscreteScheduler" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_command_line_and_its_aliases_parse_alike():
+    """``ldm-scene <command>`` and the ``python -m ldm_scene.<package>`` aliases share one parser per command."""
+    from ldm_scene import cli
+    from ldm_scene.training import __main__ as training_alias
+
+    argv = ["run", "--model", "tiny", "--n", "6", "--out", "o", "--no-adam"]
+    full = cli.build_parser(only="probes").parse_args(["probes", *argv])
+    legacy = cli.build_parser(only="probes").parse_args(["training", *argv])
+    alias = training_alias.build_parser().parse_args(argv)
+    assert training_alias.config_from_args(full) == training_alias.config_from_args(alias) == training_alias.config_from_args(legacy)
+    toy = cli.command_parser("toy", "python -m ldm_scene.toy").parse_args(["report", "--n", "3"])
+    assert (toy.command, toy.n) == ("report", 3)
+    classify = cli.command_parser("classify", "python -m ldm_scene.classify").parse_args(["--out", "o"])
+    assert classify.n == 100 and classify.model == "toy"
+
+
+def test_classify_refuses_no_runs(capsys):
+    from ldm_scene.classify import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--out", "o", "--n", "0"])
+    assert info.value.code == 2 and "--n must be at least 1" in capsys.readouterr().err
+
+
+def test_only_cli_builds_a_parser():
+    """No library module parses a command line of its own (STYLE.md): argparse parsers live in cli.py."""
+    import ast
+    from pathlib import Path
+
+    import ldm_scene
+
+    root = Path(ldm_scene.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "cli.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = node.func if isinstance(node, ast.Call) else None
+            if getattr(func, "attr", getattr(func, "id", None)) == "ArgumentParser":
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders, offenders

@@ -7,13 +7,13 @@ import scipy.stats
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_scene.training.adam import train_adam
 from ldm_scene.training.fit import (
     RidgeStats,
     choose_penalty,
     pack_stats,
     ridge_targets,
     to_normalised,
-    train_adam,
     unpack_stats,
 )
 

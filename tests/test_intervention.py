@@ -256,3 +256,45 @@ def test_error_inside_an_edit_and_cancel_leave_no_hooks(tiny_model, banks, confi
     assert attached_hooks(tiny_model.unet) > 0
     stream.close()
     assert attached_hooks(tiny_model.unet) == 0
+
+
+class _Recorder:
+    """A reader that keeps what each site's activation was when it read it (its sum), per step."""
+
+    name = "recorder"
+
+    def __init__(self, sites):
+        self.sites, self.steps, self.seen = tuple(sites), None, {}
+
+    def read(self, site, step, act):
+        self.seen[(site, step)] = act.detach().clone()
+
+    def collect(self, step):
+        return sorted(s for (s, t) in self.seen if t == step)
+
+
+@pytest.mark.parametrize("method", ["steer", "readout-guidance"])
+def test_intervene_takes_readers_that_see_the_unedited_activation(tiny_model, banks, config, method):
+    """Readers go through intervene() as through sample(): they read every step, before the edit,
+    and their hooks leave with the stream's."""
+    site = UP_SITE_KEYS[0]
+    reader = _Recorder([site])
+    states = list(intervene(tiny_model, config, _target(tiny_model), method, banks, readers=[reader], previews=False))
+    assert [s.readouts["recorder"] for s in states] == [[site]] * STEPS
+    assert attached_hooks(tiny_model.unet) == 0
+    plain = _Recorder([site])
+    list(sample(tiny_model, config, readers=[plain], decode_final=False))
+    # step 0 starts from the same noise: the reader saw the UNet's own activation, not the edited one
+    torch.testing.assert_close(reader.seen[(site, 0)], plain.seen[(site, 0)])
+    # later steps start from an edited latent, so they differ
+    assert not torch.allclose(reader.seen[(site, STEPS - 1)], plain.seen[(site, STEPS - 1)])
+    if method == "steer":
+        editor = make_editor(method, banks, _target(tiny_model), steps=[0])
+        assert not torch.allclose(editor.edit(site, 0, plain.seen[(site, 0)]), plain.seen[(site, 0)])
+
+
+def _target(model):
+    h, w = model.image_size
+    mask = np.zeros((h, w), bool)
+    mask[h // 4: h // 2, w // 2:] = True
+    return mask

@@ -224,3 +224,15 @@ def test_importing_the_core_imports_neither_diffusers_nor_transformers():
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_testing_imports_nothing_from_models():
+    """ldm_scene.testing builds the tiny model that models.load_model("tiny") returns: no import cycle."""
+    import ast
+    from pathlib import Path
+
+    import ldm_scene.testing
+
+    tree = ast.parse(Path(ldm_scene.testing.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "models" not in imported and "ldm_scene.models" not in imported, imported

@@ -169,7 +169,8 @@ def test_pipeline_controls_equal_the_probe_when_labels_depend_only_on_the_prompt
     control equals its probe score at every site and step (partners' labels are its own), and the
     prompt-only baseline reproduces the label exactly for prompts seen in fitting."""
     from ldm_scene.training.dataset import make_records
-    from ldm_scene.training.pipeline import RunConfig, _control_path, _eval_path, prepare, run
+    from ldm_scene.training.eval_pass import control_path, eval_path
+    from ldm_scene.training.pipeline import RunConfig, prepare, run
 
     prompts = ["a red cat", "a blue dog"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -193,14 +194,14 @@ def test_pipeline_controls_equal_the_probe_when_labels_depend_only_on_the_prompt
     fit_prompts = {r.prompt for r in ctx.fit_records}
     checked = 0
     for record in ctx.test_records:
-        with np.load(_eval_path(ctx, record)) as f:
+        with np.load(eval_path(ctx, record)) as f:
             scores = {k: f[k] for k in f.files}
         if record.prompt in fit_prompts:
             assert scores["prompt_only/foreground/score"] == pytest.approx(1.0)
             assert scores["prompt_only/depth/score"] == pytest.approx(1.0)
             assert scores["prompt_only/depth/residual"] == pytest.approx(1.0)
         if ctx.test_partners[record.index]:
-            with np.load(_control_path(ctx, record)) as f:
+            with np.load(control_path(ctx, record)) as f:
                 for task in TASKS:
                     np.testing.assert_allclose(f[f"control/{task}/score"], scores[f"probe/{task}/score"], rtol=0, atol=1e-12)
                 np.testing.assert_allclose(f["control/depth/residual"], scores["probe/depth/residual"], rtol=0, atol=1e-12)

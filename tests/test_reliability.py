@@ -20,7 +20,7 @@ from PIL import Image
 from ldm_scene.capture import attached_hooks
 from ldm_scene.models import TOY_MODEL_DIR
 
-from test_app_api import _wait_idle, serving
+from app_helpers import launch
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "probes" / "foreground.safetensors").exists(),
                                 reason="the toy model and its probes are not shipped")
@@ -41,7 +41,9 @@ def toy_service():
 
 @pytest.fixture(scope="module")
 def toy_app(toy_service):
-    yield from serving(toy_service)
+    demo = launch(toy_service)
+    yield demo
+    demo.close()
 
 
 def _client(app):
@@ -87,7 +89,7 @@ def _solo(app, i: int, steps: int) -> dict:
     raise AssertionError(f"client {i}: no seed drew an object to move")
 
 
-def test_concurrent_sessions_complete_and_match_their_solo_runs(toy_app, toy_service):
+def test_concurrent_sessions_complete_and_match_their_solo_runs(toy_app, toy_service, wait_idle):
     steps = toy_service.default_steps
     solo = [_solo(toy_app, i, steps) for i in range(CLIENTS)]
     results: dict[int, dict] = {}
@@ -120,7 +122,7 @@ def test_concurrent_sessions_complete_and_match_their_solo_runs(toy_app, toy_ser
         assert PROMPTS[i % len(PROMPTS)] in crowd["classify_summary"], i
     # Different prompts and seeds draw different images: a mix-up could not pass unnoticed.
     assert len({solo[i]["image"].tobytes() for i in range(CLIENTS)}) == CLIENTS
-    assert _wait_idle(toy_service, toy_service.model)
+    assert wait_idle(toy_service, toy_service.model)
 
 
 def _cancel_after(job, updates: int, timeout: float = 120.0) -> int:
@@ -132,7 +134,7 @@ def _cancel_after(job, updates: int, timeout: float = 120.0) -> int:
     return len(job.outputs())
 
 
-def test_cancel_mid_generation_and_mid_intervention_then_the_next_job_is_right(toy_app, toy_service):
+def test_cancel_mid_generation_and_mid_intervention_then_the_next_job_is_right(toy_app, toy_service, wait_idle):
     steps = toy_service.default_steps
     model = toy_service.model
     reference = _solo(toy_app, 0, steps)
@@ -141,7 +143,7 @@ def test_cancel_mid_generation_and_mid_intervention_then_the_next_job_is_right(t
     client = _client(toy_app)
     job = client.submit(PROMPTS[0], seed, steps, 7.5, None, None, None, api_name="/generate")
     _cancel_after(job, 3)
-    assert _wait_idle(toy_service, model), "the cancelled generation kept the model locked or hooked"
+    assert wait_idle(toy_service, model), "the cancelled generation kept the model locked or hooked"
     assert len(job.outputs()) < steps
     assert attached_hooks(model.unet) == 0
 
@@ -149,7 +151,7 @@ def test_cancel_mid_generation_and_mid_intervention_then_the_next_job_is_right(t
     client.submit(PROMPTS[0], seed, steps, 7.5, None, None, None, api_name="/generate").result(timeout=600)
     job = client.submit("shift its mask", 16, 0, None, "steer", 1.0, api_name="/intervene")
     _cancel_after(job, 2)
-    assert _wait_idle(toy_service, model), "the cancelled intervention kept the model locked or hooked"
+    assert wait_idle(toy_service, model), "the cancelled intervention kept the model locked or hooked"
     assert attached_hooks(model.unet) == 0
 
     after = _session(toy_app, 0, steps, seed)

@@ -25,7 +25,7 @@ from ldm_scene.toy.render import (
     sample_scene,
     scene_from_seed,
 )
-from ldm_scene.toy.render import _shape_geometry
+from ldm_scene.toy.scene import _shape_geometry
 
 SEEDS = range(12)
 

@@ -7,7 +7,8 @@ from diffusers.models.attention_processor import Attention
 
 from ldm_scene.capture import hook_sites
 from ldm_scene.sites import SITE_KEYS, UP_SITE_KEYS, SiteInfo, module_path, site_table
-from ldm_scene.testing import SD14_UNET_CONFIG, tiny_unet_config
+from ldm_scene.sites import SD14_UNET_CONFIG, SD_VAE_FACTOR
+from ldm_scene.testing import tiny_unet_config
 
 # DESIGN.md §2, written out independently of the code: (grid side at 512 px, channels).
 DESIGN_TABLE_512 = {
@@ -22,7 +23,6 @@ DESIGN_TABLE_512 = {
     "up_blocks.3.attentions.0": (64, 320), "up_blocks.3.attentions.1": (64, 320),
     "up_blocks.3.attentions.2": (64, 320),
 }
-SD_VAE_FACTOR = 8  # SD v1.4's VAE: 512 px -> 64 latent
 
 
 def test_sixteen_unique_sites_in_depth_order_and_nine_up_sites():

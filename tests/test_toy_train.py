@@ -11,7 +11,6 @@ import torch
 
 from ldm_scene.sites import SITE_KEYS
 
-pytestmark = pytest.mark.slow
 
 
 def _plan(**kw):
@@ -245,6 +244,7 @@ def test_cli_passes_unet_init_and_string_plan_fields_to_train_all(tmp_path, monk
     from pathlib import Path
 
     from ldm_scene.toy import __main__ as cli
+    from ldm_scene.toy import command
 
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--help"])
@@ -254,7 +254,7 @@ def test_cli_passes_unet_init_and_string_plan_fields_to_train_all(tmp_path, monk
         assert flag in usage, flag
 
     calls = []
-    monkeypatch.setattr(cli, "train_all", lambda out, work, plan, stages, unet_init=None, labelers_init=None: calls.append((plan, unet_init)) or {})
+    monkeypatch.setattr(command, "train_all", lambda out, work, plan, stages, unet_init=None, labelers_init=None: calls.append((plan, unet_init)) or {})
     common = ["train", "--no-report", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     assert cli.main(common + ["--unet-init", "weights/toy-scenes", "--unet-oversample", "cylinder,orange",
                               "--unet-oversample-factor", "3", "--device", "cuda:1"]) == 0

@@ -549,10 +549,10 @@ def test_cli_runs_the_paper_reproduction_path_on_the_tiny_model(run_root, tiny_m
             "--labeler", f"folder:depth={labels / 'depth'}+folder:foreground={labels / 'foreground'}"]
     config = cli.config_from_args(cli.build_parser().parse_args(argv))
     assert (config.model, config.n, config.steps, config.adam_keys, config.permuted) == ("tiny", 6, 2, (), True)
-    import ldm_scene.training.pipeline as pipeline
+    import ldm_scene.training.context as context
 
-    real_load = pipeline.load_model
-    monkeypatch.setattr(pipeline, "load_model", lambda name, device=None: tiny_model if name == "tiny" else real_load(name, device))
+    real_load = context.load_model
+    monkeypatch.setattr(context, "load_model", lambda name, device=None: tiny_model if name == "tiny" else real_load(name, device))
     assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"foreground", "depth"}

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import metrics
+from .. import bundle, metrics
 from ..intervention import METHOD_DEFAULTS, default_edit_steps, load_intervention_banks, make_editor, mask_image, \
     side_by_side
 from ..intervention_methods import guided_sample
@@ -49,15 +49,13 @@ from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation
     make_target, nudge_target, rectangle_mask, scaled_mask, shift_room, shift_target,
 )
 from ..models import load_model
+from ..reports import markdown_table
+from ..seeds import SWEEP_SEED0, TRIAL_SEED0
 from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
 from .quality import has_object, mask_centroid, mask_colour
 from .render import scene_from_seed
 
-#: Trial seeds start here: unused by training, held-out renders, probes and the report.
-TRIAL_SEED0 = 30_000_000
-#: The sweep that chooses the methods' defaults draws its trials here, apart from the evaluation's.
-SWEEP_SEED0 = 40_000_000
 #: A result succeeds when its centroid lies within this fraction of the image size of the target's.
 SUCCESS_DISTANCE = 0.07
 #: The evaluated methods, each followed by its random-direction control.
@@ -195,9 +193,9 @@ class _World:
         self.model = load_model(str(model_dir), device="cpu")
         if scheduler is not None:
             self.model.pipe.scheduler = scheduler.from_config(self.model.pipe.scheduler.config)
-        self.banks = load_intervention_banks(model_dir / "probes", expect_sites=self.model.sites())
-        self.labeler = ToyLabeler.load(model_dir / "labelers")
-        self.classifier = ToyClassifier.load(model_dir / "labelers")
+        self.banks = load_intervention_banks(bundle.probes_dir(model_dir), expect_sites=self.model.sites())
+        self.labeler = ToyLabeler.load(bundle.labelers_dir(model_dir))
+        self.classifier = ToyClassifier.load(bundle.labelers_dir(model_dir))
 
     def original(self, seed: int, steps: int):
         config = config_for(self.model, scene_from_seed(seed).prompt, seed, steps)
@@ -367,22 +365,20 @@ def render_table(summary: dict) -> str:
         "the original and the target masks. Cost: median over trials of the edit's time over a plain generation's "
         "timed in the same trial. `unedited` scores the unedited image against the target (the do-nothing "
         "baseline); a `random-*` row is its method's edit along random directions of the same norm.", "",
-        "| method | success | object present | centroid distance (px) | IoU with target | IoU with original "
-        "| shape kept | colour kept | background PSNR (dB) | cost / plain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for m, s in summary["methods"].items():
         name = f"{m} (control of {summary['controls'][m]})" if m in summary.get("controls", {}) else m
-        lines.append(
-            f"| {name} | {_pct(s['success_rate'])} | {_pct(s['object_present'])} | {_num(s['distance_px'], '.1f')} "
-            f"| {_num(s['iou_target'], '.3f')} | {_num(s['iou_original'], '.3f')} | {_pct(s['shape_kept'])} "
-            f"| {_pct(s['colour_kept'])} | {_num(s['background_psnr'], '.1f')} "
-            f"| {_num(s.get('cost_vs_plain'), '.2f') + 'x' if s.get('cost_vs_plain') is not None else '—'} |")
+        rows.append((name, _pct(s["success_rate"]), _pct(s["object_present"]), _num(s["distance_px"], ".1f"),
+                     _num(s["iou_target"], ".3f"), _num(s["iou_original"], ".3f"), _pct(s["shape_kept"]),
+                     _pct(s["colour_kept"]), _num(s["background_psnr"], ".1f"),
+                     _num(s.get("cost_vs_plain"), ".2f") + "x" if s.get("cost_vs_plain") is not None else "—"))
+    lines += markdown_table(("method", "success", "object present", "centroid distance (px)", "IoU with target",
+                             "IoU with original", "shape kept", "colour kept", "background PSNR (dB)", "cost / plain"), rows)
     kinds_done = [k for k in TARGET_KINDS if summary["kinds"].get(k)]
-    lines += ["", "Success by target kind:", "", "| method | " + " | ".join(f"{k} ({summary['kinds'][k]})" for k in kinds_done)
-              + " |", "|---|" + "---|" * len(kinds_done)]
-    for m, by in summary["by_kind"].items():
-        lines.append(f"| {m} | " + " | ".join(_pct(by.get(k)) for k in kinds_done) + " |")
+    lines += ["", "Success by target kind:", ""]
+    lines += markdown_table(["method"] + [f"{k} ({summary['kinds'][k]})" for k in kinds_done],
+                            [[m] + [_pct(by.get(k)) for k in kinds_done] for m, by in summary["by_kind"].items()])
     for control, method in summary.get("controls", {}).items():
         a, b = summary["methods"][method]["success_rate"], summary["methods"][control]["success_rate"]
         if a is not None and b is not None:
@@ -488,15 +484,15 @@ def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
              f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from "
              f"{SWEEP_SEED0:,} (the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
              f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}; targets and success as in "
-             "the evaluation. * marks the method's shipped default.", "",
-             "| method | sites | steps edited | gain | outside share | other | trials | success | centroid distance (px) "
-             "| IoU target | shape kept | colour kept | background PSNR (dB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the evaluation. * marks the method's shipped default.", ""]
+    table = []
     for r in rows:
         edited = "all" if (r["steps_fraction"] or 0) >= 1 else f"first {r['steps_fraction']:.2f}"
-        lines.append(f"| {r['method']}{' *' if r.get('default') else ''} | {r['sites']} | {edited} | {r['gain']:g} "
-                     f"| {'—' if r.get('outside') is None else format(r['outside'], 'g')} "
-                     f"| {', '.join(f'{k} {v}' for k, v in (r.get('options') or {}).items()) or '—'} | {r['n']} "
-                     f"| {_pct(r['success_rate'])} | {_num(r['distance_px'], '.1f')} | {_num(r['iou_target'], '.3f')} "
-                     f"| {_pct(r['shape_kept'])} | {_pct(r['colour_kept'])} | {_num(r['background_psnr'], '.1f')} |")
+        table.append((f"{r['method']}{' *' if r.get('default') else ''}", r["sites"], edited, f"{r['gain']:g}",
+                      "—" if r.get("outside") is None else format(r["outside"], "g"),
+                      ", ".join(f"{k} {v}" for k, v in (r.get("options") or {}).items()) or "—", r["n"],
+                      _pct(r["success_rate"]), _num(r["distance_px"], ".1f"), _num(r["iou_target"], ".3f"),
+                      _pct(r["shape_kept"]), _pct(r["colour_kept"]), _num(r["background_psnr"], ".1f")))
+    lines += markdown_table(("method", "sites", "steps edited", "gain", "outside share", "other", "trials", "success",
+                             "centroid distance (px)", "IoU target", "shape kept", "colour kept", "background PSNR (dB)"), table)
     return "\n".join(lines) + "\n"

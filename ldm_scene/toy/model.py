@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..models import word_tokenizer
-from ..testing import SD_DOWN_BLOCKS, SD_SCHEDULER_CONFIG, SD_UP_BLOCKS
+from ..sites import SD_DOWN_BLOCKS, SD_SCHEDULER_CONFIG, SD_UP_BLOCKS
+from ..tokenizer import word_tokenizer
 from .render import PROMPT_WORDS
 
 

@@ -21,13 +21,12 @@ from safetensors.torch import load_file
 from diffusers import AutoencoderTiny, DDPMScheduler
 from tqdm import tqdm
 
-from ..testing import SD_SCHEDULER_CONFIG
+from .. import bundle
+from ..seeds import HELDOUT_SEED0
+from ..sites import SD_SCHEDULER_CONFIG
 from .model import ToyArch, assemble_pipeline, build_autoencoder, build_text_encoder, build_tokenizer, build_unet
 from .nets import ClassifierConfig, LabelerConfig, LabelerNet, ShapeNet, save_net, to_tensor
 from .render import FAR, render_batch
-
-#: Held-out renders use seeds from here on, far from the training seeds.
-HELDOUT_SEED0 = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -315,14 +314,14 @@ def train_labelers(plan: TrainPlan, data: dict, ae: AutoencoderTiny, out: Path, 
             sched.step()
         save_net(net.eval(), out, name)
 
-    if not (out / "labeler.safetensors").exists():
+    if not (out / bundle.LABELER_FILE).exists():
         torch.manual_seed(plan.seed + 3)
         fit(LabelerNet(LabelerConfig()), "labeler", plan.labeler_steps, 2e-3, lambda y, idx: (
             F.binary_cross_entropy_with_logits(y[:, 0], mask[idx])
             + 10 * F.smooth_l1_loss(y[:, 1], depth[idx], beta=0.05)
             + 10 * F.smooth_l1_loss(y[:, 2], shading[idx], beta=0.05)
         ))
-    if not (out / "classifier.safetensors").exists():
+    if not (out / bundle.CLASSIFIER_FILE).exists():
         torch.manual_seed(plan.seed + 4)
         fit(ShapeNet(ClassifierConfig()), "classifier", plan.classifier_steps, 1e-3,
             lambda logits, idx: F.cross_entropy(logits, shapes[idx]))
@@ -528,8 +527,8 @@ def train_all(out: Path, work: Path, plan: TrainPlan = TrainPlan(), stages: tupl
                 _add_timing(work, "decoder_s", time.perf_counter() - t0)
     if "labelers" in stages:
         t0 = time.perf_counter()
-        cached = all((out / "labelers" / f"{n}.safetensors").exists() for n in ("labeler", "classifier"))
-        train_labelers(plan, data, ae, out / "labelers", init=labelers_init)
+        cached = all((bundle.labelers_dir(out) / name).exists() for name in (bundle.LABELER_FILE, bundle.CLASSIFIER_FILE))
+        train_labelers(plan, data, ae, bundle.labelers_dir(out), init=labelers_init)
         if not cached:
             _add_timing(work, "labelers_s", time.perf_counter() - t0)
     if "unet" in stages and not (out / "model_index.json").exists():

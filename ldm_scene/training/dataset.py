@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .. import bundle
+
 __all__ = [
     "SPLITS",
     "Record",
@@ -85,9 +87,7 @@ class Shard:
 
 def toy_prompt(seed: int) -> str:
     """The renderer's caption for the scene ``seed`` draws (``"a red cone"``)."""
-    from ..toy.render import scene_from_seed
-
-    return scene_from_seed(int(seed)).prompt
+    return bundle.toy_prompt(seed)
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -19,8 +19,9 @@ training package), then:
 ``J`` targets ``[J, H, W]`` at once (``[M, J]``: every readout against every target, which the
 same-prompt control needs); a readout's ranks are computed once whatever ``J`` is. Scores are
 averaged over test images, skipping images where a correlation is undefined (a constant map), as
-:mod:`ldm_scene.metrics` does; the batched functions here compute exactly its metrics (ties get
-average ranks).
+:mod:`ldm_scene.metrics` does; the batched metrics (:func:`ldm_scene.metrics.rank_rows`,
+:func:`~ldm_scene.metrics.correlation_rows`, :func:`~ldm_scene.metrics.dice_rows`,
+:func:`~ldm_scene.metrics.iou_rows`) live there beside the per-image ones and compute exactly them.
 
 Steps are 0-based denoising-loop indices everywhere in ``metrics.json``; the README
 (:mod:`.report`) prints them 1-based ("step 5 of 15" is index 4).
@@ -34,6 +35,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..metrics import correlation_rows as rank_correlations
+from ..metrics import dice_rows, iou_rows
+from ..metrics import rank_rows as average_ranks
+from ..upsample import bilinear
 
 __all__ = [
     "METRIC",
@@ -59,44 +65,6 @@ METRIC = {"foreground": "dice", "depth": "spearman", "shading": "spearman"}
 UPSAMPLING = "bilinear (align_corners=False), before thresholding"
 
 
-def average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..P of each row of ``x [M, P]``, ties given the mean of the ranks they span (float64)."""
-    if x.ndim != 2:
-        raise ValueError(f"expected [M, P], got {tuple(x.shape)}")
-    m, p = x.shape
-    values, order = torch.sort(x, dim=1)
-    pos = torch.arange(p, device=x.device).expand(m, p)
-    starts = torch.ones_like(values, dtype=torch.bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    if bool(starts.all()):
-        ranks_sorted = (pos + 1).to(torch.float64)
-    else:
-        ends = torch.ones_like(starts)
-        ends[:, :-1] = starts[:, 1:]
-        # first and last sorted position of each element's tie group
-        first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
-        last = torch.where(ends, pos, torch.full_like(pos, p - 1)).flip(1).cummin(dim=1).values.flip(1)
-        ranks_sorted = (first + last).to(torch.float64) / 2 + 1
-    return torch.empty_like(ranks_sorted).scatter_(1, order, ranks_sorted)
-
-
-def rank_correlations(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Pearson correlation of every row of ``a [M, P]`` with every row of ``b [J, P]``: ``[M, J]``.
-
-    Given average ranks, this is Spearman's correlation. ``nan`` where a row is constant, as
-    :func:`ldm_scene.metrics.spearman`.
-    """
-    a = a.to(torch.float64)
-    b = b.to(device=a.device, dtype=torch.float64)
-    a = a - a.mean(dim=-1, keepdim=True)
-    b = b - b.mean(dim=-1, keepdim=True)
-    num = a @ b.T
-    den = torch.outer(a.pow(2).sum(-1).sqrt(), b.pow(2).sum(-1).sqrt())
-    ok = den > 0
-    r = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, math.nan))
-    return r.clamp(-1, 1).cpu().numpy()
-
-
 def _check_finite(*xs: torch.Tensor) -> None:
     if not all(bool(torch.isfinite(x).all()) for x in xs):
         raise ValueError("spearman: inputs must be finite (got nan or inf)")
@@ -117,7 +85,7 @@ def upsample(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(pred.shape[-2:]) == tuple(size):
         return pred
     dtype = pred.dtype if pred.is_floating_point() else torch.float32
-    return F.interpolate(pred[:, None].to(dtype), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return bilinear(pred.to(dtype), size)
 
 
 def pool(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -158,37 +126,6 @@ def spearman_rows(pred: torch.Tensor, target: torch.Tensor, target_ranks: torch.
         target_ranks = average_ranks(targets.reshape(targets.shape[0], -1).to(torch.float64))
     r = rank_correlations(ranks, target_ranks.reshape(targets.shape[0], -1))
     return r[:, 0] if single else r
-
-
-def _mask_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """|A| ``[M, 1]``, |B| ``[1, J]`` and |A n B| ``[M, J]`` of masks ``pred [M, H, W]`` and ``target [(J,) H, W]``."""
-    targets, single = _targets(target)
-    if tuple(pred.shape[-2:]) != tuple(targets.shape[-2:]):
-        raise ValueError(f"masks must have the same size, got {tuple(pred.shape[-2:])} and {tuple(targets.shape[-2:])}")
-    # float32 counts are exact up to 2**24 pixels (a 4096 x 4096 label)
-    a = pred.reshape(pred.shape[0], -1).to(torch.float32)
-    b = targets.bool().to(pred.device).reshape(targets.shape[0], -1).to(torch.float32)
-    return (a.sum(1, keepdim=True).double(), b.sum(1)[None].double(), (a @ b.T).double(), single)
-
-
-def dice_rows(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """Dice of each mask of ``pred [M, H, W]`` with ``target [H, W]`` (``[M]``; 1.0 if both are empty).
-
-    With ``target [J, H, W]``: every mask against every target, ``[M, J]``. Masks of both
-    arguments are at the same (label) resolution: see :func:`foreground_mask`.
-    """
-    a, b, inter, single = _mask_counts(pred.bool(), target)
-    total = a + b
-    d = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(inter)).cpu().numpy()
-    return d[:, 0] if single else d
-
-
-def iou_rows(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """IoU of each mask of ``pred [M, H, W]`` with ``target [H, W]`` (or ``[J, H, W]``); 1.0 if both are empty."""
-    a, b, inter, single = _mask_counts(pred.bool(), target)
-    union = a + b - inter
-    j = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)).cpu().numpy()
-    return j[:, 0] if single else j
 
 
 def score_maps(

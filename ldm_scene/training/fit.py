@@ -1,4 +1,4 @@
-"""Fitting linear probes: closed-form ridge from streamed sufficient statistics, and the paper's Adam trainer.
+"""Fitting linear probes: closed-form ridge from streamed sufficient statistics.
 
 Ridge. For one (site, step) every token is a row ``x`` (C channels) with a target row ``y`` (K
 outputs). :class:`RidgeStats` accumulates ``X^T X``, ``X^T y`` and ``sum y^2`` over an augmented
@@ -13,9 +13,7 @@ smooths across cell edges; the fit keeps the per-token cell-mean targets, the pa
 Foreground with ridge regresses one-hot (or fractional) targets ``[1 - p, p]`` (K=2), so the
 result has the paper's ``[2, C]`` shape and is read by argmax / softmax like its probes.
 
-Adam. :func:`train_adam` reproduces the paper's trainer (``probing_binary_depth.py``,
-``probing_continuous_depth.py``): one bias-free ``Linear(C, K)``, cross-entropy (foreground) or
-Huber loss (depth, shading), Adam lr 1e-3, batch 4, 30 epochs, shuffled each epoch.
+(The paper's Adam trainer is :func:`ldm_scene.training.adam.train_adam`.)
 """
 from __future__ import annotations
 
@@ -23,9 +21,8 @@ import math
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..probes import TASKS, ProbeError, parse_tensor_name, task_outputs
+from ..probes import parse_tensor_name, task_outputs
 
 __all__ = [
     "RidgeStats",
@@ -34,7 +31,6 @@ __all__ = [
     "to_normalised",
     "pack_stats",
     "unpack_stats",
-    "train_adam",
     "DEFAULT_PENALTY_GRID",
 ]
 
@@ -269,66 +265,3 @@ def to_normalised(w: torch.Tensor, b: torch.Tensor, mean: float, std: float) -> 
     if not std > 0:
         raise ValueError(f"std must be positive, got {std}")
     return w / std, (b - mean) / std
-
-
-def train_adam(
-    acts: torch.Tensor,
-    targets: torch.Tensor,
-    task: str,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 4,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, None]:
-    """Train a bias-free linear probe the paper's way; returns ``(w [K, C] float32 CPU, None)``.
-
-    ``acts`` is ``[N, T, C]`` (N images, T tokens; any float dtype, converted per batch) and
-    ``targets`` ``[N, T]`` at token resolution: for foreground, integer classes 0/1 or floats in
-    [0, 1] (the fraction of each token's cell that is foreground, used as soft cross-entropy
-    targets, which equals the paper's loss on its nearest-upsampled map); for depth/shading, the
-    (normalised) values, fit with ``HuberLoss`` (delta 1) as in the paper. Images are shuffled
-    each epoch by a ``torch.Generator`` seeded with ``seed``, which also draws the initial weight
-    (``nn.Linear``'s default uniform bound ``1/sqrt(C)``); nothing is seeded globally.
-    """
-    if task not in TASKS:
-        raise ProbeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    if acts.ndim != 3 or targets.shape != acts.shape[:2]:
-        raise ValueError(f"acts must be [N, T, C] and targets [N, T], got {tuple(acts.shape)}, {tuple(targets.shape)}")
-    n, _, c = acts.shape
-    k = task_outputs(task)
-    device = torch.device(device) if device is not None else acts.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    bound = 1.0 / math.sqrt(c)
-    weight = ((torch.rand(k, c, generator=gen, dtype=torch.float32) * 2 - 1) * bound).to(device)
-    weight.requires_grad_(True)
-    opt = torch.optim.Adam([weight], lr=lr)
-    soft = task == "foreground" and targets.is_floating_point()
-
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_iter = tqdm(epoch_iter, desc=f"adam {task}", leave=False)
-    with torch.enable_grad():
-        for _ in epoch_iter:
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                x = acts[idx.to(acts.device)].to(device=device, dtype=torch.float32)
-                t = targets[idx.to(targets.device)].to(device)
-                out = x @ weight.T  # [b, T, K]
-                if task == "foreground":
-                    logits = out.reshape(-1, k)
-                    if soft:
-                        p = t.reshape(-1).to(torch.float32)
-                        loss = F.cross_entropy(logits, torch.stack([1 - p, p], dim=1))
-                    else:
-                        loss = F.cross_entropy(logits, t.reshape(-1).long())
-                else:
-                    loss = F.huber_loss(out[..., 0], t.to(torch.float32))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    return weight.detach().to(torch.float32).cpu(), None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import bundle
 from ..probes import TASKS
 
 __all__ = [
@@ -99,15 +100,13 @@ class ToyLabels:
     labels_any_image = True
 
     def __init__(self, directory: str | Path):
-        from ..toy.nets import ToyLabeler
-
         directory = Path(directory)
-        if not (directory / "labeler.safetensors").is_file():
+        if not bundle.has_labeler(directory):
             raise LabelerError(
                 f"no toy labeler in {directory} (expected labeler.safetensors and labeler.json, "
                 "written by `python -m ldm_scene.toy train`)"
             )
-        self.net = ToyLabeler.load(directory)
+        self.net = bundle.load_labeler(directory)
         self.name = f"toy-labeler ({directory.parent.name}/{directory.name})"
 
     def __call__(self, images: np.ndarray, seeds: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -303,7 +302,7 @@ def build_labeler(spec: str, model_dir: str | Path | None = None, device: str | 
             if arg:
                 directory = Path(arg)
             elif model_dir is not None:
-                directory = Path(model_dir) / "labelers"
+                directory = bundle.labelers_dir(model_dir)
             else:
                 raise LabelerError("labeler 'toy' needs a local model directory with labelers/ (or toy:DIR)")
             parts.append(ToyLabels(directory))

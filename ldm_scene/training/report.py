@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..metrics import bootstrap_mean_ci
+from ..reports import markdown_table
 from . import evaluate as ev
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext, Solution
+    from .context import RunContext
+    from .solve import Solution
 
 __all__ = ["TARGETS", "build_metrics", "targets", "render_readme"]
 
@@ -89,7 +91,7 @@ def _panel(stacked: Mapping[str, np.ndarray], score: str, task: str, idx: Sequen
 
 def build_metrics(ctx: "RunContext", sol: "Solution", stacked: dict[str, np.ndarray], adam_meta: dict) -> dict[str, Any]:
     """The ``metrics.json`` dictionary from the stacked per-image scores ``{name: [n_test, ...]}``."""
-    from .pipeline import PERMUTED, UNET
+    from .config import PERMUTED, UNET
 
     c = ctx.config
     steps = c.steps
@@ -436,38 +438,34 @@ def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: i
         "",
         f"Scores at step {tstep + 1} of {steps} (best site per step), with the controls beside them:",
         "",
-        "| task | metric | best site | final score | step reaching 90% of final | "
-        f"score at step {tstep + 1} | grid ceiling | prompt-only | same-prompt control | labeler on x0 | latent probe | "
-        "permuted UNet | prior |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, p in panels.items():
         t = m["tasks"][name.split("/")[0]]
         first = t.get("residual_first_step_90pct" if name == "depth/residual" else "first_step_90pct")
         b = p["baselines"]
         label = "depth (residual)" if name == "depth/residual" else name
-        lines.append(
-            f"| {label} | {p['metric']} | `{t['best_site']}` | {_fmt(_at(p['probe'], steps - 1))} | "
-            f"{'—' if first is None else first + 1} | {_fmt(_at(p['probe'], tstep))} | {_fmt(_at(p['ceiling'], tstep))} | "
-            + " | ".join(_fmt(_at(b.get(k), tstep)) for k in ("prompt_only", "same_prompt_control", "labeler_on_x0",
-                                                                "latent_probe", "permuted_unet", "prior"))
-            + " |"
-        )
+        rows.append([label, p["metric"], f"`{t['best_site']}`", _fmt(_at(p["probe"], steps - 1)),
+                     "—" if first is None else first + 1, _fmt(_at(p["probe"], tstep)), _fmt(_at(p["ceiling"], tstep))]
+                    + [_fmt(_at(b.get(k), tstep)) for k in ("prompt_only", "same_prompt_control", "labeler_on_x0",
+                                                            "latent_probe", "permuted_unet", "prior")])
+    lines += markdown_table(("task", "metric", "best site", "final score", "step reaching 90% of final",
+                             f"score at step {tstep + 1}", "grid ceiling", "prompt-only", "same-prompt control",
+                             "labeler on x0", "latent probe", "permuted UNet", "prior"), rows)
     lines += [
         "",
         "Margins of the probe over the baselines (paired per test image; 95% bootstrap interval in brackets) and the "
         "share of its grid's ceiling it reaches:",
         "",
-        "| task | step | probe | probe − prompt-only | probe − same-prompt control | probe − labeler on x0 | probe / grid ceiling |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, p in panels.items():
         label = "depth (residual)" if name == "depth/residual" else name
         for s in sorted({lstep, tstep}):
-            lines.append(
-                f"| {label} | {s + 1} | {_fmt(_at(p['probe'], s))} | {_margin(p, 'prompt_only', s)} | "
-                f"{_margin(p, 'same_prompt_control', s)} | {_margin(p, 'labeler_on_x0', s)} | {_fmt(_at(p['ratio'], s))} |"
-            )
+            rows.append((label, s + 1, _fmt(_at(p["probe"], s)), _margin(p, "prompt_only", s),
+                         _margin(p, "same_prompt_control", s), _margin(p, "labeler_on_x0", s), _fmt(_at(p["ratio"], s))))
+    lines += markdown_table(("task", "step", "probe", "probe − prompt-only", "probe − same-prompt control",
+                             "probe − labeler on x0", "probe / grid ceiling"), rows)
     lines += ["", f"## Targets at step {tstep + 1} of {steps}", ""]
     lines += _target_lines(m)
     for name, p in panels.items():
@@ -479,21 +477,18 @@ def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: i
             "",
             f"## {title}: {p['metric']} per step (test split)",
             "",
-            "| step | best site | probe | grid ceiling | prompt-only | same-prompt control | labeler on x0 | latent probe | "
-            "permuted UNet | prior |" + (" IoU |" if fg else ""),
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fg else ""),
         ]
         b = p["baselines"]
+        rows = []
         for s in range(steps):
-            row = (
-                f"| {s + 1} | {_short(p['sites'][s])} | {_fmt(_at(p['probe'], s))} | {_fmt(_at(p['ceiling'], s))} | "
-                + " | ".join(_fmt(_at(b.get(k), s)) for k in ("prompt_only", "same_prompt_control", "labeler_on_x0",
-                                                              "latent_probe", "permuted_unet", "prior"))
-                + " |"
-            )
+            row = [s + 1, _short(p["sites"][s]), _fmt(_at(p["probe"], s)), _fmt(_at(p["ceiling"], s))]
+            row += [_fmt(_at(b.get(k), s)) for k in ("prompt_only", "same_prompt_control", "labeler_on_x0",
+                                                     "latent_probe", "permuted_unet", "prior")]
             if fg:
-                row += f" {_fmt(_at(t.get('iou_best_per_step'), s))} |"
-            lines.append(row)
+                row.append(_fmt(_at(t.get("iou_best_per_step"), s)))
+            rows.append(row)
+        lines += markdown_table(("step", "best site", "probe", "grid ceiling", "prompt-only", "same-prompt control",
+                                 "labeler on x0", "latent probe", "permuted UNet", "prior") + (("IoU",) if fg else ()), rows)
     avr = m.get("adam_vs_ridge")
     if avr and avr.get("tasks"):
         lines += [
@@ -503,13 +498,13 @@ def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: i
             f"Adam: bias-free linear map, lr {avr['lr']}, batch {avr['batch_size']}, {avr['epochs']} epochs "
             f"({_fmt(avr['seconds']['adam'], 1)} s); ridge: {_fmt(avr['seconds']['ridge'], 2)} s. Test-split scores:",
             "",
-            "| task | site | step | ridge | adam |",
-            "|---|---|---|---|---|",
         ]
+        rows = []
         for task, per_key in avr["tasks"].items():
             for key, v in per_key.items():
                 site, _, step = key.partition("@")
-                lines.append(f"| {task} | `{site}` | {int(step) + 1} | {_fmt(v['ridge'])} | {_fmt(v['adam'])} |")
+                rows.append((task, f"`{site}`", int(step) + 1, _fmt(v["ridge"]), _fmt(v["adam"])))
+        lines += markdown_table(("task", "site", "step", "ridge", "adam"), rows)
     tim = m.get("timings")
     if tim:
         lines += ["", "## Cost", ""]

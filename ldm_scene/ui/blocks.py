@@ -34,7 +34,7 @@ classifier looking at the same steps, and move the object by editing the activat
 CSS = """
 #status { font-size: 0.9em; }
 #gen-progress { min-height: 2.5em; }
-"""
+""" + tab_results.CSS
 
 
 def build_demo(service: Service) -> gr.Blocks:
@@ -65,14 +65,16 @@ def build_demo(service: Service) -> gr.Blocks:
         def finish_values(run, mode, dx, dy):
             # After the run (or after a request refused before any model work, when the state
             # still holds the previous run): the Intervene tab shows that run and its default target.
+            ready = run is not None and run.complete
             return [*tab_intervene.finished_values(service, run, True),
-                    *tab_intervene.target_values(service, run, mode, dx, dy)]
+                    *tab_intervene.target_values(service, run, mode, dx, dy), "" if ready else gr.skip()]
 
         after_outputs = [classifier.curves, classifier.emergence, classifier.summary,
                          intervene.original, intervene.editor]
         stale_outputs = [*tab_classifier.stale_outputs(classifier), *tab_intervene.stale_outputs(intervene)]
         tab_generate.wire(service, generate, run_state, ledger, after_outputs, after_values, stale_outputs, stale_values,
-                          finish_outputs=[intervene.original, intervene.editor, intervene.target, intervene.note],
+                          finish_outputs=[intervene.original, intervene.editor, intervene.target, intervene.note,
+                                          intervene.summary],
                           finish_inputs=[intervene.mode, intervene.dx, intervene.dy], finish_values=finish_values)
         tab_classifier.wire(service, classifier, run_state, ledger)
         tab_intervene.wire(service, intervene, run_state, ledger)

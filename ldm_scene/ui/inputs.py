@@ -23,6 +23,10 @@ class InputError(ValueError):
     """A value the app cannot use; the message says which field, what is allowed and what came."""
 
 
+class ServiceError(ValueError):
+    """A request the service cannot serve (no run yet, a stopped run, a busy model); meant for the user."""
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

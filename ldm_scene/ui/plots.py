@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .service import Run
+from .views import Run
 
 _METRIC = {"foreground": "Dice", "depth": "Spearman", "shading": "Spearman"}
 _COLOURS = {"foreground": "#d62728", "depth": "#7b3294", "shading": "#555555"}
@@ -21,7 +21,7 @@ def emergence_figure(run: Run, shipped: Mapping[str, tuple[str, Sequence[float]]
     """
     if run is None or not run.emergence:
         return None
-    fig = Figure(figsize=(5.2, 3.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(5.2, 4.0), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     # Steps are drawn from 1, as the page counts them (the run stores them from 0).
     for task, scores in run.emergence.items():
@@ -42,7 +42,8 @@ def emergence_figure(run: Run, shipped: Mapping[str, tuple[str, Sequence[float]]
     ax.set_xlim(0.5, max(run.num_steps, 1) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # Below the axes, never over the curves.
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
     ax.set_title(f"Probe emergence for this image\n(vs {run.reference_source})", fontsize=9)
     return fig
 

@@ -2,23 +2,22 @@
 
 Everything here is plain Python, numpy and PIL: the Gradio handlers in this package are a few lines
 over it, and the tests drive it without a server. The service holds nothing a request can change:
-what one user generated lives in a :class:`Run` that the caller keeps (in ``gr.State`` in the
-app) and passes back. Model work (generate, intervene, classify) runs one job at a time under a
-lock, because the probes and edits hook the one shared UNet.
+what one user generated lives in a :class:`~.views.Run` that the caller keeps (in ``gr.State`` in
+the app) and passes back. Model work (generate, intervene, classify) runs one job at a time under a
+lock, because the readers and edits hook the one shared UNet; the hooks themselves are the
+library's (:func:`~ldm_scene.sampler.sample`, :func:`~ldm_scene.intervention.intervene`), never
+added here.
 
 :meth:`Service.load` never raises for a missing or mismatched model or probe set: it returns a
 service whose :meth:`~Service.status_markdown` says what is wrong and how to fix it, so the page
-can explain itself instead of showing a traceback.
+can explain itself instead of showing a traceback. The pieces live beside it: :mod:`.views` (what
+it hands out), :mod:`.drawing` (how a step looks), :mod:`.loading`, :mod:`.probe_set`,
+:mod:`.prompts` and :mod:`.results`.
 """
 from __future__ import annotations
 
-import json
-import logging
-import re
 import threading
-import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -26,154 +25,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..capture import hook_sites
-from ..metrics import iou
+from ..attention import AttentionError, attention_reader
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
-from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
-from ..readout import ProbeReader, SiteChoice, emergence, foreground_overlay, upsample_nearest, value_range
+from ..probes import TASKS, ProbeBank
+from ..readout import ProbeReader, SiteChoice, emergence, upsample_nearest
 from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, describe_guidance,
     sample,
 )
-from ..viz import colour_bar_picture, outline_picture
-from .inputs import check_array_image, check_image_size, finite_number, whole_number
-
-log = logging.getLogger(__name__)
+from . import choices, prompts, targets
+from .choices import ATTENTION_GROUPS, DEFAULT_ATTENTION_GROUP, DEFAULT_ATTENTION_SITES  # noqa: F401
+from .targets import MAX_SHIFT_FRACTION  # noqa: F401  (re-exported)
+from .drawing import MAP_STYLE, Painter  # noqa: F401  (MAP_STYLE re-exported)
+from .inputs import ServiceError, finite_number, whole_number
+from .loading import load_classifier, load_labeler, load_metrics, load_probes
+from .probe_set import best_per_step, shipped_emergence, task_metrics
+from .results import Results, results_page
+from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 #: The site choice that reads, at each step, the site that scored best at that step (metrics.json).
 BEST_PER_STEP = "best site at each step"
-#: A tokenizer with at most this many tokens is word-level (the toy and tiny models'); SD's CLIP
-#: BPE has 49,408 and an open vocabulary, so its words are neither listed nor checked.
-WORD_LEVEL_MAX_TOKENS = 1000
 #: The UI's limits (the library allows more; a public app should not run 200 steps per click).
 MAX_UI_STEPS = 50
-MAX_SHIFT_FRACTION = 0.75
-
-
-class ServiceError(ValueError):
-    """A request the service cannot serve; the message is meant for the user."""
-
-
-# --- what the service hands out -------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One user's generation (or edited generation), kept by the caller between requests.
-
-    ``previews[s]`` is the decoded x0 prediction after step ``s``; ``readouts[s]`` the probe maps at
-    their sites' grids. ``foreground`` is the finished image's object mask at image size (from
-    the model's labeler, else the foreground probe at the last step), which the Intervene tab
-    moves. ``reference`` holds what each step is scored against for the emergence curves.
-    ``started`` is the wall-clock time the run began (the page tells a stopped run from an old one).
-    """
-
-    config: GenerationConfig
-    sites: dict[str, SiteChoice]
-    kind: str = "generate"
-    previews: list[Image.Image] = field(default_factory=list)
-    readouts: list[dict[str, np.ndarray]] = field(default_factory=list)
-    timesteps: list[float] = field(default_factory=list)
-    image: Image.Image | None = None
-    foreground: np.ndarray | None = None
-    foreground_source: str = ""
-    reference: dict[str, np.ndarray] = field(default_factory=dict)
-    reference_source: str = ""
-    emergence: dict[str, list[float]] = field(default_factory=dict)
-    curves: Any = None
-    notes: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
-
-    @property
-    def complete(self) -> bool:
-        return self.image is not None
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.previews)
-
-
-#: How depth and shading maps are drawn: colour map, and what its low and high ends mean.
-MAP_STYLE = {"depth": ("magma_r", "near", "far"), "shading": ("gray", "dark", "lit")}
-
-
-@dataclass
-class StepView:
-    """What one step looks like: the preview, each task's picture and map, and where the run is.
-
-    ``overlays``: foreground as the outline of ``p > 0.5`` over the clean preview; depth and
-    shading as colour maps with a colour bar over a fixed range. ``foreground_heat`` is the
-    foreground probability as a heat map with its colour bar (None without a foreground readout).
-    """
-
-    step: int
-    num_steps: int
-    timestep: float
-    preview: Image.Image
-    overlays: dict[str, Image.Image]
-    readouts: dict[str, np.ndarray]
-    run: Run
-    image: Image.Image | None = None
-    foreground_heat: Image.Image | None = None
-
-    @property
-    def is_last(self) -> bool:
-        return self.step == self.num_steps - 1
-
-    @property
-    def label(self) -> str:
-        return f"step {self.step + 1} of {self.num_steps} (scheduler timestep {self.timestep:.0f})"
-
-
-@dataclass
-class Comparison:
-    """The end of an intervention: original, target and result, with how well the result fits."""
-
-    original: Image.Image
-    target: np.ndarray
-    result: Image.Image
-    result_mask: np.ndarray
-    original_mask: np.ndarray
-    iou_target: float
-    iou_original_target: float
-    mask_source: str
-    method: str
-
-    def numbers(self) -> dict[str, Any]:
-        """The comparison as plain numbers (for the API): IoUs and mask centroids (x, y) in pixels."""
-        return {
-            "method": self.method,
-            "iou_result_target": round(self.iou_target, 4),
-            "iou_original_target": round(self.iou_original_target, 4),
-            "original_centroid": centroid(self.original_mask),
-            "target_centroid": centroid(self.target),
-            "result_centroid": centroid(self.result_mask),
-            "mask_source": self.mask_source,
-        }
-
-    def summary(self) -> str:
-        return (
-            f"**{self.method}**: IoU of the result's foreground with the target **{self.iou_target:.2f}** "
-            f"(the original's was {self.iou_original_target:.2f}; foreground from {self.mask_source})."
-        )
-
-
-@dataclass
-class InterventionView(StepView):
-    comparison: Comparison | None = None
-
-
-@dataclass
-class Results:
-    """The shipped evaluation of the loaded model's probes: text, tables and figures."""
-
-    markdown: str
-    figures: list[tuple[Image.Image, str]]
-
-
-# --- the service ------------------------------------------------------------------------------------
 
 
 class Service:
@@ -215,6 +90,7 @@ class Service:
         self.examples_dir = Path(examples_dir)
         self.lock_timeout = float(lock_timeout)
         self._lock = threading.Lock()
+        self.painter = Painter(self.banks, self.display_size)
 
     # --- loading ----------------------------------------------------------------------------
     @classmethod
@@ -261,16 +137,16 @@ class Service:
             problems.append(f"The probe folder `{folder}` does not exist; generation works without readouts.")
             folder = None
         else:
-            banks, means, refused = _load_probes(model, folder)
+            banks, means, refused = load_probes(model, folder)
             problems.extend(refused)
             if not banks and not refused:
                 problems.append(f"`{folder}` holds no probe files (`foreground/depth/shading.safetensors`).")
-            metrics, metric_problem = _load_metrics(folder)
+            metrics, metric_problem = load_metrics(folder)
             if metric_problem:
                 notes.append(metric_problem)
-        labeler = _load_labeler(model, notes)
+        labeler = load_labeler(model, notes)
         if classifier is True:
-            classifier = _load_classifier(model, device, notes)
+            classifier = load_classifier(model, device, notes)
         elif classifier is False:
             classifier = None
         return cls(model, banks, means, metrics, folder, labeler, classifier, problems, notes, **kwargs)
@@ -337,7 +213,7 @@ class Service:
         bank = self.banks.get(task)
         if bank is None:
             return None
-        best = _task_metrics(self.metrics, task).get("best_site")
+        best = task_metrics(self.metrics, task).get("best_site")
         if isinstance(best, str) and best in bank.sites:
             return best
         return max(bank.sites, key=lambda s: (bank.meta.sites[s][1], s.startswith("up_blocks"), s))
@@ -346,75 +222,34 @@ class Service:
         return {t: s for t in self.banks if (s := self.default_site(t)) is not None}
 
     def examples(self) -> list[list[Any]]:
-        """``[prompt, seed, steps, guidance]`` rows from ``examples/prompts.json`` this model can read.
-
-        A prompt is offered only if every word is one token for this model's tokenizer, so the
-        toy model gets its own vocabulary's prompts and SD the photographic ones.
-        """
-        path = self.examples_dir / "prompts.json"
-        if self.model is None or not path.is_file():
+        """``[prompt, seed, steps, guidance]`` rows from ``examples/prompts.json`` this model can read."""
+        if self.model is None:
             return []
-        try:
-            rows = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            log.warning("examples: cannot read %s: %s", path, type(err).__name__)
-            return []
-        if not isinstance(rows, list):
-            log.warning("examples: %s is not a JSON list", path)
-            return []
-        tok = self.model.pipe.tokenizer
-        out = []
-        for row in rows:
-            if not isinstance(row, dict):
-                continue
-            prompt = str(row.get("prompt", ""))
-            words = prompt.lower().split()
-            if not words or any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words):
-                continue
-            # Steps follow the loaded probes (readouts exist only at the length they were fit for).
-            guidance = float(row.get("guidance", self.default_guidance))
-            out.append([prompt, int(row.get("seed", 0)), self.default_steps, guidance])
-        return out
+        return prompts.examples(self.examples_dir / "prompts.json", self.model.pipe.tokenizer, self.default_steps,
+                                self.default_guidance)
 
     def vocabulary(self) -> tuple[str, ...]:
-        """The words a word-level model knows, for the page to list; ``()`` for SD (open vocabulary).
-
-        A word-level tokenizer also holds every letter (an unknown word falls apart into letters
-        and means nothing to the model), so its token list is not a word list: the words are the
-        toy world's prompt words that this tokenizer keeps whole.
-        """
-        if self.model is None:
-            return ()
-        tok = self.model.pipe.tokenizer
-        if len(tok) > WORD_LEVEL_MAX_TOKENS:
-            return ()
-        from ..toy.render import PROMPT_WORDS
-
-        return tuple(w for w in PROMPT_WORDS if len(tok(w, add_special_tokens=False).input_ids) == 1)
+        """The words a word-level model knows, for the page to list; ``()`` for SD (open vocabulary)."""
+        return prompts.vocabulary(self.model.pipe.tokenizer) if self.model is not None else ()
 
     def prompt_warnings(self, prompt: Any) -> list[str]:
-        """Why a prompt may not mean what it says to this model (shown as warnings, never refused).
+        """Why a prompt may not mean what it says to this model (shown as warnings, never refused)."""
+        return prompts.prompt_warnings(self.vocabulary(), prompt)
 
-        For a word-level model: place words (toy prompts only say what the object is; the noise
-        decides where) and words outside its vocabulary. Nothing for SD or for non-text input
-        (which :meth:`config` refuses).
-        """
-        vocab = self.vocabulary()
-        if not vocab or not isinstance(prompt, str):
-            return []
-        from ..toy.render import PLACE_WORDS
+    def shipped_emergence(self) -> dict[str, tuple[str, list[float]]]:
+        """The probe set's test-split score per step at the best site, ``{task: (metric, scores)}``."""
+        return shipped_emergence(self.metrics)
 
-        words = list(dict.fromkeys(re.findall(r"[^\W_]+", prompt.lower())))
-        place = [w for w in words if w in PLACE_WORDS]
-        unknown = [w for w in words if w not in vocab and w not in PLACE_WORDS]
-        out = []
-        if place:
-            out.append(f"{_quoted(place)}: this model's prompts never say where the object is; the noise decides "
-                       "its place, so place words are ignored at best.")
-        if unknown:
-            out.append(f"{_quoted(unknown)} {'is' if len(unknown) == 1 else 'are'} not in this model's vocabulary "
-                       f"({', '.join(vocab)}); the model cannot read {'it' if len(unknown) == 1 else 'them'}.")
-        return out
+    def _best_per_step(self, task: str) -> dict[int, str]:
+        return best_per_step(self.metrics, self.banks.get(task), task)
+
+    def attention_choices(self) -> list[str]:
+        """The attention-site options: the groups of :data:`.choices.ATTENTION_GROUPS`, then each site."""
+        return choices.attention_choices() if self.model is not None else []
+
+    def resolve_attention_sites(self, sites: str | Sequence[str] | None) -> tuple[str, ...]:
+        """Where to read the per-word maps (:func:`.choices.attention_sites`)."""
+        return choices.attention_sites(sites)
 
     # --- validation ------------------------------------------------------------------------
     def _require_model(self) -> Model:
@@ -457,29 +292,6 @@ class Service:
                 )
         return out
 
-    def shipped_emergence(self) -> dict[str, tuple[str, list[float]]]:
-        """The probe set's test-split score per step at the best site, ``{task: (metric, scores)}``.
-
-        Read from metrics.json (``tasks[task]["best_per_step"]`` when it is a list of numbers).
-        """
-        out = {}
-        for task in TASKS:
-            entry = _task_metrics(self.metrics, task)
-            raw = entry.get("best_per_step")
-            if isinstance(raw, (list, tuple)) and raw and all(v is None or isinstance(v, (int, float)) for v in raw):
-                scores = [float("nan") if v is None else float(v) for v in raw]
-                out[task] = (str(entry.get("metric", "score")), scores)
-        return out
-
-    def _best_per_step(self, task: str) -> dict[int, str]:
-        bank = self.banks.get(task)
-        entry = _task_metrics(self.metrics, task)
-        # metrics.json names the sites in best_site_per_step (best_per_step holds their scores)
-        raw = entry.get("best_site_per_step", entry.get("best_per_step"))
-        if bank is None or raw is None:
-            return {}
-        return {s: site for s, site in _parse_per_step(raw).items() if (site, s) in bank}
-
     # --- model work --------------------------------------------------------------------------
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -499,34 +311,44 @@ class Service:
         guidance: Any = None,
         sites: Mapping[str, str | None] | None = None,
         track_classes: bool = True,
+        attention_sites: Sequence[str] | None = None,
     ) -> Iterator[StepView]:
         """Denoise ``prompt`` and yield a :class:`StepView` after every step.
 
         Bad input raises :class:`~ldm_scene.sampler.GenerationError` / :class:`ServiceError`
         (both ``ValueError``) before any model work. Each view's ``run`` is the :class:`Run` so
         far (complete on the last step, with the object's mask, the emergence scores and the
-        classifier's curves). Closing the stream early stops the model and removes its hooks.
+        classifier's curves). ``attention_sites`` are where the prompt words' cross-attention maps
+        are read (default: every site; ``[]``: none). Closing the stream early stops the model and
+        removes its hooks.
         """
         config = self.config(prompt, seed, steps if steps is not None else self.default_steps,
                              guidance if guidance is not None else self.default_guidance)
         choices = self.resolve_sites(sites)
-        run = Run(config, choices)
+        attn_sites = self.resolve_attention_sites(attention_sites)
+        run = Run(config, choices, attention_sites=attn_sites)
         readable = self._readable(choices, config.steps, run.notes)
-        reader = ProbeReader({t: self.banks[t] for t in readable}, readable) if readable else None
-        tracker = self._tracker(config.prompt) if track_classes else None
         model = self._require_model()
+        readers: list[Any] = []
+        if readable:
+            readers.append(ProbeReader({t: self.banks[t] for t in readable}, readable))
+        if attn_sites:
+            try:
+                readers.append(attention_reader(model, config.prompt, attn_sites))
+            except AttentionError as err:  # a prompt whose words cannot be named: generate without maps
+                run.notes.append(f"no cross-attention maps: {err}")
+        tracker = self._tracker(config.prompt) if track_classes else None
         with self._exclusive(), ExitStack() as stack:
-            states = sample(model, config, readers=[reader] if reader else [], previews=True)
+            states = sample(model, config, readers=readers, previews=True)
             stack.callback(states.close)
             for state in states:
-                maps = state.readouts.get("probes", {}) if reader else {}
-                self._record(run, state.step, state.timestep, state.preview, maps)
+                self._record(run, state)
                 if tracker is not None:
                     run.curves = tracker.update(state.step, state.preview)
                 if state.image is not None:
                     run.image = state.image
                     self._finish(run)
-                yield self._view(run, state.step, state.image)
+                yield self.painter.step(run, state.step, state.image)
 
     def view_of(self, run: Run, step: Any) -> StepView:
         """Re-draw a stored step of ``run`` (the scrub slider), without model work.
@@ -538,7 +360,7 @@ class Service:
         step = whole_number(step, "step")
         if not 0 <= step < run.num_steps:
             raise ServiceError(f"there is no step {step + 1}: this run has steps 1 to {run.num_steps}")
-        return self._view(run, step, run.image if step == run.num_steps - 1 else None)
+        return self.painter.step(run, step, run.image if step == run.num_steps - 1 else None)
 
     def classify(self, run: Run) -> Any:
         """The classifier's per-step curves for a stored run (recomputed from its previews)."""
@@ -560,76 +382,30 @@ class Service:
 
     def require_complete(self, run: Run | None) -> Run:
         """``run`` if it finished; else ServiceError saying there is none or that it was stopped."""
-        _require_complete(run)
-        return run
-
-    def _editable(self, run: Run | None) -> Run:
-        _require_complete(run)
-        if run.foreground is None:
-            raise ServiceError(
-                "the generated image has no foreground mask to move (no labeler and no foreground probe); "
-                "draw the target mask instead"
-            )
-        return run
+        return targets.require_complete(run)
 
     def shift_target(self, run: Run | None, dx: Any, dy: Any) -> np.ndarray:
-        """The run's object mask moved ``dx`` px right and ``dy`` px down (bool, image size)."""
-        from ..intervention import translate_mask
-
-        run = self._editable(run)
-        dx, dy = whole_number(dx, "dx"), whole_number(dy, "dy")
-        h, w = run.foreground.shape
-        limit_x, limit_y = int(w * MAX_SHIFT_FRACTION), int(h * MAX_SHIFT_FRACTION)
-        if abs(dx) > limit_x or abs(dy) > limit_y:
-            raise ServiceError(f"shift ({dx}, {dy}) is too far: at most {limit_x} px across and {limit_y} px down")
-        if not run.foreground.any():
-            raise ServiceError("no object was found in the generated image, so there is nothing to move: draw a mask")
-        return translate_mask(run.foreground, dx, dy)
+        """The run's object mask moved ``dx`` px right and ``dy`` px down (:func:`.targets.shifted`)."""
+        return targets.shifted(run, dx, dy)
 
     def drawn_target(self, layers: Sequence[Any] | None) -> np.ndarray:
-        """A target mask from the editor's drawing layers (strokes = where the object goes).
-
-        ``layers`` are arrays (or PIL images) of the editor canvas; strokes on any layer count.
-        Each is read by :func:`~ldm_scene.intervention.mask_values`: by its alpha where the alpha
-        says something (strokes on a transparent layer), else by brightness (white on black), so
-        an uploaded greyscale, RGB or opaque RGBA mask means what the hint says. Refuses no
-        strokes, strokes that cover everything, layers that are not images or are larger than
-        :data:`~.inputs.MAX_IMAGE_SIDE` px a side, and layers of different sizes.
-        """
-        from ..intervention import InterventionError, mask_values, prepare_target
-
-        model = self._require_model()
-        if not layers:
-            raise InterventionError("the mask is empty: draw where the object should be")
-        strength = None
-        for layer in layers:
-            if layer is None:
-                continue
-            if isinstance(layer, Image.Image):
-                check_image_size(*layer.size, "drawing layer")
-                layer = np.asarray(layer)
-            if not isinstance(layer, np.ndarray):
-                raise InterventionError(f"a drawing layer is a {type(layer).__name__}; expected an image")
-            values = mask_values(check_array_image(layer, "drawing layer"))
-            if strength is not None and values.shape != strength.shape:
-                raise InterventionError(f"drawing layers differ in size: {strength.shape} vs {values.shape}")
-            strength = values if strength is None else np.maximum(strength, values)
-        if strength is None:
-            raise InterventionError("the mask is empty: draw where the object should be")
-        return prepare_target(strength, model.image_size)
+        """A target mask at the model's size from the editor's layers (:func:`.targets.drawn`)."""
+        return targets.drawn(layers, self._require_model().image_size)
 
     def intervene_stream(
         self, run: Run | None, target: np.ndarray, method: str = "steer", strength: Any = 1.0
     ) -> Iterator[InterventionView]:
         """Re-run ``run``'s prompt and seed while editing activations towards ``target``; stream it.
 
-        Yields an :class:`InterventionView` per step (preview with the foreground probe's overlay);
-        the last carries a :class:`Comparison` of original, target and result with IoU.
+        Yields an :class:`InterventionView` per step (the preview with the foreground probe's
+        outline); the last carries a :class:`Comparison` of original, target and result with IoU.
+        The probe reader goes to :func:`~ldm_scene.intervention.intervene` with the edit, which
+        hooks both for exactly the stream's lifetime.
         """
         from ..intervention import METHOD_BANKS, METHODS, InterventionError, default_edit_steps, intervene, make_editor
 
         model = self._require_model()
-        _require_complete(run)
+        targets.require_complete(run)
         target = np.asarray(target)
         if target.dtype != bool or target.shape != tuple(model.image_size):
             raise InterventionError(f"target must be a bool mask of {model.image_size}, got {target.dtype} {target.shape}")
@@ -648,67 +424,26 @@ class Service:
         edited = Run(config, run.sites, kind=f"intervene:{method}")
         readable = self._readable({"foreground": run.sites["foreground"]} if "foreground" in run.sites else {},
                                   config.steps, edited.notes)
-        reader = ProbeReader({"foreground": self.banks["foreground"]}, readable) if readable else None
+        # The reader is hooked before the editor, so it sees each site's activation as the UNet made it.
+        readers = [ProbeReader({"foreground": self.banks["foreground"]}, readable)] if readable else []
         with self._exclusive(), ExitStack() as stack:
-            if reader is not None:
-                # Read the probes around the edited run (hooked before the editor, so they see each
-                # site's activation as the UNet made it at that step).
-                stack.enter_context(hook_sites(model.unet, reader.sites, _reading(reader), reader.steps,
-                                               config.uses_guidance))
-            states = intervene(model, config, target, method, self.intervention_banks,
-                               steps=edit_steps, strength=strength, previews=True)
+            states = intervene(model, config, target, method, self.intervention_banks, steps=edit_steps,
+                               strength=strength, previews=True, readers=readers)
             stack.callback(states.close)
             for state in states:
-                maps = reader.collect(state.step) if reader else {}
-                self._record(edited, state.step, state.timestep, state.preview, maps)
+                self._record(edited, state)
                 comparison = None
                 if state.image is not None:
                     edited.image = state.image
                     self._finish(edited, emergence_curves=False)
-                    comparison = self._compare(run, edited, target, method)
-                view = self._view(edited, state.step, state.image)
+                    comparison = Comparison.of(run, edited, target, method)
+                view = self.painter.step(edited, state.step, state.image)
                 yield InterventionView(**vars(view), comparison=comparison)
-
-    def _compare(self, original: Run, edited: Run, target: np.ndarray, method: str) -> Comparison:
-        result_mask = edited.foreground if edited.foreground is not None else np.zeros_like(target)
-        original_mask = original.foreground if original.foreground is not None else np.zeros_like(target)
-        return Comparison(
-            original=original.image, target=target, result=edited.image, result_mask=result_mask,
-            original_mask=original_mask, iou_target=iou(result_mask, target),
-            iou_original_target=iou(original_mask, target), mask_source=edited.foreground_source or "none",
-            method=method,
-        )
 
     # --- results ------------------------------------------------------------------------------
     def results(self) -> Results:
-        """The probe set's shipped evaluation: a summary table, its README and figures."""
-        if self.probe_dir is None or not self.probe_dir.is_dir():
-            return Results("No probe set is loaded, so there are no results to show.", [])
-        parts = []
-        table = _metrics_table(self.metrics)
-        if table:
-            parts.append("### Best site per task\n\n" + table)
-        for name in ("README.md",):
-            path = self.probe_dir / name
-            if path.is_file():
-                parts.append(_strip_images(path.read_text(errors="replace")))
-        report = self.model.directory if self.model is not None else None
-        if report is not None and (report / "REPORT.md").is_file():
-            parts.append("### The toy model\n\n" + _strip_images((report / "REPORT.md").read_text(errors="replace")))
-        figures = []
-        ordered = ["emergence.png", *[f"heatmap_{t}.png" for t in TASKS]]
-        others = sorted(p.name for p in self.probe_dir.glob("*.png") if p.name not in ordered)
-        for name in [*ordered, *others]:
-            path = self.probe_dir / name
-            if path.is_file():
-                try:
-                    with Image.open(path) as im:
-                        figures.append((im.convert("RGB"), name.removesuffix(".png").replace("_", " ")))
-                except OSError as err:
-                    log.warning("results: cannot read %s: %s", path, err)
-        if not parts and not figures:
-            parts.append(f"`{self.probe_dir}` has no metrics.json, README.md or figures yet.")
-        return Results("\n\n".join(parts), figures)
+        """The probe set's shipped evaluation: a summary table, its README, the model's report, figures."""
+        return results_page(self.probe_dir, self.model.directory if self.model is not None else None, self.metrics)
 
     # --- internals -----------------------------------------------------------------------------
     def _readable(self, choices: Mapping[str, SiteChoice], steps: int, notes: list[str]) -> dict[str, SiteChoice]:
@@ -728,11 +463,13 @@ class Service:
 
         return CurveTracker(self.classifier, prompt)
 
-    @staticmethod
-    def _record(run: Run, step: int, timestep: float, preview: Image.Image, maps: Mapping[str, np.ndarray]) -> None:
-        run.previews.append(preview)
-        run.timesteps.append(float(timestep))
-        run.readouts.append(dict(maps))
+    def _record(self, run: Run, state: Any) -> None:
+        """Keep one step of ``run``: preview, probe maps, word maps and the labeler's view of the preview."""
+        run.previews.append(state.preview)
+        run.timesteps.append(float(state.timestep))
+        run.readouts.append(dict(state.readouts.get("probes", {})))
+        run.attention.append(state.readouts.get("attention"))
+        run.preview_labels.append(self._labels(state.preview))
 
     def _finish(self, run: Run, emergence_curves: bool = True) -> None:
         """Find the finished image's object and score every step against the final labels."""
@@ -758,190 +495,15 @@ class Service:
         out = self.labeler(np.asarray(image.convert("RGB"))[None])
         return {t: np.asarray(out[t][0]) for t in TASKS if t in out}
 
-    def _view(self, run: Run, step: int, image: Image.Image | None) -> StepView:
-        preview = run.previews[step]
-        maps = run.readouts[step]
-        size = self.display_size
-        overlays, heat = {}, None
-        for task, values in maps.items():
-            if task == "foreground":
-                overlays[task] = outline_picture(preview, values, size)
-                heat = colour_bar_picture(values, 0.0, 1.0, "viridis", size, "p(object)", "background", "object")
-            else:
-                cmap, low, high = MAP_STYLE.get(task, ("viridis", "", ""))
-                lo, hi = value_range(self.banks[task])
-                overlays[task] = colour_bar_picture(values, lo, hi, cmap, size, task, low, high)
-        shown = image if image is not None else preview
-        return StepView(step, run.config.steps, run.timesteps[step], _enlarge(shown, size),
-                        overlays, maps, run, image, heat)
-
     def display(self, image: Image.Image) -> Image.Image:
         """An image at the UI's display size (pixels kept sharp for small models)."""
-        return _enlarge(image, self.display_size)
+        return self.painter.display(image)
 
     def outline(self, image: Image.Image, mask: np.ndarray | None) -> Image.Image:
         """``image`` at display size with ``mask``'s outline drawn on it (the image itself untouched)."""
-        return outline_picture(image, None if mask is None else np.asarray(mask, bool), self.display_size)
+        return self.painter.outline(image, mask)
 
     def mask_picture(self, mask: np.ndarray, over: Image.Image | None = None) -> Image.Image:
         """A mask drawn for the UI: red over ``over`` (the image it belongs to), or white on black."""
-        if over is not None:
-            return foreground_overlay(over, mask.astype(np.float32), self.display_size)
-        return _enlarge(Image.fromarray((np.asarray(mask) * 255).astype(np.uint8)), self.display_size)
+        return self.painter.mask_picture(mask, over)
 
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def _quoted(words: Sequence[str]) -> str:
-    return ", ".join(f"'{w}'" for w in words)
-
-
-def _require_complete(run: Run | None) -> None:
-    if run is None:
-        raise ServiceError("generate an image first (Generate tab), then move its object here")
-    if not run.complete:
-        raise ServiceError(f"the last run was stopped at step {run.num_steps} of {run.config.steps}, before it had "
-                           "an image: generate a full run (Generate tab), then move its object here")
-
-
-def centroid(mask: np.ndarray) -> list[float] | None:
-    """The (x, y) centre of a mask's pixels, or None for an empty mask."""
-    ys, xs = np.nonzero(np.asarray(mask))
-    if len(xs) == 0:
-        return None
-    return [round(float(xs.mean()), 2), round(float(ys.mean()), 2)]
-
-
-def _reading(reader: ProbeReader):
-    def fn(site: str, step: int, act: torch.Tensor) -> None:
-        reader.read(site, step, act)
-        return None
-
-    return fn
-
-
-def _enlarge(image: Image.Image, size: int) -> Image.Image:
-    image = image.convert("RGB")
-    if image.size == (size, size):
-        return image
-    resample = Image.NEAREST if max(image.size) * 2 <= size else Image.BILINEAR
-    return image.resize((size, size), resample)
-
-
-def _load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[str, ProbeBank], list[str]]:
-    """Each probe file on its own: one that does not fit is refused (with the loader's message,
-    which names the file) and the others are still used."""
-    errors: list[str] = []
-    try:
-        loaded = load_probe_dir(folder, expect_sites=model.sites(), expect_image_size=model.image_size,
-                                tasks=(*TASKS, CLASS_MEANS), expect_model_id=model.model_id, errors=errors,
-                                expect_scheduler=model.scheduler_name)
-    except Exception as err:  # noqa: BLE001 - Service.load never raises; the folder is untrusted input
-        # load_probe_dir turns every refusal it knows into a message; this is the last line for
-        # what it does not know, so that a bad file costs the readouts, not the app.
-        log.exception("loading probes from %s failed", folder)
-        return {}, {}, [f"The probe folder `{folder}` could not be read ({type(err).__name__}: {err}); "
-                        "generation works without readouts."]
-    refused = [f"A probe file does not fit this model and is not used: {err}" for err in errors]
-    banks = {t: b for t, b in loaded.items() if t in TASKS}
-    means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
-    return banks, means, refused
-
-
-def _load_metrics(folder: Path) -> tuple[dict[str, Any], str | None]:
-    path = folder / "metrics.json"
-    if not path.is_file():
-        return {}, None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return {}, f"`{path}` could not be read ({err}); default sites are used"
-    except RecursionError:
-        return {}, f"`{path}` is nested too deeply to read; default sites are used"
-    if not isinstance(data, dict):
-        return {}, f"`{path}` is not a JSON object; default sites are used"
-    return data, None
-
-
-def _load_labeler(model: Model, notes: list[str]) -> Any:
-    folder = model.extra_dir("labelers")
-    if folder is None or not (folder / "labeler.safetensors").is_file():
-        return None
-    try:
-        from ..toy.nets import ToyLabeler
-
-        return ToyLabeler.load(folder)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        notes.append(f"The labeler in `{folder}` could not be loaded ({err}); masks come from the probes")
-        return None
-
-
-def _load_classifier(model: Model, device: Any, notes: list[str]) -> Any:
-    from ..classify import classifier_for
-
-    try:
-        return classifier_for(model, device=device)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:  # ClassifierLoadError is a RuntimeError
-        notes.append(f"No classifier for this model, so the Classifier tab shows only the probes: {err}")
-        return None
-
-
-def _task_metrics(metrics: Mapping[str, Any], task: str) -> dict[str, Any]:
-    tasks = metrics.get("tasks") if isinstance(metrics, Mapping) else None
-    entry = tasks.get(task) if isinstance(tasks, Mapping) else None
-    return dict(entry) if isinstance(entry, Mapping) else {}
-
-
-def _parse_per_step(raw: Any) -> dict[int, str]:
-    """``best_per_step`` as ``{step: site}`` from a list (of sites or ``{"site": ...}``) or a dict."""
-    items: list[tuple[Any, Any]]
-    if isinstance(raw, Mapping):
-        items = list(raw.items())
-    elif isinstance(raw, (list, tuple)):
-        items = []
-        for i, entry in enumerate(raw):
-            if isinstance(entry, Mapping):
-                items.append((entry.get("step", i), entry.get("site")))
-            else:
-                items.append((i, entry))
-    else:
-        return {}
-    out = {}
-    for step, site in items:
-        if isinstance(site, Mapping):
-            site = site.get("site")
-        try:
-            step = int(step)
-        except (TypeError, ValueError):
-            continue
-        if isinstance(site, str):
-            out[step] = site
-    return out
-
-
-def _metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A summary row per task: metric, best site, its test score at the last step, when it got there."""
-    tasks = metrics.get("tasks") if isinstance(metrics, Mapping) else None
-    if not isinstance(tasks, Mapping) or not tasks:
-        return ""
-    rows = ["| task | metric | best site | score at the last step | first step at 90% of it |",
-            "|---|---|---|---|---|"]
-    for task, entry in tasks.items():
-        if not isinstance(entry, Mapping):
-            continue
-        score = entry.get("best_score")
-        per_step = entry.get("best_per_step")
-        if score is None and isinstance(per_step, (list, tuple)) and per_step:
-            score = per_step[-1]
-        shown = f"{score:.3f}" if isinstance(score, (int, float)) else "–"
-        first = entry.get("first_step_90pct")
-        first_shown = f"{first + 1}" if isinstance(first, int) else "–"  # metrics.json counts from 0
-        rows.append(f"| {task} | {entry.get('metric', '')} | `{entry.get('best_site', '–')}` | {shown} | {first_shown} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
-
-
-def _strip_images(markdown: str) -> str:
-    # Relative image links in a shipped README would 404 (the app serves no files); the figures
-    # are shown in the gallery instead.
-    return re.sub(r"!\[([^\]]*)\]\([^)]*\)", r"*(figure: \1, shown below)*", markdown)

@@ -13,7 +13,9 @@ import gradio as gr
 from . import fields
 from .plots import count_steps_from_one, emergence_figure
 from .runs import RunLedger
-from .service import Run, Service, ServiceError
+from .inputs import ServiceError
+from .service import Service
+from .views import Run
 
 
 @dataclass
@@ -37,8 +39,9 @@ def create(service: Service) -> ClassifierTab:
             "scored against the finished image."
         )
     with gr.Row():
-        curves = gr.Plot(label="Classifier confidence per step", elem_id="classifier-curves")
-        emergence = gr.Plot(label="Probe emergence for this image", elem_id="emergence")
+        # The figures carry their own titles; Gradio's label chip would sit on top of them.
+        curves = gr.Plot(label="Classifier confidence per step", show_label=False, elem_id="classifier-curves")
+        emergence = gr.Plot(label="Probe emergence for this image", show_label=False, elem_id="emergence")
     summary = gr.Markdown("Generate an image first (Generate tab).", label="Classifier summary",
                           elem_id="classifier-summary")
     button = gr.Button("Recompute the curves for the last run", interactive=service.classifier is not None)

@@ -12,7 +12,8 @@ from ..probes import TASKS
 from . import fields
 from .inputs import InputError, whole_number
 from .runs import RunLedger
-from .service import MAX_UI_STEPS, Run, Service, StepView
+from .service import DEFAULT_ATTENTION_GROUP, MAX_UI_STEPS, Service
+from .views import Run, StepView
 
 _TITLES = {
     "foreground": "Foreground probe: outline of p > 0.5",
@@ -35,6 +36,9 @@ class GenerateTab:
     preview: gr.Image
     readouts: dict[str, gr.Image]
     heat: gr.Image
+    attention_sites: gr.Dropdown
+    attention: gr.Image
+    compare: gr.Image
     scrub: gr.Slider
     started: gr.State
 
@@ -61,7 +65,7 @@ def create(service: Service) -> GenerateTab:
             guidance = fields.slider("guidance", minimum=0, maximum=15, value=service.default_guidance, step=0.5,
                                      label="Guidance scale", info=service.guidance_note(), elem_id="guidance")
             sites = {}
-            with gr.Accordion("Where the probes read (one site per task)", open=False):
+            with gr.Accordion("Where the probes and the attention maps read", open=False):
                 for task in TASKS:
                     choices = service.site_choices(task)
                     sites[task] = gr.Dropdown(
@@ -72,6 +76,11 @@ def create(service: Service) -> GenerateTab:
                 gr.Markdown(
                     f"Probes are fit for {service.probe_steps or '–'}-step runs; at other step counts the "
                     "preview streams without readouts. Default: the best site per task in the probe set's metrics."
+                )
+                attention_sites = gr.Dropdown(
+                    service.attention_choices(), value=DEFAULT_ATTENTION_GROUP if service.ready else None,
+                    label="Cross-attention sites (per-word maps)", elem_id="attention-sites",
+                    info="Each prompt word's share of the cross-attention (attn2) at these sites, averaged over them.",
                 )
             with gr.Row():
                 button = gr.Button(GENERATE, variant="primary", elem_id="generate-btn", interactive=service.ready)
@@ -90,11 +99,21 @@ def create(service: Service) -> GenerateTab:
                     readouts[task] = _image(_TITLES[task], f"readout-{task}", size)
             with gr.Accordion("Foreground probability (heat map)", open=False):
                 heat = _image("Foreground probability at this step", "readout-foreground-heat", size)
+            gr.Markdown("**Cross-attention per prompt word at this step** (beside the x0 estimate; one colour "
+                        "scale for all words)", elem_id="word-attention-title")
+            attention = gr.Image(label="Cross-attention per prompt word at this step", show_label=False, type="pil",
+                                 format="png", interactive=False, elem_id="word-attention",
+                                 buttons=["download", "fullscreen"])
+            gr.Markdown("**Probe vs labeler on the x0 estimate vs the final image's label, at this step**",
+                        elem_id="compare-title")
+            compare = gr.Image(label="Probe vs labeler on the x0 preview vs the final image's label, at this step",
+                               show_label=False, type="pil", format="png", interactive=False, elem_id="compare-strip",
+                               buttons=["download", "fullscreen"])
             scrub = fields.slider("step", whole=True, minimum=1, maximum=max(service.default_steps, 2), value=1, step=1,
                                   label="Step shown (drag or type, after a run)", interactive=False, elem_id="scrub")
     started = gr.State(None)
-    return GenerateTab(prompt, seed, steps, guidance, sites, button, stop, progress, preview, readouts, heat, scrub,
-                       started)
+    return GenerateTab(prompt, seed, steps, guidance, sites, button, stop, progress, preview, readouts, heat,
+                       attention_sites, attention, compare, scrub, started)
 
 
 def _image(label: str, elem_id: str, size: int) -> gr.Image:
@@ -113,6 +132,11 @@ def step_outputs(service: Service, view: StepView) -> list[Any]:
         text += "\n\n" + "\n".join(f"- {n}" for n in dict.fromkeys(view.run.notes))
     out.append(text)
     return out
+
+
+def extra_outputs(view: StepView) -> list[Any]:
+    """The step's foreground heat map, per-word attention strip and compare strip."""
+    return [view.foreground_heat, view.attention, view.compare]
 
 
 def scrub_update(num_steps: int, value: int | None = None) -> Any:
@@ -160,25 +184,37 @@ def wire(
     """
     task_outputs = [tab.readouts[t] for t in TASKS]
 
+    def check(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site, attention_sites=None):
+        # A request the service would refuse is refused here, before anything changes on the page
+        # (the previous run stays shown; an event with no outputs marks no panel "Error").
+        try:
+            service.config(prompt, seed, steps, guidance)
+            service.resolve_sites({t: s for t, s in zip(TASKS, (foreground_site, depth_site, shading_site)) if s})
+            service.resolve_attention_sites(attention_sites)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
     def start():
         # Runs at once (no queue): the button shows that a run is going and cannot be pressed
         # twice; Stop becomes pressable; the previous run's panels are cleared.
         return [gr.Button(value=RUNNING, interactive=False), gr.Button(interactive=True),
                 "**A run is going…** (waiting for the model)", time.time(), *stale_values("running")]
 
-    def generate(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site,
+    def generate(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site, attention_sites=None,
                  request: gr.Request = None):
         chosen = {t: s for t, s in zip(TASKS, (foreground_site, depth_site, shading_site)) if s}
         for warning in service.prompt_warnings(prompt):
             gr.Warning(warning, duration=12)
         try:
-            with closing(service.generate_stream(prompt, seed, steps, guidance, chosen)) as stream:
+            with closing(service.generate_stream(prompt, seed, steps, guidance, chosen,
+                                                 attention_sites=attention_sites)) as stream:
                 for view in stream:
                     run = view.run
                     if view.step == 0:
                         ledger.stored(getattr(request, "session_hash", None))
                     scrub = scrub_update(view.num_steps) if view.is_last else gr.Slider(interactive=False)
-                    yield [*step_outputs(service, view), scrub, run, *after_values(run, view.is_last), view.foreground_heat]
+                    yield [*step_outputs(service, view), scrub, run, *after_values(run, view.is_last),
+                           *extra_outputs(view)]
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
 
@@ -200,27 +236,38 @@ def wire(
             view = service.view_of(run, shown - 1)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        return [*step_outputs(service, view), view.foreground_heat]
+        return [*step_outputs(service, view), *extra_outputs(view)]
 
-    inputs = [tab.prompt, tab.seed, tab.steps, tab.guidance, *[tab.sites[t] for t in TASKS]]
-    outputs = [tab.preview, *task_outputs, tab.progress, tab.scrub, run_state, *after_outputs, tab.heat]
+    inputs = [tab.prompt, tab.seed, tab.steps, tab.guidance, *[tab.sites[t] for t in TASKS], tab.attention_sites]
+    extras = [tab.heat, tab.attention, tab.compare]
+    outputs = [tab.preview, *task_outputs, tab.progress, tab.scrub, run_state, *after_outputs, *extras]
     control = [tab.button, tab.stop]
-    started = tab.button.click(start, None, [*control, tab.progress, tab.started, *stale_outputs], queue=False,
-                               api_visibility="private", show_progress="hidden")
+    # The check is queued (a refusal then shows as a message; unqueued events fail silently) but
+    # never waits: no concurrency limit, so it runs at once even beside a run in progress.
+    checked = tab.button.click(check, inputs, None, concurrency_limit=None, api_visibility="private",
+                               show_progress="hidden")
+    started = checked.success(start, None, [*control, tab.progress, tab.started, *stale_outputs], queue=False,
+                              api_visibility="private", show_progress="hidden")
     event = started.success(
         generate, inputs, outputs, api_name="generate", concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE,
         show_progress="minimal", show_progress_on=[tab.preview],
     )
-    event.then(finish, [run_state, *finish_inputs], [*control, *finish_outputs], queue=False,
+    # The page does not follow .then() after a handler raised (a refused prompt): .failure() does,
+    # so the button never stays "Running…" after an error.
+    for follow in (event.then, event.failure):
+        follow(finish, [run_state, *finish_inputs], [*control, *finish_outputs], queue=False,
                api_visibility="private", show_progress="hidden")
     # Enter in the prompt box presses the button, so a run going (button disabled) is not queued twice.
     tab.prompt.submit(None, None, None, js="() => { document.querySelector('#generate-btn')?.click(); }",
                       api_visibility="private")
-    tab.stop.click(stop, [run_state, tab.started], [*control, tab.progress, *stale_outputs], cancels=[event],
+    # Cancel first, then say where it stopped: written together, a step already on its way to the
+    # page could land after "Stopped at step k" and overwrite it.
+    cancelled = tab.stop.click(None, None, None, cancels=[event], api_visibility="private", queue=False)
+    cancelled.then(stop, [run_state, tab.started], [*control, tab.progress, *stale_outputs],
                    api_visibility="private", queue=False, show_progress="hidden")
     # "input" fires when the slider is dragged and when a number is typed in its box.
     tab.scrub.input(
-        scrub, [run_state, tab.scrub], [tab.preview, *task_outputs, tab.progress, tab.heat], api_name="scrub",
+        scrub, [run_state, tab.scrub], [tab.preview, *task_outputs, tab.progress, *extras], api_name="scrub",
         concurrency_limit=fields.VIEW_CONCURRENCY, concurrency_id=fields.VIEW_QUEUE, show_progress="hidden", trigger_mode="always_last",
     )
     return event

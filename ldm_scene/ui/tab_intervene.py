@@ -10,7 +10,10 @@ import numpy as np
 
 from . import fields
 from .runs import RunLedger
-from .service import MAX_SHIFT_FRACTION, Run, Service, ServiceError
+from .inputs import ServiceError
+from .service import Service
+from .targets import MAX_SHIFT_FRACTION
+from .views import Run
 
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
@@ -42,6 +45,7 @@ class InterveneTab:
     summary: gr.Markdown
     numbers: gr.JSON
     note: gr.Markdown
+    progress: gr.State
 
 
 def create(service: Service) -> InterveneTab:
@@ -78,13 +82,16 @@ def create(service: Service) -> InterveneTab:
             with gr.Row():
                 button = gr.Button("Intervene", variant="primary", elem_id="intervene-btn",
                                    interactive=service.ready and bool(methods))
-                stop = gr.Button("Stop", variant="stop", elem_id="iv-stop-btn")
+                stop = gr.Button("Stop", variant="stop", elem_id="iv-stop-btn", interactive=False)
         with gr.Column(scale=3):
             editor = fields.MaskEditor(
                 label="Target mask drawing", type="numpy", image_mode="RGBA",
                 sources=[], layers=False, transforms=[], canvas_size=(size, size), fixed_canvas=True,
-                brush=gr.Brush(colors=["#ff2020"], color_mode="fixed", default_size=max(size // 14, 4)),
-                eraser=gr.Eraser(default_size=max(size // 14, 4)), elem_id="mask-editor", height=size + 120,
+                brush=gr.Brush(colors=["#00dcff"], color_mode="fixed", default_size=max(size // 14, 4)),
+                # The frame fits the picture (toolbar above, tools on the left), so nearly every
+                # stroke lands on it; strokes beyond the picture are cut off and the note says so.
+                eraser=gr.Eraser(default_size=max(size // 14, 4)), elem_id="mask-editor", height=size + 110,
+                width=size + 110,
                 placeholder="Generate an image first, choose 'draw a new mask', then draw (white = where the object goes)",
             )
     # Whole pictures side by side: "contain" keeps each image uncropped; one row, its own height.
@@ -93,8 +100,9 @@ def create(service: Service) -> InterveneTab:
     summary = gr.Markdown("", label="Intervention summary", elem_id="iv-summary")
     with gr.Accordion("Numbers", open=False):
         numbers = gr.JSON(label="Comparison", elem_id="iv-numbers")
+    progress = gr.State(None)
     return InterveneTab(original, target, live, mode, dx, dy, editor, method, strength, button, stop,
-                        gallery, summary, numbers, note)
+                        gallery, summary, numbers, note, progress)
 
 
 def finished_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
@@ -129,6 +137,15 @@ def target_values(service: Service, run: Run | None, mode: str, dx: Any, dy: Any
     return [service.mask_picture(mask, run.image), ""]
 
 
+def drawn_note(mask: np.ndarray) -> str:
+    """What a drawn target covers, and whether strokes may have gone past the picture (they are cut off)."""
+    text = f"The drawn target covers {mask.mean():.0%} of the picture."
+    if mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
+        text += (" Your strokes reach the picture's edge: anything drawn beyond the picture is not part of the "
+                 "target.")
+    return f"*{text}*"
+
+
 def _layers(editor: Any) -> list[Any]:
     if not isinstance(editor, dict):
         return []
@@ -155,7 +172,7 @@ def wire(service: Service, tab: InterveneTab, run_state: gr.State, ledger: RunLe
             mask = _target(service, run, mode, dx, dy, editor)
         except ValueError as err:
             return None, f"*{err}*"
-        return service.mask_picture(mask, run.image), ""
+        return service.mask_picture(mask, run.image), drawn_note(mask) if mode == DRAW else ""
 
     def intervene(run, mode, dx, dy, editor, method, strength, request: gr.Request = None):
         try:
@@ -164,17 +181,20 @@ def wire(service: Service, tab: InterveneTab, run_state: gr.State, ledger: RunLe
             picture = service.mask_picture(target, run.image)
             with closing(service.intervene_stream(run, target, method, strength)) as stream:
                 for view in stream:
+                    # The live pane shows the edited run's x0 estimate with the probe's outline;
+                    # the result (last step) is shown clean.
                     live = view.overlays.get("foreground", view.preview)
                     c = view.comparison
+                    done = (view.step + 1, view.num_steps)
                     if c is None:
-                        yield live, picture, gr.skip(), f"**{view.label}**", gr.skip()
+                        yield live, picture, gr.skip(), f"**Edited run: {view.label}**", gr.skip(), done
                         continue
                     gallery = [
                         (service.outline(c.original, c.original_mask), "original, its foreground outlined"),
-                        (service.mask_picture(c.target, c.original), "target (red) over the original"),
+                        (service.mask_picture(c.target, c.original), "target (cyan) over the original"),
                         (service.display(c.result), "result"),
                     ]
-                    yield service.display(c.result), picture, gallery, c.summary(), c.numbers()
+                    yield service.display(c.result), picture, gallery, c.summary(), c.numbers(), done
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
 
@@ -199,10 +219,47 @@ def wire(service: Service, tab: InterveneTab, run_state: gr.State, ledger: RunLe
                     show_progress="hidden")
     tab.method.change(describe, [tab.method], [tab.method], api_visibility="private", concurrency_limit=None,
                       show_progress="hidden")
-    event = tab.button.click(
-        intervene, [*target_inputs, tab.method, tab.strength], [tab.live, tab.target, tab.gallery, tab.summary, tab.numbers],
+    def check(run, mode, dx, dy, editor, request: gr.Request = None):
+        # A request that would be refused (no run, a stopped run, a bad target) is refused here,
+        # before anything on the page changes (an event with no outputs marks no panel "Error").
+        try:
+            _require_run(run, ledger, request)
+            _target(service, run, mode, dx, dy, editor)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    def start():
+        # The previous intervention's result goes at once: nothing old sits beside the new run.
+        return [gr.Button(interactive=False), gr.Button(interactive=True), None, None, None,
+                "*Intervening: waiting for the model…*", None]
+
+    def finish():
+        return [gr.Button(interactive=service.ready and bool(service.methods)), gr.Button(interactive=False)]
+
+    def stop(done):
+        if done and done[0] >= done[1]:  # it finished before Stop took effect: its result stands
+            return [*finish(), gr.skip(), gr.skip(), gr.skip()]
+        where = f" at step {done[0]} of {done[1]}" if done else " before the first step finished"
+        return [*finish(), f"**Stopped{where}.** The edited run did not finish, so there is no result to compare.",
+                None, None]
+
+    control = [tab.button, tab.stop]
+    # The check is queued, so a refusal shows as a message; it decodes the drawing, so it waits with
+    # the other views (a few at a time), never behind the model.
+    checked = tab.button.click(check, target_inputs, None, api_visibility="private", show_progress="hidden",
+                               concurrency_limit=fields.VIEW_CONCURRENCY, concurrency_id=fields.VIEW_QUEUE)
+    started = checked.success(start, None, [*control, tab.live, tab.gallery, tab.numbers, tab.summary, tab.progress],
+                              queue=False, api_visibility="private", show_progress="hidden")
+    event = started.success(
+        intervene, [*target_inputs, tab.method, tab.strength],
+        [tab.live, tab.target, tab.gallery, tab.summary, tab.numbers, tab.progress],
         api_name="intervene", concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE, show_progress="minimal",
         show_progress_on=[tab.live],
     )
-    tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
+    for follow in (event.then, event.failure):  # .then() alone is skipped after an error
+        follow(finish, None, control, queue=False, api_visibility="private", show_progress="hidden")
+    # Cancel first, then say where it stopped (a step on its way to the page would overwrite the text).
+    cancelled = tab.stop.click(None, None, None, cancels=[event], api_visibility="private", queue=False)
+    cancelled.then(stop, [tab.progress], [*control, tab.summary, tab.gallery, tab.numbers],
+                   api_visibility="private", queue=False, show_progress="hidden")
     return event

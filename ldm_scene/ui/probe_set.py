@@ -1,0 +1,89 @@
+"""What a probe set's ``metrics.json`` says: the best site per task and per step, the shipped curves.
+
+``metrics.json`` is untrusted input (any folder can be passed with ``--probes``): every reader here
+takes what it understands and ignores the rest.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..probes import TASKS, ProbeBank
+
+
+def task_metrics(metrics: Mapping[str, Any], task: str) -> dict[str, Any]:
+    tasks = metrics.get("tasks") if isinstance(metrics, Mapping) else None
+    entry = tasks.get(task) if isinstance(tasks, Mapping) else None
+    return dict(entry) if isinstance(entry, Mapping) else {}
+
+
+def parse_per_step(raw: Any) -> dict[int, str]:
+    """``best_per_step`` as ``{step: site}`` from a list (of sites or ``{"site": ...}``) or a dict."""
+    items: list[tuple[Any, Any]]
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, (list, tuple)):
+        items = []
+        for i, entry in enumerate(raw):
+            if isinstance(entry, Mapping):
+                items.append((entry.get("step", i), entry.get("site")))
+            else:
+                items.append((i, entry))
+    else:
+        return {}
+    out = {}
+    for step, site in items:
+        if isinstance(site, Mapping):
+            site = site.get("site")
+        try:
+            step = int(step)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(site, str):
+            out[step] = site
+    return out
+
+
+def best_per_step(metrics: Mapping[str, Any], bank: ProbeBank | None, task: str) -> dict[int, str]:
+    """``{step: site}`` from ``best_site_per_step`` (else ``best_per_step``), keeping probed (site, step)s only."""
+    entry = task_metrics(metrics, task)
+    # metrics.json names the sites in best_site_per_step (best_per_step holds their scores)
+    raw = entry.get("best_site_per_step", entry.get("best_per_step"))
+    if bank is None or raw is None:
+        return {}
+    return {s: site for s, site in parse_per_step(raw).items() if (site, s) in bank}
+
+
+def shipped_emergence(metrics: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
+    """The probe set's test-split score per step at the best site, ``{task: (metric, scores)}``.
+
+    Read from ``tasks[task]["best_per_step"]`` when it is a list of numbers.
+    """
+    out = {}
+    for task in TASKS:
+        entry = task_metrics(metrics, task)
+        raw = entry.get("best_per_step")
+        if isinstance(raw, (list, tuple)) and raw and all(v is None or isinstance(v, (int, float)) for v in raw):
+            scores = [float("nan") if v is None else float(v) for v in raw]
+            out[task] = (str(entry.get("metric", "score")), scores)
+    return out
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """A summary row per task: metric, best site, its test score at the last step, when it got there."""
+    tasks = metrics.get("tasks") if isinstance(metrics, Mapping) else None
+    if not isinstance(tasks, Mapping) or not tasks:
+        return ""
+    rows = ["| task | metric | best site | score at the last step | first step at 90% of it |",
+            "|---|---|---|---|---|"]
+    for task, entry in tasks.items():
+        if not isinstance(entry, Mapping):
+            continue
+        score = entry.get("best_score")
+        per_step = entry.get("best_per_step")
+        if score is None and isinstance(per_step, (list, tuple)) and per_step:
+            score = per_step[-1]
+        shown = f"{score:.3f}" if isinstance(score, (int, float)) else "–"
+        first = entry.get("first_step_90pct")
+        first_shown = f"{first + 1}" if isinstance(first, int) else "–"  # metrics.json counts from 0
+        rows.append(f"| {task} | {entry.get('metric', '')} | `{entry.get('best_site', '–')}` | {shown} | {first_shown} |")
+    return "\n".join(rows) if len(rows) > 2 else ""

@@ -1,0 +1,149 @@
+"""What the service hands out: a user's :class:`Run`, one step's :class:`StepView`, an intervention's
+:class:`Comparison`. Plain data (numpy, PIL); the Gradio tabs turn them into component values.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..readout import SiteChoice
+from ..sampler import GenerationConfig
+
+
+@dataclass
+class Run:
+    """One user's generation (or edited generation), kept by the caller between requests.
+
+    ``previews[s]`` is the decoded x0 prediction after step ``s``; ``readouts[s]`` the probe maps at
+    their sites' grids. ``foreground`` is the finished image's object mask at image size (from
+    the model's labeler, else the foreground probe at the last step), which the Intervene tab
+    moves. ``reference`` holds what each step is scored against for the emergence curves.
+    ``started`` is the wall-clock time the run began (the page tells a stopped run from an old one).
+    ``attention_sites`` are the cross-attention sites read for the per-word maps.
+    """
+
+    config: GenerationConfig
+    sites: dict[str, SiteChoice]
+    kind: str = "generate"
+    attention_sites: tuple[str, ...] = ()
+    previews: list[Image.Image] = field(default_factory=list)
+    readouts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    image: Image.Image | None = None
+    foreground: np.ndarray | None = None
+    foreground_source: str = ""
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
+    reference_source: str = ""
+    emergence: dict[str, list[float]] = field(default_factory=dict)
+    curves: Any = None
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    #: Per step, the prompt words' cross-attention maps (:class:`~ldm_scene.attention.WordMaps`; None
+    #: where none were read) and the labeler's maps of that step's x0 preview (None without a labeler).
+    attention: list[Any] = field(default_factory=list)
+    preview_labels: list[dict[str, np.ndarray] | None] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.image is not None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.previews)
+
+
+@dataclass
+class StepView:
+    """What one step looks like: the preview, each task's picture and map, and where the run is.
+
+    ``overlays``: foreground as the outline of ``p > 0.5`` over the clean preview; depth and
+    shading as colour maps with a colour bar over a fixed range. ``foreground_heat`` is the
+    foreground probability as a heat map with its colour bar (None without a foreground readout).
+    ``step`` is 0-based; :attr:`label` counts from 1, as the page does.
+    """
+
+    step: int
+    num_steps: int
+    timestep: float
+    preview: Image.Image
+    overlays: dict[str, Image.Image]
+    readouts: dict[str, np.ndarray]
+    run: Run
+    image: Image.Image | None = None
+    foreground_heat: Image.Image | None = None
+    #: The prompt words' cross-attention maps at this step, drawn over the preview (None: not read).
+    attention: Image.Image | None = None
+    #: Probe readout vs the labeler on the x0 preview vs the final label, one row per task.
+    compare: Image.Image | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.step == self.num_steps - 1
+
+    @property
+    def label(self) -> str:
+        return f"step {self.step + 1} of {self.num_steps} (scheduler timestep {self.timestep:.0f})"
+
+
+@dataclass
+class Comparison:
+    """The end of an intervention: original, target and result, with how well the result fits."""
+
+    original: Image.Image
+    target: np.ndarray
+    result: Image.Image
+    result_mask: np.ndarray
+    original_mask: np.ndarray
+    iou_target: float
+    iou_original_target: float
+    mask_source: str
+    method: str
+
+    @classmethod
+    def of(cls, original: "Run", edited: "Run", target: np.ndarray, method: str) -> "Comparison":
+        """Compare a finished edited run with the original and the target (empty masks where none was found)."""
+        from ..metrics import iou
+
+        result_mask = edited.foreground if edited.foreground is not None else np.zeros_like(target)
+        original_mask = original.foreground if original.foreground is not None else np.zeros_like(target)
+        return cls(
+            original=original.image, target=target, result=edited.image, result_mask=result_mask,
+            original_mask=original_mask, iou_target=iou(result_mask, target),
+            iou_original_target=iou(original_mask, target), mask_source=edited.foreground_source or "none",
+            method=method,
+        )
+
+    def numbers(self) -> dict[str, Any]:
+        """The comparison as plain numbers (for the API): IoUs and mask centroids (x, y) in pixels."""
+        return {
+            "method": self.method,
+            "iou_result_target": round(self.iou_target, 4),
+            "iou_original_target": round(self.iou_original_target, 4),
+            "original_centroid": centroid(self.original_mask),
+            "target_centroid": centroid(self.target),
+            "result_centroid": centroid(self.result_mask),
+            "mask_source": self.mask_source,
+        }
+
+    def summary(self) -> str:
+        return (
+            f"**{self.method}**: IoU of the result's foreground with the target **{self.iou_target:.2f}** "
+            f"(the original's was {self.iou_original_target:.2f}; foreground from {self.mask_source})."
+        )
+
+
+@dataclass
+class InterventionView(StepView):
+    comparison: Comparison | None = None
+
+
+def centroid(mask: np.ndarray) -> list[float] | None:
+    """The (x, y) centre of a mask's pixels, or None for an empty mask."""
+    ys, xs = np.nonzero(np.asarray(mask))
+    if len(xs) == 0:
+        return None
+    return [round(float(xs.mean()), 2), round(float(ys.mean()), 2)]
