@@ -85,8 +85,8 @@ def _intervene_arguments(iv: argparse.ArgumentParser) -> None:
     group.add_argument("--mask", help="a target mask image (white = foreground), any size")
     iv.add_argument("--dy", type=int, default=0)
     iv.add_argument("--method", default=None,
-                    help="steer, probe-gradient (the paper's) or random-control (steer along random directions); "
-                         "default: the first of these that the model's probe folder supports")
+                    help="readout-guidance, steer, probe-gradient (the paper's), or a random-direction control "
+                         "(random-guidance, random-control); default: the first of these that the model's probe folder supports")
     iv.add_argument("--probes", default=None, help="probe directory (default: the model's probes/)")
     iv.add_argument("--device", default=None)
     iv.add_argument("--out", required=True)

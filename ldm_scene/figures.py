@@ -1,13 +1,15 @@
 """The research figures ldm-scene writes next to its results (matplotlib, no pyplot state).
 
+- :func:`write_probe_figures`: a probe run's ``emergence.png`` (:func:`emergence_figure`), ``heatmap_<task>.png``
+  (:func:`heatmap_figure`) and ``strips.png`` (:func:`strips_figure`), saved with :func:`save_figure`;
 - :func:`controls_figure`: a probe run's curves beside what could explain them away (``controls.png``);
 - :func:`plot_run_curves`: one run's classifier confidence per step (the classifier report and the app);
 - :func:`plot_timelines`: when the classifier names the object vs when probes read the scene.
 
-Each returns a ``matplotlib.figure.Figure`` built from JSON results alone; the caller saves it.
-matplotlib is imported when a figure is drawn, not with this module.
-(The probe run's emergence, heat-map and strip figures are in :mod:`ldm_scene.viz`, beside the
-app's display pictures.)
+Each ``*_figure``/``plot_*`` returns a ``matplotlib.figure.Figure`` built from plain data (the
+``metrics.json`` dictionary, numpy arrays, JSON results); the caller saves it. matplotlib is imported
+when a figure is drawn, not with this module. (The app's per-step display pictures are in
+:mod:`ldm_scene.viz`.)
 """
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ if TYPE_CHECKING:
 
     from .classify.curves import RunCurves
 
-__all__ = ["controls_figure", "plot_run_curves", "plot_timelines"]
+__all__ = [
+    "emergence_figure", "heatmap_figure", "strips_figure", "save_figure", "write_probe_figures",
+    "controls_figure", "plot_run_curves", "plot_timelines",
+]
 
 
 # --- a probe run's controls --------------------------------------------------------------------
@@ -128,8 +133,13 @@ def plot_run_curves(curves: "RunCurves", max_classes: int = 5) -> Figure:
                 label=curves.classes[j] + (" (prompted)" if prompted else ""), zorder=3 if prompted else 2)
     if curves.first_correct_step is not None:
         ax.axvline(curves.first_correct_step, color="0.3", linestyle="--", linewidth=1)
-        ax.annotate(f"top-1 from step {curves.first_correct_step}", (curves.first_correct_step, 0.0),
-                    xytext=(4, 4), textcoords="offset points", fontsize=8, color="0.3")
+        # At the top of the line, inside the axes and on a backing: at the bottom it sat on the
+        # x-axis label and on the low curves. It turns left of the line past the middle.
+        left = len(steps) > 1 and curves.first_correct_step > (steps[0] + steps[-1]) / 2
+        ax.annotate(f"top-1 from step {curves.first_correct_step}", (curves.first_correct_step, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(-4 if left else 4, -4), textcoords="offset points",
+                    ha="right" if left else "left", va="top", fontsize=8, color="0.3",
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
     ax.set(xlabel="denoising step", ylabel="confidence", ylim=(0, 1.05), title=f'"{curves.prompt}"')
     if len(steps):
         ax.set_xticks(steps)
@@ -195,3 +205,188 @@ def plot_timelines(classify_json: Mapping | str | Path, metrics_json: Mapping | 
     bottom.set_xticks(steps)
     bottom.grid(alpha=0.3, axis="y")
     return fig
+
+
+# --- a probe run's emergence, heat maps and readout strips ----------------------------------------
+# Figures are built without pyplot (no global backend or figure registry is touched; works headless);
+# :func:`save_figure` writes a PNG with the Agg renderer.
+
+_BASELINE_STYLE = {
+    "labeler_on_x0": ("labeler on x0 preview", "tab:orange", "--"),
+    "latent_probe": ("latent probe", "tab:green", "-."),
+    "permuted_unet": ("permuted UNet", "tab:red", ":"),
+    "prior": ("layout prior", "tab:gray", (0, (1, 3))),
+}
+
+
+def _short(site: str) -> str:
+    parts = site.split(".")
+    if parts[0] == "mid_block":
+        return "mid"
+    return f"{parts[0].replace('_blocks', '')}{parts[1]}.{parts[3]}"
+
+
+def _panel(ax: Any, title: str, ylabel: str, probe: np.ndarray, baselines: Mapping[str, Any], steps: np.ndarray) -> None:
+    ax.plot(steps, probe, color="tab:blue", lw=2.2, marker="o", ms=3, label="probe (best site)")
+    for name, (label, colour, style) in _BASELINE_STYLE.items():
+        curve = _values(baselines.get(name))
+        if curve.size and np.isfinite(curve).any():
+            ax.plot(steps, curve, color=colour, ls=style, lw=1.5, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(steps[:: max(1, len(steps) // 8)])
+    ax.grid(alpha=0.3)
+
+
+def emergence_figure(metrics: Mapping[str, Any]) -> Figure:
+    """Best-site probe score per step for each task, with the baselines (depth also residual)."""
+    from matplotlib.figure import Figure
+
+    tasks = metrics["tasks"]
+    panels = []
+    for task, t in tasks.items():
+        panels.append((f"{task} ({t['metric']})", t["metric"], _values(t["best_per_step"]), t["baselines"]))
+        if task == "depth" and "residual_best_per_step" in t:
+            panels.append(("depth, residual (prior removed)", "spearman", _values(t["residual_best_per_step"]),
+                           t.get("baselines_residual", {})))
+    steps = np.arange(1, int(metrics["num_steps"]) + 1)
+    fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, ylabel, probe, baselines) in zip(axes, panels):
+        _panel(ax, title, ylabel, probe, baselines, steps)
+    # One legend below all panels: inside a panel it covered that panel's curves.
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), fontsize=8, loc="outside lower center",
+               ncols=max(1, len(entries)), frameon=False)
+    fig.suptitle(f"{metrics['model']}: what linear probes read at each step (test split, n={metrics['n_test']})")
+    return fig
+
+
+def heatmap_figure(metrics: Mapping[str, Any], task: str, key: str = "probe") -> Figure:
+    """Site x step heat map of a task's test scores (``key``: ``probe``, ``residual`` or ``iou``)."""
+    from matplotlib.figure import Figure
+
+    t = metrics["tasks"][task]
+    table = t[key]
+    sites = list(table)
+    data = np.stack([_values(table[s]) for s in sites])
+    steps = data.shape[1]
+    fig = Figure(figsize=(1.2 + 0.42 * steps, 1.2 + 0.32 * len(sites)), layout="constrained")
+    ax = fig.subplots()
+    finite = data[np.isfinite(data)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=vmin, vmax=1.0)
+    ax.set_yticks(range(len(sites)), [_short(s) for s in sites], fontsize=7)
+    ax.set_xticks(range(steps), [str(i + 1) for i in range(steps)], fontsize=7)
+    ax.set_xlabel("denoising step")
+    best = t.get("best_site_per_step")
+    if best and key in ("probe", "residual", "iou"):
+        ax.scatter(range(steps), [sites.index(s) for s in best], marker="o", s=12, c="white", edgecolors="black",
+                   linewidths=0.5, label="best site (validation)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
+    fig.colorbar(im, ax=ax, label=t["metric"] if key == "probe" else key)
+    ax.set_title(f"{task}: {t['metric'] if key == 'probe' else key} per site and step")
+    return fig
+
+
+def _tile(data: np.ndarray, size: int, cmap: str | None = None, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """One map or RGB image as a ``size x size`` float RGB tile (nearest resampling, colour-mapped)."""
+    from matplotlib import colormaps
+
+    data = np.asarray(data)
+    if data.ndim == 2:
+        scaled = np.clip((data.astype(np.float64) - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+        data = colormaps[cmap or "viridis"](scaled)[..., :3]
+    elif data.dtype == np.uint8:
+        data = data.astype(np.float64) / 255.0
+    rows = (np.arange(size) * data.shape[0] // size)[:, None]
+    cols = (np.arange(size) * data.shape[1] // size)[None, :]
+    return data[rows, cols]
+
+
+def strips_figure(examples: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any] | None = None, tile: int = 64) -> Figure:
+    """Per-step readouts of example test images: x0 preview, then one row per task's probe readout.
+
+    Each example dict holds ``x0`` ``[S, H, W, 3]`` uint8, ``probe/<task>`` ``[S, h, w]`` (at the
+    task's best site, on its token grid), ``image`` and ``label/<task>`` (shown in a last "final"
+    column), and ``prompt``/``seed``. The tiles are composed into one image (a figure with one axes
+    per tile is slow to lay out at 15 steps), nearest-resampled to ``tile`` pixels.
+    """
+    from matplotlib.figure import Figure
+
+    if not examples:
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no example images", ha="center", va="center")
+        return fig
+    tasks = [k.split("/", 1)[1] for k in examples[0] if k.startswith("probe/")]
+    steps = int(np.asarray(examples[0]["x0"]).shape[0])
+    rows_per = 1 + len(tasks)
+    gap = max(2, tile // 16)
+    height = len(examples) * (rows_per * (tile + gap) + 3 * gap)
+    width = (steps + 1) * (tile + gap) + gap
+    canvas = np.ones((height, width, 3))
+    cmaps = {"foreground": ("gray", 0.0, 1.0), "depth": ("magma_r", None, None), "shading": ("gray", 0.0, 1.0)}
+    row_labels: list[tuple[int, str]] = []
+    y = 0
+    for ex in examples:
+        ranges = {}
+        for task in tasks:
+            ref = np.asarray(ex.get(f"label/{task}", ex[f"probe/{task}"]))
+            cmap, lo, hi = cmaps.get(task, ("viridis", None, None))
+            ranges[task] = (cmap, float(ref.min()) if lo is None else lo, float(ref.max()) if hi is None else hi)
+        for r in range(rows_per):
+            task = None if r == 0 else tasks[r - 1]
+            row_labels.append((y + tile // 2, "x0 preview" if task is None else f"{task} probe"))
+            for s in range(steps + 1):
+                final = s == steps
+                if task is None:
+                    data, cm, lo, hi = (ex["image"] if final else np.asarray(ex["x0"])[s]), None, 0.0, 1.0
+                else:
+                    data = ex.get(f"label/{task}") if final else np.asarray(ex[f"probe/{task}"])[s]
+                    cm, lo, hi = ranges[task]
+                if data is None:
+                    continue
+                x = gap + s * (tile + gap)
+                canvas[y : y + tile, x : x + tile] = _tile(data, tile, cm, lo, hi)
+            y += tile + gap
+        y += 3 * gap
+    fig = Figure(figsize=(width / 80 + 1.6, height / 80 + 0.8))
+    ax = fig.add_axes((0.1, 0.02, 0.88, 0.9))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([gap + s * (tile + gap) + tile / 2 for s in range(steps + 1)],
+                  [str(s + 1) for s in range(steps)] + ["final"], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([c for c, _ in row_labels], [label for _, label in row_labels], fontsize=7)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    title = "probe readouts per denoising step (best site per task); last column: final image and its labels"
+    if metrics is not None:
+        title = f"{metrics['model']}: {title}"
+    prompts = "; ".join(f"seed {ex.get('seed', '?')}: {ex.get('prompt', '')}" for ex in examples)
+    fig.suptitle(f"{title}\n{prompts[:160]}", fontsize=8)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG with the Agg renderer; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def write_probe_figures(metrics: Mapping[str, Any], examples: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``emergence.png``, ``heatmap_<task>.png`` per task and ``strips.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    paths = [save_figure(emergence_figure(metrics), out_dir / "emergence.png")]
+    for task in metrics["tasks"]:
+        paths.append(save_figure(heatmap_figure(metrics, task), out_dir / f"heatmap_{task}.png"))
+    paths.append(save_figure(strips_figure(examples, metrics), out_dir / "strips.png", dpi=100))
+    return paths

@@ -17,6 +17,7 @@ __all__ = [
     "TRIAL_SEED0",
     "SWEEP_SEED0",
     "GUIDANCE_SEED0",
+    "ATLAS_SEED0",
 ]
 
 #: Training renders of the toy world, and probe runs by default (``--seed 0``).
@@ -37,3 +38,4 @@ TRIAL_SEED0 = 30_000_000
 SWEEP_SEED0 = 40_000_000
 #: The guidance sweep that chose the toy model's guidance, apart from the report's seeds.
 GUIDANCE_SEED0 = 60_000_000
+ATLAS_SEED0 = 45_000_000

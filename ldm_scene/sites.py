@@ -149,3 +149,13 @@ def site_table(
         level, ch = level_of(site)
         table.append(SiteInfo(site, module_path(site), ch, lat_h // 2**level, lat_w // 2**level))
     return table
+
+
+def short_site_name(site: str | None) -> str:
+    """A site key as tables and figures print it: ``up_blocks.2.attentions.1`` -> ``up2.1``, mid -> ``mid``."""
+    if site is None:
+        return "—"
+    parts = site.split(".")
+    if parts[0] == "mid_block":
+        return "mid"
+    return f"{parts[0].replace('_blocks', '')}{parts[1]}.{parts[3]}"

@@ -114,7 +114,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 # --- the app --------------------------------------------------------------------------------------
-# (Helpers for the app's tests that are not fixtures live in tests/app_helpers.py.)
+# (Random probe folders, a stand-in classifier and a lying PNG header live in ldm_scene.testing.)
 
 @pytest.fixture(scope="session")
 def wait_idle():
@@ -134,3 +134,36 @@ def wait_idle():
         return False
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function: a TCP port on 127.0.0.1 that is free now."""
+
+    def port() -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return port
+
+
+@pytest.fixture(scope="session")
+def launch_app(free_port):
+    """A function: the app's page built on a service and served in this process on a free port
+    (``launch_options()`` with ``overrides`` on top); the caller closes it."""
+
+    def launch(service, **overrides):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from ldm_scene.ui.blocks import build_demo, launch_options
+
+        demo = build_demo(service)
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                    **{**launch_options(), **overrides})
+        return demo
+
+    return launch

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_scene.capture import attached_hooks
-
-from app_helpers import STEPS, ColourClassifier, free_port, launch, png_header, write_probe_dir
+from ldm_scene.testing import APP_STEPS as STEPS, ColourClassifier, png_header, write_probe_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "ldm-scene-secret-7c1e"
@@ -34,16 +32,11 @@ def service(tiny_model, tmp_path_factory):
     return svc
 
 
-def serving(service):
-    """Fixture body: the app launched on ``service`` for the fixture's scope, then closed."""
-    demo = launch(service)
+@pytest.fixture(scope="module")
+def app(service, launch_app):
+    demo = launch_app(service)
     yield demo
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def app(service):
-    yield from serving(service)
 
 
 @pytest.fixture()
@@ -57,15 +50,6 @@ def _generate(client, prompt="a red cube", seed=3, steps=STEPS, guidance=7.5):
     return client.submit(prompt, seed, steps, guidance, None, None, None, api_name="/generate")
 
 
-def _wait_idle(service, model, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not service._lock.locked() and attached_hooks(model.unet) == 0:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 # -- queue and endpoints ---------------------------------------------------------------------------
 
 def test_model_events_share_one_queue(app):
@@ -76,7 +60,7 @@ def test_model_events_share_one_queue(app):
     assert app._queue.max_size and app._queue.max_size > 0
 
 
-def test_generation_streams_one_update_per_step(client, service, tiny_model):
+def test_generation_streams_one_update_per_step(client, service, tiny_model, wait_idle):
     job = _generate(client)
     job.result(timeout=120)
     outputs = job.outputs()
@@ -89,7 +73,7 @@ def test_generation_streams_one_update_per_step(client, service, tiny_model):
     # the run's outputs are served, as PNG
     r = httpx.get(last[0]["url"], timeout=10)
     assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _wait_idle(service, tiny_model)
+    assert wait_idle(service, tiny_model)
 
 
 def test_scrub_after_the_run(client):
@@ -117,7 +101,7 @@ def test_bad_input_returns_a_clear_error(client, prompt, seed, steps, message):
         client.predict(prompt, seed, steps, 7.5, None, None, None, api_name="/generate")
 
 
-def test_intervention_returns_a_moved_mask(client, service, tiny_model):
+def test_intervention_returns_a_moved_mask(client, service, tiny_model, wait_idle):
     _generate(client, seed=3).result(timeout=120)
     result = client.predict("shift its mask", 6, 0, None, "steer", 1.0, api_name="/intervene")
     live, target, gallery, summary, numbers = result
@@ -126,7 +110,7 @@ def test_intervention_returns_a_moved_mask(client, service, tiny_model):
     assert original is not None and moved is not None
     assert moved[0] > original[0]  # moved right (pixels pushed past the edge drop out, so not by exactly dx)
     assert 0.0 <= numbers["iou_result_target"] <= 1.0
-    assert _wait_idle(service, tiny_model)
+    assert wait_idle(service, tiny_model)
 
 
 def test_intervening_before_generating_is_explained(client):
@@ -136,14 +120,14 @@ def test_intervening_before_generating_is_explained(client):
         client.predict("shift its mask", 6, 0, None, "steer", 1.0, api_name="/intervene")
 
 
-def test_cancel_frees_the_model(client, service, tiny_model):
+def test_cancel_frees_the_model(client, service, tiny_model, wait_idle):
     job = client.submit("a red cube", 1, 40, 7.5, None, None, None, api_name="/generate")
     deadline = time.monotonic() + 60
     while len(job.outputs()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(job.outputs()) >= 2
     job.cancel()
-    assert _wait_idle(service, tiny_model), "the cancelled run kept the model locked or hooked"
+    assert wait_idle(service, tiny_model), "the cancelled run kept the model locked or hooked"
     assert len(job.outputs()) < 40
     job = _generate(client)
     job.result(timeout=120)
@@ -194,10 +178,10 @@ def test_api_input_cannot_point_at_a_server_file(app, client, secret_file):
 
 # -- start-up messages and configuration ------------------------------------------------------------
 
-def test_missing_model_is_explained_in_the_page(tmp_path):
+def test_missing_model_is_explained_in_the_page(tmp_path, launch_app):
     from ldm_scene.ui.service import Service
 
-    demo = launch(Service.load(str(tmp_path / "no-model-here"), device="cpu"))
+    demo = launch_app(Service.load(str(tmp_path / "no-model-here"), device="cpu"))
     try:
         config = httpx.get(demo.local_url.rstrip("/") + "/config", timeout=10).json()
         text = json.dumps(config)
@@ -444,18 +428,11 @@ def test_run_controls_are_chained_so_a_click_mid_run_is_visible(app):
     assert {"classifier-curves", "emergence", "iv-gallery", "iv-summary", "iv-original"} <= cleared
 
 
-def test_an_evicted_run_is_explained(service, tiny_model):
+def test_an_evicted_run_is_explained(service, tiny_model, launch_app, wait_idle):
     """Gradio keeps the state of its most recent sessions only; a session pushed out is told so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from gradio_client import Client
 
-    from ldm_scene.ui.blocks import build_demo, launch_options
-
-    demo = build_demo(service)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **{**launch_options(), "state_session_capacity": 2})
+    demo = launch_app(service, state_session_capacity=2)
     try:
         first = Client(demo.local_url, verbose=False, download_files=False)
         first.submit("a red cube", 3, STEPS, 7.5, None, None, None, api_name="/generate").result(timeout=120)
@@ -468,4 +445,4 @@ def test_an_evicted_run_is_explained(service, tiny_model):
         assert "evicted" in _app_error(first, "shift its mask", 6, 0, None, "steer", 1.0, api_name="/intervene")
     finally:
         demo.close()
-    assert _wait_idle(service, tiny_model)
+    assert wait_idle(service, tiny_model)

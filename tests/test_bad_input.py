@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 
 from ldm_scene.capture import attached_hooks
-
-from app_helpers import STEPS, ColourClassifier, write_probe_dir
+from ldm_scene.testing import APP_STEPS as STEPS, ColourClassifier, png_header, write_probe_dir
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +282,6 @@ def test_a_huge_layer_is_refused_by_size(service):
 
 
 def test_uploads_are_checked_from_the_header_before_decoding(tmp_path):
-    from app_helpers import png_header
 
     from ldm_scene.ui.inputs import InputError, open_image
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from app_helpers import ColourClassifier, launch, write_probe_dir
+from ldm_scene.testing import ColourClassifier, write_probe_dir
 
 pytestmark = pytest.mark.browser
 
@@ -59,7 +59,7 @@ def _require_browser() -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, launch_app):
     chromium = _require_browser()
     from ldm_scene.ui.service import Service
 
@@ -77,7 +77,7 @@ def served(tmp_path_factory):
         folder = write_probe_dir(load_model("tiny", device="cpu"), tmp_path_factory.mktemp("probes"))
         svc = Service.load("tiny", folder, device="cpu", classifier=ColourClassifier())
     assert svc.ready, svc.status_markdown()
-    demo = launch(svc)
+    demo = launch_app(svc)
     yield chromium, demo, svc
     demo.close()
 

@@ -107,7 +107,7 @@ def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp
 
 
 def test_intervene_refuses_probes_fit_under_another_scheduler(tmp_path, capsys):
-    from app_helpers import write_probe_dir
+    from ldm_scene.testing import write_probe_dir
 
     from ldm_scene.models import load_model
 

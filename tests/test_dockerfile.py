@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -52,19 +51,13 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m[1], m[0]), value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_parser_reads_args_env_and_continuations():
     steps = _instructions('FROM x\n# note\nARG A=1\nENV B=2 \\\n    C="three four"\nRUN a \\\n  && b\n')
     assert steps == [("FROM", "x"), ("ARG", "A=1"), ("ENV", 'B=2  C="three four"'), ("RUN", "a  && b")]
 
 
 @pytest.mark.skipif(not (REPO / "weights" / "toy-scenes" / "model_index.json").exists(), reason="toy model not shipped")
-def test_dockerfile_commands_build_a_venv_that_serves_the_app(tmp_path):
+def test_dockerfile_commands_build_a_venv_that_serves_the_app(tmp_path, free_port):
     steps = _instructions((REPO / "Dockerfile").read_text())
     assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.11")
     root = tmp_path / "image"
@@ -119,7 +112,7 @@ def test_dockerfile_commands_build_a_venv_that_serves_the_app(tmp_path):
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert str(workdir) in probe.stdout
 
-    port = _free_port()
+    port = free_port()
     cmd = [str(python) if c == "python" else c for c in cmd]
     cmd[cmd.index("--port") + 1] = str(port)
     cmd[cmd.index("--host") + 1] = "127.0.0.1"

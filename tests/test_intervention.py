@@ -176,7 +176,7 @@ def test_method_defaults_choose_sites_and_steps(tiny_model, banks):
     """probe-gradient keeps the paper's 9 up-block sites and first third; steer and its random control
     edit the same 9 sites through the first two-thirds; an explicit choice overrides either."""
     target = _target(tiny_model)
-    assert METHODS[0] == "steer"  # the default wherever a caller does not choose
+    assert METHODS[0] == "readout-guidance"  # the default wherever a caller does not choose (best in the evaluation)
     assert make_editor("probe-gradient", banks, target).sites == UP_SITE_KEYS
     assert make_editor("probe-gradient", banks, target).iterations == 128
     assert make_editor("steer", banks, target).sites == UP_SITE_KEYS
@@ -192,9 +192,9 @@ def test_method_defaults_choose_sites_and_steps(tiny_model, banks):
         UP_SITE_KEYS, tuple(range(10)), METHOD_DEFAULTS["steer"].gain, METHOD_DEFAULTS["steer"].outside, None)
     assert (control.sites, control.steps, control.strength, control.outside) == (
         steer.sites, steer.steps, steer.strength, steer.outside) and control.random_seed is not None
-    # without class means only the paper's method is offered
+    # without class means only the methods that read the foreground probe alone are offered
     assert available_methods(banks) == METHODS
-    assert available_methods({"foreground": banks["foreground"]}) == ("probe-gradient", "readout-guidance", "random-guidance")
+    assert available_methods({"foreground": banks["foreground"]}) == ("readout-guidance", "probe-gradient", "random-guidance")
     for method in ("steer", "random-control"):
         with pytest.raises(InterventionError, match="needs the foreground_means probes"):
             make_editor(method, {"foreground": banks["foreground"]}, target)

@@ -20,7 +20,6 @@ from PIL import Image
 from ldm_scene.capture import attached_hooks
 from ldm_scene.models import TOY_MODEL_DIR
 
-from app_helpers import launch
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "probes" / "foreground.safetensors").exists(),
                                 reason="the toy model and its probes are not shipped")
@@ -40,8 +39,8 @@ def toy_service():
 
 
 @pytest.fixture(scope="module")
-def toy_app(toy_service):
-    demo = launch(toy_service)
+def toy_app(toy_service, launch_app):
+    demo = launch_app(toy_service)
     yield demo
     demo.close()
 

@@ -2,7 +2,9 @@
 decoder's colour ceiling and the decoder stage appear when measured / trained."""
 from __future__ import annotations
 
-from ldm_scene.toy.report import TARGETS, render_guidance_sweep, render_model_card, render_report, sweep_choice
+from ldm_scene.toy.report import (
+    TARGETS, format_duration, format_timings, render_guidance_sweep, render_model_card, render_report, sweep_choice,
+)
 
 
 def _report(**kw) -> dict:
@@ -28,6 +30,17 @@ def test_report_verdicts_follow_the_targets():
     assert "0.080 | met (target <= 0.15)" in row["layout_ks_x"]
     assert "30.0% | NOT met (target <= 0.2)" in row["layout_coverage_ratio_error"]
     assert set(TARGETS) <= set(row)
+
+
+def test_training_time_reads_as_durations_per_stage_in_the_order_they_run():
+    assert [format_duration(s) for s in (0.4, 31.99, 89.4, 2924.3, 5400, 9000)] == \
+        ["0 s", "32 s", "89 s", "48.7 min", "1.5 h", "2.5 h"]
+    timings = {"unet_s": 2924.311806259, "render_s": 31.99137245099996, "extra_s": 5.0, "labelers_s": 600}
+    assert format_timings(timings) == "render 32 s, labelers 10.0 min, UNet 48.7 min, extra 5 s"
+    assert format_timings({}) == "not recorded"
+    text = render_report(_report(train_timings={"render_s": 31.99137245099996, "unet_s": 2924.311806259}))
+    assert "Training time on this machine: render 32 s, UNet 48.7 min\n" in text
+    assert "{" not in text.split("Training time on this machine:")[1].splitlines()[0]
 
 
 def test_decoder_ceiling_and_stage_are_reported_only_when_present():

@@ -21,6 +21,7 @@ from ldm_scene.probes import TASKS, ProbeBank, load_probe_dir
 from ldm_scene.sampler import GenerationConfig, sample
 from ldm_scene.training import evaluate as ev
 from ldm_scene.training import report as rep
+from ldm_scene.training.readme import render_readme
 from ldm_scene.training.dataset import Shard, make_records, read_prompts, split_counts
 from ldm_scene.training.fit import RidgeStats
 from ldm_scene.training.labelers import (
@@ -475,7 +476,7 @@ def test_metrics_schema_banks_figures_and_readme(reference, tiny_model):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 200
     readme = (out / "README.md").read_text()
-    assert readme == rep.render_readme(metrics)
+    assert readme == render_readme(metrics)
     assert "emergence.png" in readme and "strips.png" in readme and "controls.png" in readme
     fg = metrics["tasks"]["foreground"]
     assert f"`{fg['best_site']}`" in readme

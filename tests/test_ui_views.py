@@ -11,8 +11,7 @@ from PIL import Image
 from ldm_scene.attention import WordMaps
 from ldm_scene.capture import attached_hooks
 from ldm_scene.sites import SITE_KEYS, UP_SITE_KEYS
-
-from app_helpers import STEPS, ColourClassifier, write_probe_dir
+from ldm_scene.testing import APP_STEPS as STEPS, ColourClassifier, write_probe_dir
 
 
 class Labeler:

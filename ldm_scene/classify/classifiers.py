@@ -20,7 +20,7 @@ ImageLike = Union[Image.Image, np.ndarray]
 #: Reference images may also be files, opened only when classified.
 ReferenceImage = Union[Image.Image, np.ndarray, str, Path]
 
-#: Where the toy world's labelers and shape classifier sit inside a model directory.
+#: The files a reference-image folder is read for.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -242,7 +242,7 @@ class ToyShapeClassifier:
     def __init__(self, directory: str | Path):
         directory = Path(directory)
         if not bundle.has_classifier(directory):
-            raise ClassifierLoadError(f"no shape classifier in {directory} (expected classifier.safetensors)")
+            raise ClassifierLoadError(f"no shape classifier in {directory} (expected {bundle.CLASSIFIER_FILE})")
         self.directory = directory
         self.toy = bundle.load_classifier(directory)
         self.classes = tuple(self.toy.classes)

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
     sw.add_argument("--out", default=None, help="default: <model>/intervention")
+    at = sub.add_parser("atlas", help="decodability versus causality: probe Dice and an edit's effect per (site, step window)")
+    at.add_argument("--model", default="weights/toy-scenes")
+    at.add_argument("--n", type=int, default=8, help="trials (each edited at every site and window, and its control)")
+    at.add_argument("--out", default=None, help="default: <model>/intervention")
     gs = sub.add_parser("guidance-sweep", help="prompt-following per guidance scale on seeds apart from the report's")
     gs.add_argument("--model", default="weights/toy-scenes")
     gs.add_argument("--n", type=int, default=200)
@@ -56,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
         from .report import GUIDANCE_GRID, guidance_sweep
 
         guidance_sweep(Path(args.model), args.n, GUIDANCE_GRID, Path(args.out) if args.out else None, apply=args.apply)
+        return 0
+
+    if args.command == "atlas":
+        from .atlas import run_atlas
+
+        run_atlas(Path(args.model), args.n, Path(args.out) if args.out else Path(args.model) / "intervention")
         return 0
 
     if args.command == "intervene-sweep":

@@ -48,6 +48,30 @@ GUIDANCE_GRID: tuple[tuple[float, float | None, float], ...] = (
 )
 
 
+#: What each ``timings.json`` key of a training run names, in the order the stages run.
+STAGE_NAMES = {"render_s": "render", "autoencoder_s": "autoencoder", "decoder_s": "decoder",
+               "labelers_s": "labelers", "unet_s": "UNet"}
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: ``"32 s"`` under 90 s, ``"48.7 min"`` under 90 minutes, else hours."""
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_timings(timings: dict) -> str:
+    """A training run's recorded time per stage (``{"render_s": 32.0, "unet_s": 2924.3}``) as
+    ``"render 32 s, UNet 48.7 min"``: stages in the order they run, unknown keys after them by name;
+    ``"not recorded"`` when there are none."""
+    keys = [k for k in STAGE_NAMES if k in timings] + sorted(k for k in timings if k not in STAGE_NAMES)
+    parts = [f"{STAGE_NAMES.get(k, k.removesuffix('_s'))} {format_duration(timings[k])}" for k in keys]
+    return ", ".join(parts) if parts else "not recorded"
+
+
 def sweep_choice(rows: list[dict]) -> dict:
     """The sweep's pick: the row whose worse of shape and colour as prompted is best (both targets are
     95%), ties to the better sum of object present, shape and colour."""
@@ -144,7 +168,7 @@ def render_report(report: dict) -> str:
         lines += ["", f"Colour check on autoencoder reconstructions of held-out renders (exact masks): "
                   f"{report['ae_colour_match']:.1%}. Generated colours cannot be judged right more often than the "
                   "decoder draws them."]
-    lines += ["", f"Training time on this machine: {report.get('train_timings', {})}", "",
+    lines += ["", f"Training time on this machine: {format_timings(report.get('train_timings', {}))}", "",
               "![samples](samples.png)", ""]
     return "\n".join(lines)
 
@@ -252,7 +276,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         *(["prompts with the words the model confused most drawn more often (in the legs whose command below sets",
            "`--unet-oversample`),"] if any("--unet-oversample" in leg.get("command", "") for leg in history or []) else []),
         (f"on CPU but for the legs on a lent GPU ({', '.join(gpus)})" if gpus else "all on CPU")
-        + f" ({r.get('train_timings', {})} seconds per stage, as recorded; the weights run on CPU).",
+        + f" (per stage, as recorded: {format_timings(r.get('train_timings', {}))}; the weights run on CPU).",
         *render_history(history or []), "",
         "## Measured quality (`REPORT.md`)",
         f"- object present {r['object_present']:.1%}, shape as prompted {r['shape_match']:.1%}, colour as prompted "

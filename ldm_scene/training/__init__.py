@@ -6,7 +6,7 @@ activations: generation streams each (site, step) activation into per-probe suff
 second, seeded pass evaluates them. :func:`ldm_scene.training.adam.train_adam` is the paper's
 trainer (Adam on a bias-free linear map) for comparison on data small enough to hold in memory.
 :mod:`.evaluate` scores readouts (bilinear read-out), :mod:`.controls` makes the prompt-only,
-same-prompt and grid-ceiling controls, :mod:`.report` writes ``metrics.json`` and the README, and
+same-prompt and grid-ceiling controls, :mod:`.report` writes ``metrics.json``, :mod:`.readme` the README, and
 :mod:`.pipeline` strings the phases together: :mod:`.config` (the run's settings), :mod:`.context`
 (what every phase shares), :mod:`.trace` (one image with its activations), :mod:`.fit_pass`,
 :mod:`.solve`, :mod:`.calibrate`, :mod:`.adam`, :mod:`.eval_pass` and :mod:`.outputs`.

@@ -103,7 +103,7 @@ class ToyLabels:
         directory = Path(directory)
         if not bundle.has_labeler(directory):
             raise LabelerError(
-                f"no toy labeler in {directory} (expected labeler.safetensors and labeler.json, "
+                f"no toy labeler in {directory} (expected {bundle.LABELER_FILE} and its .json, "
                 "written by `python -m ldm_scene.toy train`)"
             )
         self.net = bundle.load_labeler(directory)

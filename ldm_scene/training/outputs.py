@@ -10,6 +10,7 @@ from safetensors import safe_open
 from .. import bundle
 from . import evaluate as ev
 from . import report as rep
+from .readme import render_readme
 from .adam import load_adam
 from .config import _META_KEY
 from .context import RunContext, write_text
@@ -62,12 +63,11 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, An
             with np.load(path) as f:
                 examples.append({"seed": record.seed, "prompt": record.prompt, **{k: f[k] for k in f.files}})
     if ctx.config.figures:
-        from .. import viz
-        from ..figures import controls_figure
+        from ..figures import controls_figure, save_figure, write_probe_figures
 
-        viz.write_probe_figures(metrics, examples, ctx.out)
-        viz.save_figure(controls_figure(metrics), ctx.out / "controls.png")
-    write_text(ctx.out / "README.md", rep.render_readme(metrics))
+        write_probe_figures(metrics, examples, ctx.out)
+        save_figure(controls_figure(metrics), ctx.out / "controls.png")
+    write_text(ctx.out / "README.md", render_readme(metrics))
     return metrics
 
 

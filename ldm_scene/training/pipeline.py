@@ -42,7 +42,7 @@ The run, for N seeded images split train / val / test (:mod:`.dataset`):
    shares its prompt with another test image.
 4. **Same-prompt control** (:func:`control_pass`): each such image's readouts scored against the
    other same-prompt test images' labels.
-5. **Report** (:mod:`.outputs`, :mod:`.report`): ``metrics.json``, figures and ``README.md`` in the output directory.
+5. **Report** (:mod:`.outputs`, :mod:`.report`, :mod:`.readme`): ``metrics.json``, figures and ``README.md`` in the output directory.
 
 Every image is generated under the model's own guidance schedule (:func:`~ldm_scene.sampler.config_for`)
 unless the run sets one; probe metadata and ``metrics.json`` record it.

@@ -1,4 +1,4 @@
-"""``metrics.json`` and the generated ``README.md`` of a probe run, from the per-image scores.
+"""``metrics.json`` of a probe run, from the per-image scores, and the targets it is checked against.
 
 :func:`build_metrics` averages the test images' scores (nan-skipping) per task, site and step, picks
 the validation-chosen site per step, and puts every probe score beside the controls that could
@@ -6,26 +6,25 @@ explain it away (DESIGN.md, STYLE.md): the labeler on the decoded x0 preview, th
 permuted UNet, the layout prior, the prompt-only baseline, the same-prompt control and the site
 grid's ceiling. Margins over the baselines are paired per test image, with percentile-bootstrap
 95% intervals (:func:`ldm_scene.metrics.bootstrap_mean_ci`). :func:`targets` checks the issue's
-targets from those numbers, and :func:`render_readme` writes everything out; nothing is typed by hand.
+targets from those numbers, and :func:`ldm_scene.training.readme.render_readme` writes everything out;
+nothing is typed by hand.
 
 Steps are 0-based in ``metrics.json`` and 1-based in the README ("step 5 of 15" is index 4).
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ..metrics import bootstrap_mean_ci
-from ..reports import markdown_table
 from . import evaluate as ev
 
 if TYPE_CHECKING:
     from .context import RunContext
     from .solve import Solution
 
-__all__ = ["TARGETS", "build_metrics", "targets", "render_readme"]
+__all__ = ["TARGETS", "MARGINS", "build_metrics", "targets", "at_step", "task_panels"]
 
 #: The issue's targets: (name, task, 0-based step, what is measured, threshold).
 TARGETS: tuple[tuple[str, str, int, str, float], ...] = (
@@ -37,10 +36,6 @@ TARGETS: tuple[tuple[str, str, int, str, float], ...] = (
 )
 #: Margins with bootstrap intervals: probe minus each of these baselines, paired per test image.
 MARGINS = ("prompt_only", "same_prompt_control", "labeler_on_x0")
-_NAMES = {
-    "prompt_only": "prompt-only", "same_prompt_control": "same-prompt control", "labeler_on_x0": "labeler on x0",
-    "latent_probe": "latent probe", "permuted_unet": "permuted UNet", "prior": "prior",
-}
 
 
 def _list(a: Any) -> list[float | None]:
@@ -248,13 +243,14 @@ def build_metrics(ctx: "RunContext", sol: "Solution", stacked: dict[str, np.ndar
 
 # --- targets ----------------------------------------------------------------------------------
 
-def _at(curve: Sequence[float | None] | None, step: int) -> float | None:
+def at_step(curve: Sequence[float | None] | None, step: int) -> float | None:
+    """``curve[step]``, or None where the curve is missing or too short."""
     if not curve or step >= len(curve):
         return None
     return curve[step]
 
 
-def _panels(m: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def task_panels(m: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per task (and ``depth/residual``): the probe curve, its baselines, ceiling and margins."""
     out = {}
     for task, t in m["tasks"].items():
@@ -277,7 +273,7 @@ def targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     value, its 95% interval where it is a margin, whether the interval's lower end clears the
     threshold too, and the baselines beside it at that step.
     """
-    panels = _panels(metrics)
+    panels = task_panels(metrics)
     steps = int(metrics["num_steps"])
     out = []
     for name, task, step, what, threshold in TARGETS:
@@ -287,228 +283,19 @@ def targets(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         step = min(step, steps - 1)
         ci = None
         if what == "probe":
-            value = _at(p["probe"], step)
+            value = at_step(p["probe"], step)
         elif what == "probe_over_ceiling":
-            value = _at(p["ratio"], step)
+            value = at_step(p["ratio"], step)
         else:
             margin = p["margins"].get(what.split(":", 1)[1], {})
-            value = _at(margin.get("mean"), step)
-            ci = [_at(margin.get("ci95_low"), step), _at(margin.get("ci95_high"), step)]
-        beside = {k: _at(v, step) for k, v in p["baselines"].items()}
-        beside["grid_ceiling"] = _at(p["ceiling"], step)
+            value = at_step(margin.get("mean"), step)
+            ci = [at_step(margin.get("ci95_low"), step), at_step(margin.get("ci95_high"), step)]
+        beside = {k: at_step(v, step) for k, v in p["baselines"].items()}
+        beside["grid_ceiling"] = at_step(p["ceiling"], step)
         out.append({
             "name": name, "task": task, "step": step, "measure": what, "threshold": threshold, "value": value,
             "met": value is not None and value >= threshold, "ci95": ci,
             "ci95_low_also_meets": None if ci is None or ci[0] is None else ci[0] >= threshold,
-            "site": _at(p["sites"], step), "probe": _at(p["probe"], step), "baselines": beside,
+            "site": at_step(p["sites"], step), "probe": at_step(p["probe"], step), "baselines": beside,
         })
     return out
-
-
-# --- README -----------------------------------------------------------------------------------
-
-def _fmt(v: float | None, digits: int = 3, sign: bool = False) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
-
-
-def _short(site: str | None) -> str:
-    if site is None:
-        return "—"
-    parts = site.split(".")
-    if parts[0] == "mid_block":
-        return "mid"
-    return f"{parts[0].replace('_blocks', '')}{parts[1]}.{parts[3]}"
-
-
-def _margin(p: Mapping[str, Any], name: str, step: int) -> str:
-    mg = p["margins"].get(name)
-    if not mg:
-        return "—"
-    value = _at(mg["mean"], step)
-    if value is None:
-        return "—"
-    return f"{_fmt(value, sign=True)} [{_fmt(_at(mg['ci95_low'], step), sign=True)}, {_fmt(_at(mg['ci95_high'], step), sign=True)}]"
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "not met"
-
-
-def _grid(m: Mapping[str, Any], site: str | None) -> str:
-    hw = (m.get("site_grids") or {}).get(site) if site else None
-    return f"{hw[0]}x{hw[1]}" if hw else "?"
-
-
-def _target_lines(m: Mapping[str, Any]) -> list[str]:
-    found = {(t["name"]): t for t in m.get("targets", [])}
-    lines = []
-
-    def base(t: Mapping[str, Any], keys: Sequence[str]) -> str:
-        b = t["baselines"]
-        return ", ".join(f"{_NAMES.get(k, k.replace('_', ' '))} {_fmt(b.get(k))}" for k in keys if k in b)
-
-    dice, ratio = found.get("foreground Dice"), found.get("foreground Dice / grid ceiling")
-    if dice:
-        s = dice["step"]
-        text = (f"- foreground Dice at step {s + 1}: **{_fmt(dice['value'])}** (target >= {dice['threshold']:g}: "
-                f"**{_met(dice['met'])}**)")
-        if ratio:
-            text += (f"; grid ceiling of its site (`{_short(dice['site'])}`, {_grid(m, dice['site'])}) "
-                     f"{_fmt(dice['baselines'].get('grid_ceiling'))}, probe / ceiling **{_fmt(ratio['value'])}** "
-                     f"(target >= {ratio['threshold']:g}: **{_met(ratio['met'])}**)")
-        lines.append(text + "; beside it: " + base(dice, ("prompt_only", "same_prompt_control", "labeler_on_x0",
-                                                           "latent_probe", "permuted_unet", "prior")))
-    for key in ("foreground lead over the prompt-only baseline", "foreground lead over the labeler on decoded x0"):
-        t = found.get(key)
-        if not t:
-            continue
-        other = "prompt_only" if "prompt" in key else "labeler_on_x0"
-        ci = t["ci95"] or [None, None]
-        lines.append(
-            f"- {key} at step {t['step'] + 1}: **{_fmt(t['value'], sign=True)}** Dice (95% CI {_fmt(ci[0], sign=True)} to "
-            f"{_fmt(ci[1], sign=True)}; target >= {t['threshold']:g}: **{_met(t['met'])}**"
-            + ("" if not t["met"] or t["ci95_low_also_meets"] is None else
-               f", {'and' if t['ci95_low_also_meets'] else 'but not'} by the interval's lower end")
-            + f"): probe {_fmt(t['probe'])} vs {_NAMES[other]} {_fmt(t['baselines'].get(other))}; same-prompt control "
-            f"{_fmt(t['baselines'].get('same_prompt_control'))}, grid ceiling {_fmt(t['baselines'].get('grid_ceiling'))}"
-        )
-    t = found.get("residual depth Spearman (prior removed)")
-    if t:
-        lines.append(
-            f"- residual depth Spearman at step {t['step'] + 1} (prior removed): **{_fmt(t['value'])}** (target >= "
-            f"{t['threshold']:g}: **{_met(t['met'])}**); beside it: "
-            + base(t, ("prompt_only", "same_prompt_control", "grid_ceiling", "labeler_on_x0", "latent_probe",
-                       "permuted_unet", "prior"))
-        )
-    return lines
-
-
-def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: int = 2) -> str:
-    """The ``README.md`` of a probe directory, generated from ``metrics.json`` (no hand-written numbers).
-
-    ``target_step`` (0-based, default 4: "step 5 of 15") and ``lead_step`` (default 2: step 3) are
-    the steps of the summary's tables; the targets section reads ``metrics["targets"]``.
-    """
-    m = metrics
-    steps = int(m["num_steps"])
-    tstep, lstep = min(target_step, steps - 1), min(lead_step, steps - 1)
-    panels = _panels(m)
-    boot = m.get("bootstrap", {})
-    lines = [
-        f"# Linear probes for `{m['model']}`",
-        "",
-        "Generated by `python -m ldm_scene.training run` from `metrics.json`; do not edit by hand.",
-        "",
-        f"- images: {m['n_train']} train + {m['n_val']} validation (probes fit on both; the ridge penalty and the "
-        f"best site per step chosen on validation) and {m['n_test']} test images, seeds "
-        f"{m['seeds']['first']}..{m['seeds']['first'] + m['seeds']['count'] - 1}",
-        f"- generation: {m['scheduler']}, {steps} steps, {m.get('guidance_schedule', 'guidance ' + str(m['guidance']))}"
-        f"{' (' + m['guidance_source'] + ')' if m.get('guidance_source') else ''}, "
-        f"{m['image_size'][0]}x{m['image_size'][1]} images; probes are fit and tested under this schedule; labels: "
-        f"{m['labeler']} applied to the final image",
-        "- probes: closed-form ridge per (site, step) from streamed statistics; files `foreground.safetensors`, "
-        "`depth.safetensors`, `shading.safetensors`",
-        f"- read-out: each site's token-grid output is brought to the labels' resolution by upsampling: "
-        f"{m.get('upsampling', 'bilinear')}",
-        "- foreground decision threshold: ridge regresses each token's foreground fraction p; the threshold on p "
-        "with the best mean Dice on the validation images is chosen per (site, step) (the latent and permuted-UNet "
-        "baselines get the same) and folded into the bias, so a logit margin > 0 is the calibrated mask",
-        "- controls: **prompt-only** = the fitting images' mean label for the test image's prompt (the prior for an "
-        f"unseen prompt; foreground threshold {_fmt(m.get('prompt_only_threshold'), 2)}, chosen on validation by "
-        "the same rule); **same-prompt control** = the probe's readout scored against the other test images with the "
-        f"same prompt ({m.get('n_test_with_same_prompt_partners', '?')} of {m['n_test']} test images have one); "
-        "**grid ceiling** = the exact label pooled to the site's grid and upsampled back, foreground at 0.5",
-        f"- margins: probe minus baseline per test image, mean and 95% interval from {boot.get('resamples', '?')} "
-        f"bootstrap resamples of the test images (seed {boot.get('seed', '?')})",
-        "- steps are numbered 1..N here (metrics.json uses 0-based indices)",
-        "- best site per step: highest validation R² of the ridge fit; overall best site: highest mean validation R² "
-        "over the last 5 steps",
-        "",
-        "Figures: [emergence](emergence.png) · [controls and margins](controls.png) · "
-        + " · ".join(f"[{t} heat map](heatmap_{t}.png)" for t in m["tasks"])
-        + " · [readout strips](strips.png)",
-        "",
-        "![emergence](emergence.png)",
-        "",
-        "![controls](controls.png)",
-        "",
-        "## Summary",
-        "",
-        f"Scores at step {tstep + 1} of {steps} (best site per step), with the controls beside them:",
-        "",
-    ]
-    rows = []
-    for name, p in panels.items():
-        t = m["tasks"][name.split("/")[0]]
-        first = t.get("residual_first_step_90pct" if name == "depth/residual" else "first_step_90pct")
-        b = p["baselines"]
-        label = "depth (residual)" if name == "depth/residual" else name
-        rows.append([label, p["metric"], f"`{t['best_site']}`", _fmt(_at(p["probe"], steps - 1)),
-                     "—" if first is None else first + 1, _fmt(_at(p["probe"], tstep)), _fmt(_at(p["ceiling"], tstep))]
-                    + [_fmt(_at(b.get(k), tstep)) for k in ("prompt_only", "same_prompt_control", "labeler_on_x0",
-                                                            "latent_probe", "permuted_unet", "prior")])
-    lines += markdown_table(("task", "metric", "best site", "final score", "step reaching 90% of final",
-                             f"score at step {tstep + 1}", "grid ceiling", "prompt-only", "same-prompt control",
-                             "labeler on x0", "latent probe", "permuted UNet", "prior"), rows)
-    lines += [
-        "",
-        "Margins of the probe over the baselines (paired per test image; 95% bootstrap interval in brackets) and the "
-        "share of its grid's ceiling it reaches:",
-        "",
-    ]
-    rows = []
-    for name, p in panels.items():
-        label = "depth (residual)" if name == "depth/residual" else name
-        for s in sorted({lstep, tstep}):
-            rows.append((label, s + 1, _fmt(_at(p["probe"], s)), _margin(p, "prompt_only", s),
-                         _margin(p, "same_prompt_control", s), _margin(p, "labeler_on_x0", s), _fmt(_at(p["ratio"], s))))
-    lines += markdown_table(("task", "step", "probe", "probe − prompt-only", "probe − same-prompt control",
-                             "probe − labeler on x0", "probe / grid ceiling"), rows)
-    lines += ["", f"## Targets at step {tstep + 1} of {steps}", ""]
-    lines += _target_lines(m)
-    for name, p in panels.items():
-        task = name.split("/")[0]
-        t = m["tasks"][task]
-        title = "depth (residual, prior removed)" if name == "depth/residual" else task
-        fg = name == "foreground"
-        lines += [
-            "",
-            f"## {title}: {p['metric']} per step (test split)",
-            "",
-        ]
-        b = p["baselines"]
-        rows = []
-        for s in range(steps):
-            row = [s + 1, _short(p["sites"][s]), _fmt(_at(p["probe"], s)), _fmt(_at(p["ceiling"], s))]
-            row += [_fmt(_at(b.get(k), s)) for k in ("prompt_only", "same_prompt_control", "labeler_on_x0",
-                                                     "latent_probe", "permuted_unet", "prior")]
-            if fg:
-                row.append(_fmt(_at(t.get("iou_best_per_step"), s)))
-            rows.append(row)
-        lines += markdown_table(("step", "best site", "probe", "grid ceiling", "prompt-only", "same-prompt control",
-                                 "labeler on x0", "latent probe", "permuted UNet", "prior") + (("IoU",) if fg else ()), rows)
-    avr = m.get("adam_vs_ridge")
-    if avr and avr.get("tasks"):
-        lines += [
-            "",
-            f"## Adam (the paper's trainer) vs closed-form ridge, same {avr['n_images']} images",
-            "",
-            f"Adam: bias-free linear map, lr {avr['lr']}, batch {avr['batch_size']}, {avr['epochs']} epochs "
-            f"({_fmt(avr['seconds']['adam'], 1)} s); ridge: {_fmt(avr['seconds']['ridge'], 2)} s. Test-split scores:",
-            "",
-        ]
-        rows = []
-        for task, per_key in avr["tasks"].items():
-            for key, v in per_key.items():
-                site, _, step = key.partition("@")
-                rows.append((task, f"`{site}`", int(step) + 1, _fmt(v["ridge"]), _fmt(v["adam"])))
-        lines += markdown_table(("task", "site", "step", "ridge", "adam"), rows)
-    tim = m.get("timings")
-    if tim:
-        lines += ["", "## Cost", ""]
-        for k, v in tim.items():
-            lines.append(f"- {k.replace('_', ' ')}: {_fmt(v, 3) if isinstance(v, float) else v}")
-    lines.append("")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Load what the service needs beside the model, each on its own: probes, metrics, labeler, classifier.
+"""Load what the service needs: the model, then each on its own its probes, metrics, labeler and classifier.
 
 Nothing here raises for a bad file: a refusal becomes a message the page shows, and the app runs
 with what did load.
@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..models import Model
+from .. import bundle
+from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
 from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[
 
 
 def load_metrics(folder: Path) -> tuple[dict[str, Any], str | None]:
-    path = folder / "metrics.json"
+    path = bundle.metrics_path(folder)
     if not path.is_file():
         return {}, None
     try:
@@ -52,13 +54,11 @@ def load_metrics(folder: Path) -> tuple[dict[str, Any], str | None]:
 
 
 def load_labeler(model: Model, notes: list[str]) -> Any:
-    folder = model.extra_dir("labelers")
-    if folder is None or not (folder / "labeler.safetensors").is_file():
+    folder = model.extra_dir(bundle.LABELERS_DIR)
+    if not bundle.has_labeler(folder):
         return None
     try:
-        from ..toy.nets import ToyLabeler
-
-        return ToyLabeler.load(folder)
+        return bundle.load_labeler(folder)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         notes.append(f"The labeler in `{folder}` could not be loaded ({err}); masks come from the probes")
         return None
@@ -72,3 +72,63 @@ def load_classifier(model: Model, device: Any, notes: list[str]) -> Any:
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # ClassifierLoadError is a RuntimeError
         notes.append(f"No classifier for this model, so the Classifier tab shows only the probes: {err}")
         return None
+
+
+@dataclass
+class Parts:
+    """What :meth:`~.service.Service.load` assembles: ``model`` None when it could not be loaded
+    (``problems`` says why); the rest as :class:`~.service.Service` takes them."""
+
+    model: Model | None
+    banks: dict[str, ProbeBank] = field(default_factory=dict)
+    intervention_banks: dict[str, ProbeBank] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    probe_dir: Path | None = None
+    labeler: Any = None
+    classifier: Any = None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_parts(model_name: str, probe_dir: str | Path | None, device: Any, classifier: Any) -> Parts:
+    """The model and its probe set, labeler and classifier (see :meth:`~.service.Service.load`);
+    every failure becomes a message in ``problems`` or ``notes``, never an exception."""
+    problems: list[str] = []
+    notes: list[str] = []
+    try:
+        model = load_model(model_name, device=device)
+        model.sites()  # a UNet without SD v1.4's layout has no probe sites: refuse it here
+    except (ModelLoadError, OSError, ValueError, RecursionError) as err:
+        shown = ALIASES.get(model_name, model_name)
+        problems.append(f"The model `{shown}` could not be loaded: {err}")
+        if model_name == "toy" or Path(shown) == TOY_MODEL_DIR:
+            problems.append("The embedded toy model is built by `python -m ldm_scene.toy train` into "
+                            "`weights/toy-scenes` (see the README).")
+        return Parts(None, problems=problems)
+    banks, means, metrics, folder = {}, {}, {}, None
+    if probe_dir is not None:
+        folder = Path(probe_dir)
+    else:
+        folder = model.extra_dir(bundle.PROBES_DIR)
+    if folder is None:
+        problems.append(
+            f"No probe set for `{model.model_id}`: it ships no `{bundle.PROBES_DIR}/` folder. Generation works; "
+            "probe readouts and the intervention need one (`--probes DIR`)."
+        )
+    elif not folder.is_dir():
+        problems.append(f"The probe folder `{folder}` does not exist; generation works without readouts.")
+        folder = None
+    else:
+        banks, means, refused = load_probes(model, folder)
+        problems.extend(refused)
+        if not banks and not refused:
+            problems.append(f"`{folder}` holds no probe files (`foreground/depth/shading.safetensors`).")
+        metrics, metric_problem = load_metrics(folder)
+        if metric_problem:
+            notes.append(metric_problem)
+    labeler = load_labeler(model, notes)
+    if classifier is True:
+        classifier = load_classifier(model, device, notes)
+    elif classifier is False:
+        classifier = None
+    return Parts(model, banks, means, metrics, folder, labeler, classifier, problems, notes)

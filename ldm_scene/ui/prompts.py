@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import bundle
+
 log = logging.getLogger(__name__)
 
 #: A tokenizer with at most this many tokens is word-level (the toy and tiny models').
@@ -31,9 +33,7 @@ def vocabulary(tokenizer: Any) -> tuple[str, ...]:
     """
     if len(tokenizer) > WORD_LEVEL_MAX_TOKENS:
         return ()
-    from ..toy.render import PROMPT_WORDS
-
-    return tuple(w for w in PROMPT_WORDS if _one_token(tokenizer, w))
+    return tuple(w for w in bundle.toy_prompt_words()["prompt"] if _one_token(tokenizer, w))
 
 
 def _quoted(words: Sequence[str]) -> str:
@@ -48,11 +48,10 @@ def prompt_warnings(vocab: Sequence[str], prompt: Any) -> list[str]:
     """
     if not vocab or not isinstance(prompt, str):
         return []
-    from ..toy.render import PLACE_WORDS
-
+    place_words = bundle.toy_prompt_words()["place"]
     words = list(dict.fromkeys(re.findall(r"[^\W_]+", prompt.lower())))
-    place = [w for w in words if w in PLACE_WORDS]
-    unknown = [w for w in words if w not in vocab and w not in PLACE_WORDS]
+    place = [w for w in words if w in place_words]
+    unknown = [w for w in words if w not in vocab and w not in place_words]
     out = []
     if place:
         out.append(f"{_quoted(place)}: this model's prompts never say where the object is; the noise decides "

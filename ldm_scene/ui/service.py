@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..attention import AttentionError, attention_reader
-from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
+from ..models import Model
 from ..probes import TASKS, ProbeBank
 from ..readout import ProbeReader, SiteChoice, emergence, upsample_nearest
 from ..sampler import (
@@ -38,7 +38,7 @@ from .choices import ATTENTION_GROUPS, DEFAULT_ATTENTION_GROUP, DEFAULT_ATTENTIO
 from .targets import MAX_SHIFT_FRACTION  # noqa: F401  (re-exported)
 from .drawing import MAP_STYLE, Painter  # noqa: F401  (MAP_STYLE re-exported)
 from .inputs import ServiceError, finite_number, whole_number
-from .loading import load_classifier, load_labeler, load_metrics, load_probes
+from .loading import load_parts
 from .probe_set import best_per_step, shipped_emergence, task_metrics
 from .results import Results, results_page
 from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
@@ -111,45 +111,9 @@ class Service:
         one for the model (:func:`ldm_scene.classify.classifier_for`: the toy shape classifier, else
         VGG-16, downloaded on first use), False none, or pass a classifier object.
         """
-        problems: list[str] = []
-        notes: list[str] = []
-        try:
-            model = load_model(model_name, device=device)
-            model.sites()  # a UNet without SD v1.4's layout has no probe sites: refuse it here
-        except (ModelLoadError, OSError, ValueError, RecursionError) as err:
-            shown = ALIASES.get(model_name, model_name)
-            problems.append(f"The model `{shown}` could not be loaded: {err}")
-            if model_name == "toy" or Path(shown) == TOY_MODEL_DIR:
-                problems.append("The embedded toy model is built by `python -m ldm_scene.toy train` into "
-                                "`weights/toy-scenes` (see the README).")
-            return cls(None, problems=problems, **kwargs)
-        banks, means, metrics, folder = {}, {}, {}, None
-        if probe_dir is not None:
-            folder = Path(probe_dir)
-        else:
-            folder = model.extra_dir("probes")
-        if folder is None:
-            problems.append(
-                f"No probe set for `{model.model_id}`: it ships no `probes/` folder. Generation works; "
-                "probe readouts and the intervention need one (`--probes DIR`)."
-            )
-        elif not folder.is_dir():
-            problems.append(f"The probe folder `{folder}` does not exist; generation works without readouts.")
-            folder = None
-        else:
-            banks, means, refused = load_probes(model, folder)
-            problems.extend(refused)
-            if not banks and not refused:
-                problems.append(f"`{folder}` holds no probe files (`foreground/depth/shading.safetensors`).")
-            metrics, metric_problem = load_metrics(folder)
-            if metric_problem:
-                notes.append(metric_problem)
-        labeler = load_labeler(model, notes)
-        if classifier is True:
-            classifier = load_classifier(model, device, notes)
-        elif classifier is False:
-            classifier = None
-        return cls(model, banks, means, metrics, folder, labeler, classifier, problems, notes, **kwargs)
+        p = load_parts(model_name, probe_dir, device, classifier)
+        return cls(p.model, p.banks, p.intervention_banks, p.metrics, p.probe_dir, p.labeler, p.classifier, p.problems,
+                   p.notes, **kwargs)
 
     # --- facts for the UI ---------------------------------------------------------------------
     @property
@@ -393,7 +357,7 @@ class Service:
         return targets.drawn(layers, self._require_model().image_size)
 
     def intervene_stream(
-        self, run: Run | None, target: np.ndarray, method: str = "steer", strength: Any = 1.0
+        self, run: Run | None, target: np.ndarray, method: str = "readout-guidance", strength: Any = 1.0
     ) -> Iterator[InterventionView]:
         """Re-run ``run``'s prompt and seed while editing activations towards ``target``; stream it.
 
@@ -467,7 +431,7 @@ class Service:
         """Keep one step of ``run``: preview, probe maps, word maps and the labeler's view of the preview."""
         run.previews.append(state.preview)
         run.timesteps.append(float(state.timestep))
-        run.readouts.append(dict(state.readouts.get("probes", {})))
+        run.readouts.append(dict(state.readouts.get(ProbeReader.name, {})))
         run.attention.append(state.readouts.get("attention"))
         run.preview_labels.append(self._labels(state.preview))
 
