@@ -219,11 +219,7 @@ _BASELINE_STYLE = {
 }
 
 
-def _short(site: str) -> str:
-    parts = site.split(".")
-    if parts[0] == "mid_block":
-        return "mid"
-    return f"{parts[0].replace('_blocks', '')}{parts[1]}.{parts[3]}"
+from .sites import short_site_name as _short  # noqa: E402  (one spelling of site names)
 
 
 def _panel(ax: Any, title: str, ylabel: str, probe: np.ndarray, baselines: Mapping[str, Any], steps: np.ndarray) -> None:

@@ -24,13 +24,7 @@ def _fmt(v: float | None, digits: int = 3, sign: bool = False) -> str:
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
-def _short(site: str | None) -> str:
-    if site is None:
-        return "—"
-    parts = site.split(".")
-    if parts[0] == "mid_block":
-        return "mid"
-    return f"{parts[0].replace('_blocks', '')}{parts[1]}.{parts[3]}"
+from ..sites import short_site_name as _short  # noqa: E402  (one spelling of site names)
 
 
 def _margin(p: Mapping[str, Any], name: str, step: int) -> str:
