@@ -101,6 +101,21 @@ def sd14_unet_empty() -> UNet2DConditionModel:
 APP_STEPS = 4
 
 
+def foreground_banks(model, steps: int, seed: int = 0) -> dict:
+    """A random foreground probe (no biases) and random class means (counts 3 and 1) for every
+    (site, step) of ``model``: what the intervention methods read."""
+    from .probes import ProbeBank, ProbeMeta, class_means_bank
+
+    sites = {s.key: (s.channels, s.height, s.width) for s in model.sites()}
+    meta = ProbeMeta("foreground", model.model_id, model.image_size, "LMSDiscreteScheduler", steps, sites)
+    gen = torch.Generator().manual_seed(seed)
+    weights = {(s, t): torch.randn(2, c, generator=gen) for s, (c, _, _) in sites.items() for t in range(steps)}
+    probe = ProbeBank(meta, weights)
+    sums = {k: torch.randn(2, w.shape[1], generator=gen) for k, w in weights.items()}
+    counts = {k: torch.tensor([3.0, 1.0]) for k in weights}
+    return {"foreground": probe, "foreground_means": class_means_bank(sums, counts, probe)}
+
+
 def random_banks(model, steps: int = APP_STEPS, seed: int = 0, model_id: str | None = None,
                  scheduler: str = "LMSDiscreteScheduler") -> dict:
     """Random probes for every (site, step) of ``model`` with metadata that fits it, plus class means."""

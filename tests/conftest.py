@@ -39,6 +39,19 @@ def tiny_model():
     return load_model("tiny", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def tiny_service(tiny_model, tmp_path_factory):
+    """The app's service on the tiny model with random probes and a colour classifier, one per test
+    module (each module's sessions stay its own)."""
+    from ldm_scene.testing import ColourClassifier, write_probe_dir
+    from ldm_scene.ui.service import Service
+
+    svc = Service.load("tiny", write_probe_dir(tiny_model, tmp_path_factory.mktemp("probes")), device="cpu",
+                       classifier=ColourClassifier())
+    svc.model = tiny_model  # the session's tiny model, so the hook-leak check covers the service's work
+    return svc
+
+
 @pytest.fixture(scope="session")
 def sd14_unet():
     """SD v1.4's full-size UNet from its published config, on the meta device (no weights)."""

@@ -16,20 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_scene.testing import APP_STEPS as STEPS, ColourClassifier, png_header, write_probe_dir
+from ldm_scene.testing import APP_STEPS as STEPS, png_header
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "ldm-scene-secret-7c1e"
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
-    from ldm_scene.ui.service import Service
-
-    svc = Service.load("tiny", write_probe_dir(tiny_model, tmp_path_factory.mktemp("probes")), device="cpu",
-                       classifier=ColourClassifier())
-    svc.model = tiny_model  # the session's tiny model, so the hook-leak check covers the server's work
-    return svc
+def service(tiny_service):
+    return tiny_service
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,12 @@ import torch
 from PIL import Image
 
 from ldm_scene.capture import attached_hooks
-from ldm_scene.testing import APP_STEPS as STEPS, ColourClassifier, png_header, write_probe_dir
+from ldm_scene.testing import APP_STEPS as STEPS, png_header, write_probe_dir
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
-    from ldm_scene.ui.service import Service
-
-    svc = Service.load("tiny", write_probe_dir(tiny_model, tmp_path_factory.mktemp("probes")), device="cpu",
-                       classifier=ColourClassifier())
-    svc.model = tiny_model
-    return svc
+def service(tiny_service):
+    return tiny_service
 
 
 def _generate(service, **kw):

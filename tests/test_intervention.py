@@ -8,12 +8,12 @@ from PIL import Image
 
 from ldm_scene.capture import attached_hooks, capture
 from ldm_scene.intervention import (
-    METHOD_DEFAULTS, METHODS, InterventionError, SteerEditor, available_methods, class_means_bank, default_edit_steps,
+    METHOD_DEFAULTS, METHODS, InterventionError, SteerEditor, available_methods, default_edit_steps,
     intervene, make_editor, prepare_target, translate_mask,
 )
-from ldm_scene.probes import ProbeBank, ProbeMeta
 from ldm_scene.sampler import GenerationConfig, sample
 from ldm_scene.sites import SITE_KEYS, UP_SITE_KEYS
+from ldm_scene.testing import foreground_banks
 
 STEPS = 4
 
@@ -21,14 +21,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def banks(tiny_model):
     """A random foreground probe and random class means for every (site, step) of the tiny model."""
-    sites = {s.key: (s.channels, s.height, s.width) for s in tiny_model.sites()}
-    meta = ProbeMeta("foreground", tiny_model.model_id, tiny_model.image_size, "LMSDiscreteScheduler", STEPS, sites)
-    gen = torch.Generator().manual_seed(0)
-    weights = {(s, t): torch.randn(2, c, generator=gen) for s, (c, _, _) in sites.items() for t in range(STEPS)}
-    probe = ProbeBank(meta, weights)
-    sums = {k: torch.randn(2, w.shape[1], generator=gen) for k, w in weights.items()}
-    counts = {k: torch.tensor([3.0, 1.0]) for k in weights}
-    return {"foreground": probe, "foreground_means": class_means_bank(sums, counts, probe)}
+    return foreground_banks(tiny_model, STEPS)
 
 
 @pytest.fixture(scope="module")

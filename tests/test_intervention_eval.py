@@ -205,15 +205,9 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def banks(tiny_model):
-    from ldm_scene.probes import ProbeBank, ProbeMeta, class_means_bank
+    from ldm_scene.testing import foreground_banks
 
-    sites = {s.key: (s.channels, s.height, s.width) for s in tiny_model.sites()}
-    meta = ProbeMeta("foreground", tiny_model.model_id, tiny_model.image_size, "LMSDiscreteScheduler", STEPS, sites)
-    gen = torch.Generator().manual_seed(0)
-    weights = {(s, t): torch.randn(2, c, generator=gen) for s, (c, _, _) in sites.items() for t in range(STEPS)}
-    probe = ProbeBank(meta, weights)
-    sums = {k: torch.randn(2, w.shape[1], generator=gen) for k, w in weights.items()}
-    return {"foreground": probe, "foreground_means": class_means_bank(sums, {k: torch.tensor([3.0, 1.0]) for k in weights}, probe)}
+    return foreground_banks(tiny_model, STEPS)
 
 
 def _target(model) -> np.ndarray:

@@ -11,7 +11,7 @@ from PIL import Image
 from ldm_scene.attention import WordMaps
 from ldm_scene.capture import attached_hooks
 from ldm_scene.sites import SITE_KEYS, UP_SITE_KEYS
-from ldm_scene.testing import APP_STEPS as STEPS, ColourClassifier, write_probe_dir
+from ldm_scene.testing import APP_STEPS as STEPS
 
 
 class Labeler:
@@ -26,13 +26,8 @@ class Labeler:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
-    from ldm_scene.ui.service import Service
-
-    svc = Service.load("tiny", write_probe_dir(tiny_model, tmp_path_factory.mktemp("probes")), device="cpu",
-                       classifier=ColourClassifier())
-    svc.model = tiny_model
-    return svc
+def service(tiny_service):
+    return tiny_service
 
 
 @pytest.fixture(scope="module")

@@ -183,16 +183,20 @@ def eval_pass(ctx: RunContext, shard: Shard = Shard(), limit: int | None = None,
             t0 = time.perf_counter()
             scores = eval_image(ctx, sol, readouts, adam, record, record.index in with_previews, record.index in examples)
             scores["seconds/total"] = np.asarray(time.perf_counter() - t0)
-            path = eval_path(ctx, record)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, **scores)
-            os.replace(tmp, path)
+            _save_scores(eval_path(ctx, record), scores)
             done += 1
             bar.update(1)
     finally:
         bar.close()
     return done
+
+
+def _save_scores(path: Path, scores: dict[str, np.ndarray]) -> None:
+    """One image's score arrays as ``path`` (.npz), replaced atomically so a killed pass leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **scores)
+    os.replace(tmp, path)
 
 
 def control_pass(ctx: RunContext, shard: Shard = Shard(), progress: bool = True) -> int:
@@ -243,11 +247,7 @@ def control_pass(ctx: RunContext, shard: Shard = Shard(), progress: bool = True)
                                                  FOREGROUND_THRESHOLD)
                         for name, v in got.items():
                             scores.setdefault(f"control/{task}/{name}", np.full((len(ctx.sites), ctx.config.steps), np.nan))[row] = v
-                path = control_path(ctx, record)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.stem + ".tmp.npz")
-                np.savez(tmp, **scores)
-                os.replace(tmp, path)
+                _save_scores(control_path(ctx, record), scores)
                 done += 1
                 bar.update(1)
     finally:
