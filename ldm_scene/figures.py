@@ -386,3 +386,24 @@ def write_probe_figures(metrics: Mapping[str, Any], examples: Sequence[Mapping[s
         paths.append(save_figure(heatmap_figure(metrics, task), out_dir / f"heatmap_{task}.png"))
     paths.append(save_figure(strips_figure(examples, metrics), out_dir / "strips.png", dpi=100))
     return paths
+
+
+def atlas_figure(r: Mapping[str, Any], labels: Sequence[str], names: Sequence[str]) -> Figure:
+    """The decodability-versus-causality atlas (``ldm_scene.toy.atlas``): three heat maps, sites
+    (``labels``) x step windows (``names``): probe Dice, distance closed by the edit, and its control."""
+    from matplotlib.figure import Figure
+
+    maps = [np.asarray(r["decodability_dice"]), np.asarray(r["closed_share"]), np.asarray(r["closed_share_control"])]
+    titles = ["probe Dice (decodability)", "distance closed by steer\n(causality)", "random-direction control"]
+    lim = max(0.05, float(np.nanmax(np.abs(maps[1:]))))
+    fig = Figure(figsize=(11, 0.32 * len(labels) + 1.6), layout="constrained")
+    for i, (ax, m, title) in enumerate(zip(fig.subplots(1, 3), maps, titles)):
+        im = ax.imshow(m, cmap="viridis" if i == 0 else "RdBu_r", aspect="auto",
+                       vmin=None if i == 0 else -lim, vmax=None if i == 0 else lim)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if i == 0 else [], fontsize=8)
+        ax.set_title(title, fontsize=9)
+        for (y, x), v in np.ndenumerate(m):
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if i == 0 else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from .. import bundle
 from ..intervention import make_editor, translate_mask
 from ..intervention_methods import guided_sample
+from ..figures import atlas_figure, save_figure
 from ..reports import markdown_table
 from ..seeds import ATLAS_SEED0
 from ..sites import SITE_KEYS, short_site_name
-from .intervention_eval import _World, _final
+from .intervention_eval import _World, _final, centroid_distance
 from .quality import has_object, mask_centroid
 
 #: Step windows (0-based loop indices, end exclusive) of a 15-step run: early, middle, late.
@@ -56,10 +57,8 @@ def shift_target(mask: np.ndarray, share: float = SHIFT_SHARE) -> np.ndarray:
 
 
 def _distance(mask: np.ndarray, target: np.ndarray) -> float | None:
-    if not has_object(mask):
-        return None
-    (ax, ay), (bx, by) = mask_centroid(mask), mask_centroid(target)
-    return float(np.hypot(ax - bx, ay - by))
+    """Centroid distance (pixels) from a labeled mask to the target; None where no object was drawn."""
+    return centroid_distance(mask, target) if has_object(mask) else None
 
 
 def run_atlas(model_dir: Path, n: int, out: Path, windows: Sequence[tuple[int, int]] = WINDOWS,
@@ -73,16 +72,17 @@ def run_atlas(model_dir: Path, n: int, out: Path, windows: Sequence[tuple[int, i
         seed = ATLAS_SEED0 + i
         config, original = world.original(seed, steps)
         if has_object(original.mask):
-            trials.append((config, original.mask, shift_target(original.mask)))
+            target = shift_target(original.mask)
+            trials.append((config, target, _distance(original.mask, target)))
     closed = {m: np.zeros((len(sites), len(windows))) for m in ("steer", "random-control")}
     cells = [(m, si, wi) for m in closed for si in range(len(sites)) for wi in range(len(windows))]
     for method, si, wi in tqdm(cells, desc="atlas cells"):
         shares = []
-        for config, mask, target in trials:
+        for config, target, before in trials:
             editor = make_editor(method, world.banks, target, [sites[si]], range(*windows[wi]), 1.0, config.seed)
             image = _final(guided_sample(world.model, config, [editor]))
             result = world.labeler(np.asarray(image))["mask"][0]
-            shares.append(closed_share(_distance(mask, target), _distance(result, target)))
+            shares.append(closed_share(before, _distance(result, target)))
         closed[method][si, wi] = float(np.mean(shares)) if shares else float("nan")
     metrics_path = bundle.probes_dir(model_dir) / bundle.METRICS_FILE
     probe = json.loads(metrics_path.read_text())["tasks"]["foreground"]["probe"]
@@ -97,7 +97,8 @@ def run_atlas(model_dir: Path, n: int, out: Path, windows: Sequence[tuple[int, i
     out.mkdir(parents=True, exist_ok=True)
     (out / "atlas.json").write_text(json.dumps(result, indent=1))
     (out / "atlas.md").write_text(render_atlas(result))
-    atlas_figure(result).save(out / "atlas.png")
+    save_figure(atlas_figure(result, [short_site_name(x) for x in sites], [_window_name(w) for w in windows]),
+                out / "atlas.png", dpi=100)
     return result
 
 
@@ -139,32 +140,3 @@ def render_atlas(r: dict) -> str:
         f" Rank correlation between the two maps over all cells: {'n/a' if rc is None else f'{rc:+.2f}'}.", "",
         *markdown_table(header, rows), "", "![atlas](atlas.png)", "",
     ])
-
-
-def atlas_figure(r: dict):
-    """Three heat maps, sites x windows: decodability (Dice), causality (distance closed) and its control."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    labels = [short_site_name(s) for s in r["sites"]]
-    names = [_window_name(w) for w in r["windows"]]
-    maps = [np.asarray(r["decodability_dice"]), np.asarray(r["closed_share"]), np.asarray(r["closed_share_control"])]
-    titles = ["probe Dice (decodability)", "distance closed by steer\n(causality)", "random-direction control"]
-    lim = max(0.05, float(np.nanmax(np.abs(maps[1:]))))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 0.32 * len(labels) + 1.6), constrained_layout=True)
-    for i, (ax, m, title) in enumerate(zip(axes, maps, titles)):
-        im = ax.imshow(m, cmap="viridis" if i == 0 else "RdBu_r", aspect="auto",
-                       vmin=None if i == 0 else -lim, vmax=None if i == 0 else lim)
-        ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.set_yticks(range(len(labels)), labels if i == 0 else [], fontsize=8)
-        ax.set_title(title, fontsize=9)
-        for (y, x), v in np.ndenumerate(m):
-            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="white" if i == 0 else "black")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(fig)
-    return image
