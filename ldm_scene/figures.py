@@ -106,6 +106,22 @@ def controls_figure(metrics: Mapping[str, Any]) -> Figure:
 
 # --- classifier curves -----------------------------------------------------------------------
 
+def shown_classes(curves: "RunCurves", max_classes: int = 5) -> list[int]:
+    """The classes worth drawing for one run: the prompted class, the classes that were ever top-1,
+    topped up with the highest-peaking others, ``max_classes`` in all (indices into ``curves.classes``)."""
+    probs = curves.probabilities
+    chosen: list[int] = []
+    if curves.prompted_class is not None:
+        chosen.append(curves.prompted_class)
+    peaks = probs.max(axis=0) if len(curves.steps) else np.zeros(len(curves.classes))
+    for j in list(dict.fromkeys(curves.top1.tolist())) + list(np.argsort(-peaks, kind="stable")):
+        if len(chosen) >= max_classes:
+            break
+        if int(j) not in chosen:
+            chosen.append(int(j))
+    return chosen
+
+
 def plot_run_curves(curves: "RunCurves", max_classes: int = 5) -> Figure:
     """Confidence over steps of the classes that matter in one run; the first correct step marked.
 
@@ -118,16 +134,7 @@ def plot_run_curves(curves: "RunCurves", max_classes: int = 5) -> Figure:
     ax = fig.add_subplot()
     steps = np.asarray(curves.steps)
     probs = curves.probabilities
-    chosen: list[int] = []
-    if curves.prompted_class is not None:
-        chosen.append(curves.prompted_class)
-    peaks = probs.max(axis=0) if len(steps) else np.zeros(len(curves.classes))
-    for j in list(dict.fromkeys(curves.top1.tolist())) + list(np.argsort(-peaks, kind="stable")):
-        if len(chosen) >= max_classes:
-            break
-        if int(j) not in chosen:
-            chosen.append(int(j))
-    for j in chosen:
+    for j in shown_classes(curves, max_classes):
         prompted = j == curves.prompted_class
         ax.plot(steps, probs[:, j], marker="o", markersize=3, linewidth=2.6 if prompted else 1.2,
                 label=curves.classes[j] + (" (prompted)" if prompted else ""), zorder=3 if prompted else 2)

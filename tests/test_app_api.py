@@ -288,7 +288,7 @@ def test_nan_is_refused_by_name(app):
     """NaN passes both of Gradio's bound checks; it used to reach int() and show Python's own
     'cannot convert float NaN to integer'."""
     assert "step must be a whole number, got nan" in _raw_error(app, "scrub", '{"data": [NaN]}')
-    body = '{"data": ["a red cube", 3, %d, NaN, null, null, null, null]}' % STEPS
+    body = '{"data": ["a red cube", 3, %d, NaN, null, null, null, null, 3]}' % STEPS
     assert "guidance must be a number, got nan" in _raw_error(app, "generate", body)
 
 
@@ -380,7 +380,7 @@ def test_api_names_say_what_each_value_is(app):
             assert r.get("label") and not re.fullmatch(r"value_\d+", r["label"]), (name, r)
     generate = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
     assert generate == ["prompt", "seed", "steps", "guidance", "foreground_site", "depth_site", "shading_site",
-                        "attention_sites"]
+                        "attention_sites", "preview_every"]
 
 
 def test_prompt_warnings_reach_the_page_without_refusing(app):

@@ -266,8 +266,8 @@ def _walk(page, served) -> None:
     # 5. Classifier: the same run's curves and probe emergence, no label chip over the titles.
     _tab(page, "Classifier")
     for plot in ("#classifier-curves", "#emergence"):
-        page.wait_for_selector(f"{plot} [data-testid='matplotlib'] img", timeout=30_000)
-        _whole_picture(page, f"{plot} [data-testid='matplotlib']")
+        # line plots drawn in the browser (Vega-Lite): a canvas or an SVG with the run's points
+        page.wait_for_selector(f"{plot} canvas, {plot} svg.marks", timeout=30_000)
         # the figure carries its title: Gradio's label chip is not drawn over it (only for screen readers)
         label = page.query_selector(f"{plot} [data-testid='block-label']")
         assert label is None or "sr-only" in (label.get_attribute("class") or ""), f"{plot}: a label chip covers the title"
@@ -358,7 +358,7 @@ def _walk(page, served) -> None:
     _shot(page, "07_stopped")
     _tab(page, "Classifier")
     assert "stopped" in _text(page, "#classifier-summary")
-    assert page.query_selector("#emergence [data-testid='matplotlib'] img") is None
+    assert page.query_selector("#emergence canvas, #emergence svg.marks") is None
     _tab(page, "Intervene")
     assert "stopped" in _text(page, "#iv-summary")
     assert not page.query_selector_all("#iv-gallery img"), "the previous intervention's result is still shown"

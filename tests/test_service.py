@@ -381,7 +381,7 @@ def test_results_show_tables_and_figures(service):
 
 def test_generation_tracks_classifier_curves_live(service):
     seen, views = [], []
-    for view in service.generate_stream("a red cube", seed=3, steps=STEPS):
+    for view in service.generate_stream("a red cube", seed=3, steps=STEPS, preview_every=1):
         seen.append(view.run.curves.steps)  # the curves so far, updated every step
         views.append(view)
     assert seen == [tuple(range(s + 1)) for s in range(STEPS)]
@@ -389,6 +389,43 @@ def test_generation_tracks_classifier_curves_live(service):
     assert curves.classes == ("cube", "sphere") and curves.prompted_class == 0
     again = service.classify(views[-1].run)
     assert np.allclose(again.probabilities, curves.probabilities)
+
+
+def test_stream_decodes_every_kth_step_and_the_rest_on_demand(service, tiny_model):
+    """With ``preview_every=k`` the stream decodes (and classifies) the first step, every k-th and the
+    last; a skipped step shows the latest decoded image and is decoded exactly when looked at."""
+    from ldm_scene.sampler import decode
+
+    views = list(service.generate_stream("a red cube", seed=3, steps=STEPS, preview_every=3))
+    run = views[-1].run
+    decoded = [s for s in range(STEPS) if run.previews[s] is not None]
+    assert decoded == [0, 2, 3] and run.missing_previews() == [1]  # 4 steps: first, 3rd, last
+    assert [v.preview_step for v in views] == [0, 0, 2, 3]
+    assert "x0 image from step 1" in views[1].label and "x0 image" not in views[2].label
+    assert views[1].attention is None and views[1].compare is None  # strips wait for a decoded step
+    assert run.curves.steps == (0, 2, 3) and run.preview_labels[1] is None
+    assert all(maps is not None for maps in run.attention)  # the probes and word maps are read every step
+    assert all(set(r) == set(TASKS) for r in run.readouts)
+
+    every = list(service.generate_stream("a red cube", seed=3, steps=STEPS, preview_every=1))[-1].run
+    for s in decoded:  # the same pictures as decoding every step
+        assert np.array_equal(np.asarray(run.previews[s]), np.asarray(every.previews[s]))
+    view = service.view_of(run, 1)  # scrubbing to the skipped step decodes it
+    assert view.decoded and run.missing_previews() == []
+    assert np.array_equal(np.asarray(run.previews[1]), np.asarray(every.previews[1]))
+    assert np.array_equal(np.asarray(run.previews[1]), np.asarray(decode(tiny_model, run.latents[1][None])[0]))
+    curves = service.classify(run)  # every step, as with preview_every=1
+    assert curves.steps == tuple(range(STEPS))
+    assert np.allclose(curves.probabilities, every.curves.probabilities)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "often", 51])
+def test_preview_cadence_is_checked(service, bad):
+    from ldm_scene.ui.service import MAX_UI_STEPS
+
+    assert bad != MAX_UI_STEPS  # 51: one past the UI's step limit
+    with pytest.raises(ValueError, match="preview_every must be"):
+        next(service.generate_stream("a red cube", seed=3, steps=STEPS, preview_every=bad))
 
 
 def test_a_place_word_the_tokenizer_lacks_still_generates(service):
@@ -472,7 +509,7 @@ def test_stop_says_where_it_stopped(service, run):
     from ldm_scene.ui.tab_generate import stopped_text
 
     before = run.started - 1
-    partial = dataclasses.replace(run, previews=run.previews[:2], image=None)
+    partial = dataclasses.replace(run, previews=run.previews[:2], timesteps=run.timesteps[:2], image=None)
     assert "Stopped at step 2 of 4" in stopped_text(partial, before)
     assert "finished (step 4 of 4)" in stopped_text(run, before)
     assert "before the first step" in stopped_text(run, run.started + 1)  # the run shown is an older one

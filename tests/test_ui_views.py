@@ -32,7 +32,8 @@ def service(tiny_service):
 
 @pytest.fixture(scope="module")
 def views(service):
-    return list(service.generate_stream("a red cube", seed=3, steps=STEPS, guidance=7.5))
+    # Every step decoded, so every view carries its strips (the default cadence is tested in test_service).
+    return list(service.generate_stream("a red cube", seed=3, steps=STEPS, guidance=7.5, preview_every=1))
 
 
 def test_every_step_streams_the_words_attention_and_keeps_it_for_the_scrubber(service, views, tiny_model):
@@ -76,7 +77,7 @@ def test_compare_strip_has_a_row_per_task_and_fills_the_final_label_when_the_run
     from ldm_scene.ui.drawing import STRIP_TILE
 
     monkeypatch.setattr(service, "labeler", Labeler())
-    views = list(service.generate_stream("a red cube", seed=3, steps=STEPS, guidance=7.5))
+    views = list(service.generate_stream("a red cube", seed=3, steps=STEPS, guidance=7.5, preview_every=1))
     run = views[-1].run
     assert all(labels is not None and set(labels) == {"foreground", "depth", "shading"}
                for labels in run.preview_labels)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..probes import TASKS, ProbeBank
 from ..readout import value_range
-from ..viz import colour_bar_picture, outline_picture, picture_grid, upsample_smooth, word_attention_picture
+from ..viz import colour_bar_picture, coloured, fast_png, outline_picture, picture_grid, upsample_smooth, word_attention_picture
 from .views import Run, StepView
 
 #: How depth and shading maps are drawn: colour map, and what its low and high ends mean.
@@ -44,9 +44,14 @@ class Painter:
         """Each depth/shading bank's fixed colour range (its target mean +- 2 standard deviations)."""
         return {t: value_range(b) for t, b in self.banks.items() if t != "foreground"}
 
-    def step(self, run: Run, step: int, image: Image.Image | None) -> StepView:
-        """The :class:`StepView` of 0-based ``step`` of ``run`` (``image``: the final image, on the last step)."""
-        preview = run.previews[step]
+    def step(self, run: Run, step: int, image: Image.Image | None, strips: bool = True) -> StepView:
+        """The :class:`StepView` of 0-based ``step`` of ``run`` (``image``: the final image, on the last step).
+
+        A step whose preview was not decoded is drawn over the latest decoded one (the view's
+        ``preview_step`` says which). ``strips=False`` leaves out the attention and compare strips.
+        """
+        shown_step = run.shown_step(step)
+        preview = run.previews[shown_step]
         maps = run.readouts[step]
         overlays, heat = {}, None
         ranges = self.ranges()
@@ -59,15 +64,17 @@ class Painter:
                 lo, hi = ranges.get(task, (float(np.nanmin(values)), float(np.nanmax(values))))
                 overlays[task] = colour_bar_picture(values, lo, hi, cmap, self.size, task, low, high)
         shown = image if image is not None else preview
-        return StepView(step, run.config.steps, run.timesteps[step], enlarge(shown, self.size), overlays, maps, run,
-                        image, heat, self.attention(run, step), self.compare(run, step))
+        overlays = {t: fast_png(p) for t, p in overlays.items()}
+        return StepView(step, run.config.steps, run.timesteps[step], fast_png(enlarge(shown, self.size)), overlays,
+                        maps, run, image, fast_png(heat), fast_png(self.attention(run, step)) if strips else None,
+                        fast_png(self.compare(run, step)) if strips else None, shown_step)
 
     def attention(self, run: Run, step: int) -> Image.Image | None:
         """The prompt words' cross-attention maps at ``step`` over its preview (None if none were read)."""
         words = run.attention[step] if step < len(run.attention) else None
         if words is None or not words.per_site:
             return None
-        return word_attention_picture(run.previews[step], words.mean(), words.words, STRIP_TILE)
+        return word_attention_picture(run.previews[run.shown_step(step)], words.mean(), words.words, STRIP_TILE)
 
     def compare(self, run: Run, step: int) -> Image.Image | None:
         """One row per task: the probe at ``step``, the labeler on the step's x0 preview, the final label."""
@@ -78,6 +85,7 @@ class Painter:
         final = run.reference if run.reference_source.startswith("the labeler") else {}
         tasks = [t for t in TASKS if t in maps or (labels and t in labels)]
         ranges = self.ranges()
+        backdrop = run.previews[run.shown_step(step)]
         rows = []
         for task in tasks:
             def cell(values: np.ndarray | None, over: Image.Image | None, bar: bool = False) -> Image.Image | None:
@@ -92,13 +100,13 @@ class Painter:
                 return _coloured(values, lo, hi, cmap)
 
             rows.append([
-                cell(maps.get(task), run.previews[step]),
+                cell(maps.get(task), backdrop),
                 cell(labels.get(task) if labels else None, run.previews[step]),
                 cell(final.get(task), run.image, bar=True),
             ])
         k = step + 1
         return picture_grid(rows, [f"probe, step {k}", f"labeler on x0, step {k}", "final image's label"], tasks,
-                            STRIP_TILE, missing=["no readout", "no labeler",
+                            STRIP_TILE, missing=["no readout", "no labeler" if run.previews[step] is not None else "not decoded yet",
                                                  "when finished" if run.image is None else "no labeler"])
 
     def display(self, image: Image.Image) -> Image.Image:
@@ -122,8 +130,6 @@ class Painter:
 
 
 def _coloured(values: np.ndarray, lo: float, hi: float, cmap: str) -> Image.Image:
-    from matplotlib import colormaps
-
     span = hi - lo if np.isfinite(hi - lo) and hi > lo else 1.0
     smooth = upsample_smooth(np.nan_to_num(np.asarray(values, np.float32), nan=lo), (STRIP_TILE, STRIP_TILE))
-    return Image.fromarray(colormaps[cmap](((smooth - lo) / span).clip(0, 1), bytes=True)[..., :3])
+    return Image.fromarray(coloured((smooth - lo) / span, cmap))

@@ -1,68 +1,71 @@
-"""Figures the app draws per run (matplotlib ``Figure`` objects, no pyplot state)."""
+"""Per-run plots, as data for Gradio's line plots (drawn in the browser by Vega-Lite).
+
+A run redraws them while it streams: a matplotlib figure cost ~0.2 s of server time to draw and
+encode each time, more than a toy-model step (benchmarks/bench_app.py); a line plot sends its
+points. Steps count from 1, as the page does (the run stores them from 0).
+"""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
-
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import Any, Mapping, Sequence
 
 from .views import Run
 
 _METRIC = {"foreground": "Dice", "depth": "Spearman", "shading": "Spearman"}
 _COLOURS = {"foreground": "#d62728", "depth": "#7b3294", "shading": "#555555"}
+#: The shipped test-split means, drawn paler beside each task's own curve.
+_PALE = {"foreground": "#f4a6a6", "depth": "#c7a6d9", "shading": "#b8b8b8"}
 
 
-def emergence_figure(run: Run, shipped: Mapping[str, tuple[str, Sequence[float]]] | None = None) -> Figure | None:
-    """Per-step agreement of each probe's readout with the finished image's labels (one image).
+def emergence_frame(run: Run | None, shipped: Mapping[str, tuple[str, Sequence[float]]] | None = None) -> Any:
+    """Per-step agreement of each probe's readout with the finished image's labels (one image), as a
+    ``gr.LinePlot`` update (None without scores).
 
-    ``shipped`` adds the probe set's test-split curves (``{task: (metric, per-step scores)}``) as
-    dashed lines, for comparing this image with the average.
+    ``shipped`` adds the probe set's test-split curves (``{task: (metric, per-step scores)}``), so
+    this image can be compared with the average.
     """
+    import gradio as gr
+    import pandas as pd
+
     if run is None or not run.emergence:
         return None
-    fig = Figure(figsize=(5.2, 4.0), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    # Steps are drawn from 1, as the page counts them (the run stores them from 0).
+    rows: list[dict[str, Any]] = []
+    colours: dict[str, str] = {}
     for task, scores in run.emergence.items():
-        steps = [s + 1 for s, v in enumerate(scores) if not math.isnan(v)]
-        values = [v for v in scores if not math.isnan(v)]
-        ax.plot(steps, values, marker="o", ms=3, color=_COLOURS.get(task), label=f"{task} ({_METRIC.get(task, '')})")
+        series = f"{task} ({_METRIC.get(task, 'score')})"
+        colours[series] = _COLOURS.get(task, "#1f77b4")
+        rows += [{"step": s + 1, "agreement": float(v), "series": series} for s, v in enumerate(scores)
+                 if not math.isnan(v)]
     for task, (metric, scores) in (shipped or {}).items():
         if task not in run.emergence:
             continue
-        steps = [s + 1 for s, v in enumerate(scores) if not math.isnan(v)]
-        values = [v for v in scores if not math.isnan(v)]
-        ax.plot(steps, values, linestyle="--", linewidth=1, color=_COLOURS.get(task), alpha=0.6,
-                label=f"{task}, test-split mean ({metric})")
-    ax.set_xlabel("denoising step (1 = first)")
-    ax.set_ylabel("agreement")
-    lowest = min((v for c in run.emergence.values() for v in c if not math.isnan(v)), default=0.0)
-    ax.set_ylim(min(-0.05, lowest - 0.05), 1.05)
-    ax.set_xlim(0.5, max(run.num_steps, 1) + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    # Below the axes, never over the curves.
-    fig.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
-    ax.set_title(f"Probe emergence for this image\n(vs {run.reference_source})", fontsize=9)
-    return fig
+        series = f"{task}, test-split mean ({metric})"
+        colours[series] = _PALE.get(task, "#aec7e8")
+        rows += [{"step": s + 1, "agreement": float(v), "series": series} for s, v in enumerate(scores)
+                 if not math.isnan(v) and s < run.num_steps]
+    lowest = min((r["agreement"] for r in rows), default=0.0)
+    return gr.LinePlot(pd.DataFrame(rows, columns=["step", "agreement", "series"]),
+                       title=f"Probe emergence for this image (vs {run.reference_source})",
+                       color_map=colours, x_lim=[1, max(run.num_steps, 2)],
+                       y_lim=[min(-0.05, lowest - 0.05), 1.05])
 
 
-def count_steps_from_one(fig: Figure | None) -> Figure | None:
-    """Relabel a per-step figure drawn at 0-based steps (the library's) so its steps read from 1.
+def classifier_frame(curves: Any) -> Any:
+    """The classifier's per-step confidence for the classes worth showing (:func:`~ldm_scene.figures.shown_classes`),
+    as a ``gr.LinePlot`` update; its title names the first step whose top class is the prompt's."""
+    import gradio as gr
+    import pandas as pd
 
-    Tick labels and "step N" annotations move up by one; the data stay where they are.
-    """
-    import re
+    from ..figures import shown_classes
 
-    if fig is None:
+    if curves is None:
         return None
-    for ax in fig.axes:
-        ticks = [t for t in ax.get_xticks() if float(t).is_integer()]
-        if ticks:
-            ax.set_xticks(ticks, [str(int(t) + 1) for t in ticks])
-        for text in ax.texts:
-            text.set_text(re.sub(r"step (\d+)", lambda m: f"step {int(m[1]) + 1}", text.get_text()))
-        if ax.get_xlabel():
-            ax.set_xlabel(f"{ax.get_xlabel()} (1 = first)")
-    return fig
+    rows = [{"step": int(step) + 1, "confidence": float(curves.probabilities[i, j]),
+             "class": curves.classes[j] + (" (prompted)" if j == curves.prompted_class else "")}
+            for j in shown_classes(curves) for i, step in enumerate(curves.steps)]
+    first = curves.first_correct_step
+    named = f"top-1 from step {first + 1}" if first is not None else "not the prompted class yet"
+    steps = [int(s) + 1 for s in curves.steps]
+    return gr.LinePlot(pd.DataFrame(rows, columns=["step", "confidence", "class"]),
+                       title=f'Classifier on "{curves.prompt}": {named}',
+                       x_lim=[1, max(steps[-1], 2)] if steps else None)

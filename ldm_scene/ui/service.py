@@ -30,8 +30,8 @@ from ..models import Model
 from ..probes import TASKS, ProbeBank
 from ..readout import ProbeReader, SiteChoice, emergence, upsample_nearest
 from ..sampler import (
-    DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, describe_guidance,
-    sample,
+    DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, decode,
+    describe_guidance, sample,
 )
 from . import choices, prompts, targets
 from .choices import ATTENTION_GROUPS, DEFAULT_ATTENTION_GROUP, DEFAULT_ATTENTION_SITES  # noqa: F401
@@ -49,6 +49,16 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 BEST_PER_STEP = "best site at each step"
 #: The UI's limits (the library allows more; a public app should not run 200 steps per click).
 MAX_UI_STEPS = 50
+#: The live stream decodes the x0 estimate (and runs the labeler and the classifier on it) at the
+#: first step, every this many steps and at the last; the probes are read at every step. Decoding
+#: every step cost about as much as the toy model's UNet (benchmarks/bench_app.py); the steps
+#: between are decoded when someone looks at them (scrubbing, recomputing the classifier curves).
+PREVIEW_EVERY = 3
+
+
+def decoded_live(step: int, num_steps: int, every: int) -> bool:
+    """Whether the live stream decodes 0-based ``step`` of ``num_steps`` when decoding ``every`` steps."""
+    return step == 0 or step == num_steps - 1 or (step + 1) % every == 0
 
 
 class Service:
@@ -276,6 +286,7 @@ class Service:
         sites: Mapping[str, str | None] | None = None,
         track_classes: bool = True,
         attention_sites: Sequence[str] | None = None,
+        preview_every: Any = PREVIEW_EVERY,
     ) -> Iterator[StepView]:
         """Denoise ``prompt`` and yield a :class:`StepView` after every step.
 
@@ -283,9 +294,12 @@ class Service:
         (both ``ValueError``) before any model work. Each view's ``run`` is the :class:`Run` so
         far (complete on the last step, with the object's mask, the emergence scores and the
         classifier's curves). ``attention_sites`` are where the prompt words' cross-attention maps
-        are read (default: every site; ``[]``: none). Closing the stream early stops the model and
-        removes its hooks.
+        are read (default: every site; ``[]``: none). ``preview_every``: the x0 estimate is decoded
+        (and labelled and classified) at the first step, every ``preview_every`` steps and at the
+        last (1: every step); a view between shows the latest decoded one (its ``preview_step``).
+        Closing the stream early stops the model and removes its hooks.
         """
+        every = self.preview_cadence(preview_every)
         config = self.config(prompt, seed, steps if steps is not None else self.default_steps,
                              guidance if guidance is not None else self.default_guidance)
         choices = self.resolve_sites(sites)
@@ -303,38 +317,64 @@ class Service:
                 run.notes.append(f"no cross-attention maps: {err}")
         tracker = self._tracker(config.prompt) if track_classes else None
         with self._exclusive(), ExitStack() as stack:
-            states = sample(model, config, readers=readers, previews=True)
+            states = sample(model, config, readers=readers)
             stack.callback(states.close)
             for state in states:
-                self._record(run, state)
-                if tracker is not None:
-                    run.curves = tracker.update(state.step, state.preview)
+                self._record(run, state, decoded_live(state.step, state.num_steps, every))
+                if tracker is not None and run.previews[state.step] is not None:
+                    run.curves = tracker.update(state.step, run.previews[state.step])
                 if state.image is not None:
                     run.image = state.image
                     self._finish(run)
-                yield self.painter.step(run, state.step, state.image)
+                # Between decoded steps the strips (maps beside the x0 estimate) wait for the next one.
+                yield self.painter.step(run, state.step, state.image, strips=run.previews[state.step] is not None)
+
+    @staticmethod
+    def preview_cadence(preview_every: Any) -> int:
+        """``preview_every`` checked: a whole number of steps from 1 to the UI's step limit."""
+        every = whole_number(PREVIEW_EVERY if preview_every is None else preview_every, "preview_every")
+        if not 1 <= every <= MAX_UI_STEPS:
+            raise ServiceError(f"preview_every must be between 1 and {MAX_UI_STEPS}, got {every}")
+        return every
 
     def view_of(self, run: Run, step: Any) -> StepView:
         """Re-draw a stored step of ``run`` (the scrub slider), without model work.
 
         ``step`` is 0-based like every ``step`` in the code; messages count from 1, as the page does.
         """
-        if run is None or not run.previews:
+        if run is None or not run.num_steps:
             raise ServiceError("nothing to show yet: generate an image first")
         step = whole_number(step, "step")
         if not 0 <= step < run.num_steps:
             raise ServiceError(f"there is no step {step + 1}: this run has steps 1 to {run.num_steps}")
+        self.decode_previews(run, [step])
         return self.painter.step(run, step, run.image if step == run.num_steps - 1 else None)
+
+    def decode_previews(self, run: Run, steps: Sequence[int] | None = None) -> None:
+        """Decode (and label) the previews of ``steps`` (default: all) that the live stream skipped, in place.
+
+        Only the VAE and the labeler run, no hooks: this does not take the model lock, so scrubbing
+        stays quick while another job holds the UNet.
+        """
+        missing = run.missing_previews(steps)
+        if not missing:
+            return
+        model = self._require_model()
+        latents = torch.stack([run.latents[s] for s in missing]).to(model.device)
+        for s, preview in zip(missing, decode(model, latents)):
+            run.previews[s] = preview
+            run.preview_labels[s] = self._labels(preview)
 
     def classify(self, run: Run) -> Any:
         """The classifier's per-step curves for a stored run (recomputed from its previews)."""
-        if run is None or not run.previews:
+        if run is None or not run.num_steps:
             raise ServiceError("nothing to classify yet: generate an image first")
         if self.classifier is None:
             raise ServiceError("no classifier is available for this model (see the notes at the top)")
         from ..classify import classify_run
 
         with self._exclusive():
+            self.decode_previews(run)
             return classify_run(self.classifier, run.previews, run.config.prompt)
 
     # --- intervention -------------------------------------------------------------------------
@@ -427,13 +467,18 @@ class Service:
 
         return CurveTracker(self.classifier, prompt)
 
-    def _record(self, run: Run, state: Any) -> None:
-        """Keep one step of ``run``: preview, probe maps, word maps and the labeler's view of the preview."""
-        run.previews.append(state.preview)
+    def _record(self, run: Run, state: Any, decoded: bool = True) -> None:
+        """Keep one step of ``run``: x0 latent, preview (the state's, else decoded here when ``decoded``;
+        else None until asked for), probe maps, word maps and the labeler's view of the preview."""
+        preview = state.preview
+        if preview is None and decoded:
+            preview = decode(self._require_model(), state.x0)[0]
+        run.latents.append(state.x0[0].detach().to("cpu"))
+        run.previews.append(preview)
         run.timesteps.append(float(state.timestep))
         run.readouts.append(dict(state.readouts.get(ProbeReader.name, {})))
         run.attention.append(state.readouts.get("attention"))
-        run.preview_labels.append(self._labels(state.preview))
+        run.preview_labels.append(self._labels(preview))
 
     def _finish(self, run: Run, emergence_curves: bool = True) -> None:
         """Find the finished image's object and score every step against the final labels."""

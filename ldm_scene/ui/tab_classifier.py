@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from . import fields
-from .plots import count_steps_from_one, emergence_figure
+from .plots import classifier_frame, emergence_frame
 from .runs import RunLedger
 from .inputs import ServiceError
 from .service import Service
@@ -20,8 +20,8 @@ from .views import Run
 
 @dataclass
 class ClassifierTab:
-    curves: gr.Plot
-    emergence: gr.Plot
+    curves: gr.LinePlot
+    emergence: gr.LinePlot
     summary: gr.Markdown
     button: gr.Button
 
@@ -34,14 +34,19 @@ def create(service: Service) -> ClassifierTab:
         )
     else:
         gr.Markdown(
-            "The classifier reads each step's denoised estimate (as the paper ran VGG-16 on SD's); the marked "
-            "step is the first at which its top class is the prompt's. Beside it: the same run's probes, "
-            "scored against the finished image."
+            "The classifier reads each step's denoised estimate (as the paper ran VGG-16 on SD's); the plot's "
+            "title names the first step at which its top class is the prompt's. While a run streams it reads "
+            "the steps whose estimate is decoded (see *Decode the x0 image every k steps*); **Recompute** "
+            "decodes and reads every step. Beside it: the same run's probes, scored against the finished image."
         )
     with gr.Row():
-        # The figures carry their own titles; Gradio's label chip would sit on top of them.
-        curves = gr.Plot(label="Classifier confidence per step", show_label=False, elem_id="classifier-curves")
-        emergence = gr.Plot(label="Probe emergence for this image", show_label=False, elem_id="emergence")
+        # Drawn in the browser (Vega-Lite): redrawing them live costs the server next to nothing.
+        curves = gr.LinePlot(x="step", y="confidence", color="class", label="Classifier confidence per step",
+                             title="Classifier confidence per step", x_title="denoising step",
+                             y_title="confidence", y_lim=[0, 1], elem_id="classifier-curves", height=300)
+        emergence = gr.LinePlot(x="step", y="agreement", color="series", label="Probe emergence for this image",
+                                title="Probe emergence for this image", x_title="denoising step",
+                                y_title="agreement with the finished image", elem_id="emergence", height=300)
     summary = gr.Markdown("Generate an image first (Generate tab).", label="Classifier summary",
                           elem_id="classifier-summary")
     button = gr.Button("Recompute the curves for the last run", interactive=service.classifier is not None)
@@ -49,11 +54,8 @@ def create(service: Service) -> ClassifierTab:
 
 
 def curves_figure(service: Service, curves: Any) -> Any:
-    if curves is None or service.classifier is None:
-        return None
-    from ..classify import plot_run_curves
-
-    return count_steps_from_one(plot_run_curves(curves))
+    """The classifier's curves as a line plot update (None without a classifier or curves)."""
+    return None if service.classifier is None else classifier_frame(curves)
 
 
 def describe(run: Run | None) -> str:
@@ -75,23 +77,21 @@ def describe(run: Run | None) -> str:
             verdict += (f" The prompted **{curves.classes[curves.prompted_class]}** is its top class from step "
                         f"**{curves.first_correct_step + 1}** on.")
         lines.append(verdict)
+        if len(curves.steps) < run.num_steps:
+            lines.append(f"The classifier read the {len(curves.steps)} decoded steps of {run.num_steps} "
+                         "(*Recompute* reads every step).")
     return "\n\n".join(lines)
 
 
-#: While a run streams, the curves are redrawn every this many steps (and at the last): drawing
-#: and encoding the matplotlib figure costs ~0.3 s, several times a toy-model step
-#: (benchmarks/bench_app.py).
-LIVE_CURVES_EVERY = 3
-
-
 def live_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
-    """Values for [curves, emergence, summary] while a run streams (curves every few steps and at the end)."""
-    drawn = run is not None and run.curves is not None and (
-        finished or (len(run.curves.steps) - 1) % LIVE_CURVES_EVERY == 0)
-    curves = curves_figure(service, run.curves) if drawn else gr.skip()
+    """Values for [curves, emergence, summary] while a run streams: the curves whenever the
+    classifier read this step (a decoded step), the rest at the end."""
+    fresh = run is not None and run.curves is not None and bool(run.curves.steps) and (
+        finished or run.curves.steps[-1] == run.num_steps - 1)
+    curves = curves_figure(service, run.curves) if fresh else gr.skip()
     if not finished:
         return [curves, gr.skip(), gr.skip()]
-    return [curves, emergence_figure(run, service.shipped_emergence()), describe(run)]
+    return [curves, emergence_frame(run, service.shipped_emergence()), describe(run)]
 
 
 def stale_outputs(tab: ClassifierTab) -> list[Any]:
@@ -116,7 +116,7 @@ def wire(service: Service, tab: ClassifierTab, run_state: gr.State, ledger: RunL
             run.curves = service.classify(run)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        return curves_figure(service, run.curves), emergence_figure(run, service.shipped_emergence()), describe(run), run
+        return curves_figure(service, run.curves), emergence_frame(run, service.shipped_emergence()), describe(run), run
 
     tab.button.click(recompute, [run_state], [tab.curves, tab.emergence, tab.summary, run_state], api_name="classify",
                      concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE)

@@ -12,7 +12,7 @@ from ..probes import TASKS
 from . import fields
 from .inputs import InputError, whole_number
 from .runs import RunLedger
-from .service import DEFAULT_ATTENTION_GROUP, MAX_UI_STEPS, Service
+from .service import DEFAULT_ATTENTION_GROUP, MAX_UI_STEPS, PREVIEW_EVERY, Service
 from .views import Run, StepView
 
 _TITLES = {
@@ -37,6 +37,7 @@ class GenerateTab:
     readouts: dict[str, gr.Image]
     heat: gr.Image
     attention_sites: gr.Dropdown
+    preview_every: gr.Slider
     attention: gr.Image
     compare: gr.Image
     scrub: gr.Slider
@@ -82,6 +83,13 @@ def create(service: Service) -> GenerateTab:
                     label="Cross-attention sites (per-word maps)", elem_id="attention-sites",
                     info="Each prompt word's share of the cross-attention (attn2) at these sites, averaged over them.",
                 )
+                preview_every = fields.slider(
+                    "preview_every", whole=True, minimum=1, maximum=5, value=PREVIEW_EVERY, step=1,
+                    label="Decode the x0 image every k steps", elem_id="preview-every",
+                    info="The probes are read at every step; the x0 image (and the classifier and labeler on it) "
+                         "at the first step, every k steps and at the last, which keeps the stream fast. Scrubbing "
+                         "to a skipped step decodes it. 1 = every step.",
+                )
             with gr.Row():
                 button = gr.Button(GENERATE, variant="primary", elem_id="generate-btn", interactive=service.ready)
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", interactive=False)
@@ -113,7 +121,7 @@ def create(service: Service) -> GenerateTab:
                                   label="Step shown (drag or type, after a run)", interactive=False, elem_id="scrub")
     started = gr.State(None)
     return GenerateTab(prompt, seed, steps, guidance, sites, button, stop, progress, preview, readouts, heat,
-                       attention_sites, attention, compare, scrub, started)
+                       attention_sites, preview_every, attention, compare, scrub, started)
 
 
 def _image(label: str, elem_id: str, size: int) -> gr.Image:
@@ -121,9 +129,13 @@ def _image(label: str, elem_id: str, size: int) -> gr.Image:
                     height=min(size, 320), buttons=["download", "fullscreen"])
 
 
-def step_outputs(service: Service, view: StepView) -> list[Any]:
-    """The preview, the three readout pictures and the progress line for one step."""
-    out = [view.preview]
+def step_outputs(service: Service, view: StepView, live: bool = False) -> list[Any]:
+    """The preview, the three readout pictures and the progress line for one step.
+
+    ``live``: a streamed step whose x0 was not decoded leaves the preview as it is (the latest
+    decoded one, which the progress line names) instead of sending the same picture again.
+    """
+    out = [view.preview if view.decoded or not live else gr.skip()]
     for task in TASKS:
         out.append(view.overlays.get(task))
     bar = "▰" * (view.step + 1) + "▱" * (view.num_steps - view.step - 1)
@@ -134,8 +146,14 @@ def step_outputs(service: Service, view: StepView) -> list[Any]:
     return out
 
 
-def extra_outputs(view: StepView) -> list[Any]:
-    """The step's foreground heat map, per-word attention strip and compare strip."""
+def extra_outputs(view: StepView, live: bool = False) -> list[Any]:
+    """The step's foreground heat map, per-word attention strip and compare strip.
+
+    ``live``: the two strips, which set the step's maps beside its x0 estimate, are sent at the
+    steps whose estimate was decoded (the others leave them as they are: fewer pictures to encode).
+    """
+    if live and not view.decoded:
+        return [view.foreground_heat, gr.skip(), gr.skip()]
     return [view.foreground_heat, view.attention, view.compare]
 
 
@@ -184,13 +202,15 @@ def wire(
     """
     task_outputs = [tab.readouts[t] for t in TASKS]
 
-    def check(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site, attention_sites=None):
+    def check(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site, attention_sites=None,
+              preview_every=PREVIEW_EVERY):
         # A request the service would refuse is refused here, before anything changes on the page
         # (the previous run stays shown; an event with no outputs marks no panel "Error").
         try:
             service.config(prompt, seed, steps, guidance)
             service.resolve_sites({t: s for t, s in zip(TASKS, (foreground_site, depth_site, shading_site)) if s})
             service.resolve_attention_sites(attention_sites)
+            service.preview_cadence(preview_every)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
 
@@ -201,20 +221,24 @@ def wire(
                 "**A run is going…** (waiting for the model)", time.time(), *stale_values("running")]
 
     def generate(prompt, seed, steps, guidance, foreground_site, depth_site, shading_site, attention_sites=None,
-                 request: gr.Request = None):
+                 preview_every=PREVIEW_EVERY, request: gr.Request = None):
         chosen = {t: s for t, s in zip(TASKS, (foreground_site, depth_site, shading_site)) if s}
         for warning in service.prompt_warnings(prompt):
             gr.Warning(warning, duration=12)
         try:
             with closing(service.generate_stream(prompt, seed, steps, guidance, chosen,
-                                                 attention_sites=attention_sites)) as stream:
+                                                 attention_sites=attention_sites,
+                                                 preview_every=preview_every)) as stream:
                 for view in stream:
                     run = view.run
                     if view.step == 0:
                         ledger.stored(getattr(request, "session_hash", None))
-                    scrub = scrub_update(view.num_steps) if view.is_last else gr.Slider(interactive=False)
-                    yield [*step_outputs(service, view), scrub, run, *after_values(run, view.is_last),
-                           *extra_outputs(view)]
+                    # A component update rebuilds its config on every message: the slider is
+                    # locked once, at the first step, and opened at the last.
+                    scrub = (scrub_update(view.num_steps) if view.is_last
+                             else gr.Slider(interactive=False) if view.step == 0 else gr.skip())
+                    yield [*step_outputs(service, view, live=True), scrub, run, *after_values(run, view.is_last),
+                           *extra_outputs(view, live=True)]
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
 
@@ -231,14 +255,15 @@ def wire(
             shown = whole_number(step, "step")
             if run is None and (why := ledger.missing(getattr(request, "session_hash", None))):
                 raise InputError(why)
-            if run is not None and run.previews and not 1 <= shown <= run.num_steps:
+            if run is not None and run.num_steps and not 1 <= shown <= run.num_steps:
                 raise InputError(f"step must be between 1 and {run.num_steps} for this run, got {shown}")
             view = service.view_of(run, shown - 1)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
         return [*step_outputs(service, view), *extra_outputs(view)]
 
-    inputs = [tab.prompt, tab.seed, tab.steps, tab.guidance, *[tab.sites[t] for t in TASKS], tab.attention_sites]
+    inputs = [tab.prompt, tab.seed, tab.steps, tab.guidance, *[tab.sites[t] for t in TASKS], tab.attention_sites,
+              tab.preview_every]
     extras = [tab.heat, tab.attention, tab.compare]
     outputs = [tab.preview, *task_outputs, tab.progress, tab.scrub, run_state, *after_outputs, *extras]
     control = [tab.button, tab.stop]

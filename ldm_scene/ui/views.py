@@ -18,8 +18,10 @@ from ..sampler import GenerationConfig
 class Run:
     """One user's generation (or edited generation), kept by the caller between requests.
 
-    ``previews[s]`` is the decoded x0 prediction after step ``s``; ``readouts[s]`` the probe maps at
-    their sites' grids. ``foreground`` is the finished image's object mask at image size (from
+    ``previews[s]`` is the decoded x0 prediction after step ``s``, or None where the live stream did
+    not decode it (it decodes every few steps; ``latents[s]``, the x0 prediction itself, lets the
+    service decode it later: :meth:`~.service.Service.decode_previews`); ``readouts[s]`` the probe
+    maps at their sites' grids. ``foreground`` is the finished image's object mask at image size (from
     the model's labeler, else the foreground probe at the last step), which the Intervene tab
     moves. ``reference`` holds what each step is scored against for the emergence curves.
     ``started`` is the wall-clock time the run began (the page tells a stopped run from an old one).
@@ -30,7 +32,8 @@ class Run:
     sites: dict[str, SiteChoice]
     kind: str = "generate"
     attention_sites: tuple[str, ...] = ()
-    previews: list[Image.Image] = field(default_factory=list)
+    previews: list[Image.Image | None] = field(default_factory=list)
+    latents: list[Any] = field(default_factory=list)
     readouts: list[dict[str, np.ndarray]] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     image: Image.Image | None = None
@@ -53,7 +56,20 @@ class Run:
 
     @property
     def num_steps(self) -> int:
-        return len(self.previews)
+        return len(self.timesteps)
+
+    def shown_step(self, step: int) -> int:
+        """The step whose decoded preview stands for ``step``: itself if decoded, else the latest
+        decoded step before it (``step`` itself when none is)."""
+        for s in range(step, -1, -1):
+            if s < len(self.previews) and self.previews[s] is not None:
+                return s
+        return step
+
+    def missing_previews(self, steps: Any = None) -> list[int]:
+        """The steps among ``steps`` (default: all) whose preview was not decoded yet."""
+        wanted = range(self.num_steps) if steps is None else steps
+        return [s for s in wanted if self.previews[s] is None]
 
 
 @dataclass
@@ -79,6 +95,14 @@ class StepView:
     attention: Image.Image | None = None
     #: Probe readout vs the labeler on the x0 preview vs the final label, one row per task.
     compare: Image.Image | None = None
+    #: The step whose decoded x0 ``preview`` shows (``step`` itself, or an earlier one while a
+    #: stream decodes every few steps).
+    preview_step: int | None = None
+
+    @property
+    def decoded(self) -> bool:
+        """Whether ``preview`` is this step's own x0 estimate."""
+        return self.preview_step is None or self.preview_step == self.step
 
     @property
     def is_last(self) -> bool:
@@ -86,7 +110,10 @@ class StepView:
 
     @property
     def label(self) -> str:
-        return f"step {self.step + 1} of {self.num_steps} (scheduler timestep {self.timestep:.0f})"
+        text = f"step {self.step + 1} of {self.num_steps} (scheduler timestep {self.timestep:.0f})"
+        if not self.decoded:
+            text += f"; x0 image from step {self.preview_step + 1}"
+        return text
 
 
 @dataclass
