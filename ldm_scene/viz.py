@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "fast_png", "upsample_smooth", "foreground_margin", "outline_picture", "colour_bar_picture", "word_attention_picture",
-    "picture_grid",
+    "coloured", "draw_text", "fast_png", "upsample_smooth", "foreground_margin", "outline_picture",
+    "colour_bar_picture", "word_attention_picture", "picture_grid",
 ]
 
 #: Colour of the foreground outline and of the colour bar's text.

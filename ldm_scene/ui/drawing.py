@@ -13,7 +13,9 @@ from PIL import Image
 
 from ..probes import TASKS, ProbeBank
 from ..readout import value_range
-from ..viz import colour_bar_picture, coloured, fast_png, outline_picture, picture_grid, upsample_smooth, word_attention_picture
+from ..viz import (
+    colour_bar_picture, coloured, fast_png, outline_picture, picture_grid, upsample_smooth, word_attention_picture,
+)
 from .views import Run, StepView
 
 #: How depth and shading maps are drawn: colour map, and what its low and high ends mean.
@@ -106,7 +108,8 @@ class Painter:
             ])
         k = step + 1
         return picture_grid(rows, [f"probe, step {k}", f"labeler on x0, step {k}", "final image's label"], tasks,
-                            STRIP_TILE, missing=["no readout", "no labeler" if run.previews[step] is not None else "not decoded yet",
+                            STRIP_TILE, missing=["no readout",
+                                                 "no labeler" if run.previews[step] is not None else "not decoded yet",
                                                  "when finished" if run.image is None else "no labeler"])
 
     def display(self, image: Image.Image) -> Image.Image:

@@ -12,7 +12,7 @@ added here.
 service whose :meth:`~Service.status_markdown` says what is wrong and how to fix it, so the page
 can explain itself instead of showing a traceback. The pieces live beside it: :mod:`.views` (what
 it hands out), :mod:`.drawing` (how a step looks), :mod:`.loading`, :mod:`.probe_set`,
-:mod:`.prompts` and :mod:`.results`.
+:mod:`.prompts`, :mod:`.previews` (when the stream decodes) and :mod:`.results`.
 """
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, decode,
     describe_guidance, sample,
 )
-from . import choices, prompts, targets
+from . import choices, previews, prompts, targets
 from .choices import ATTENTION_GROUPS, DEFAULT_ATTENTION_GROUP, DEFAULT_ATTENTION_SITES  # noqa: F401
 from .targets import MAX_SHIFT_FRACTION  # noqa: F401  (re-exported)
 from .drawing import MAP_STYLE, Painter  # noqa: F401  (MAP_STYLE re-exported)
 from .inputs import ServiceError, finite_number, whole_number
 from .loading import load_parts
+from .previews import PREVIEW_EVERY, decoded_live
 from .probe_set import best_per_step, shipped_emergence, task_metrics
 from .results import Results, results_page
 from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
@@ -49,16 +50,6 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 BEST_PER_STEP = "best site at each step"
 #: The UI's limits (the library allows more; a public app should not run 200 steps per click).
 MAX_UI_STEPS = 50
-#: The live stream decodes the x0 estimate (and runs the labeler and the classifier on it) at the
-#: first step, every this many steps and at the last; the probes are read at every step. Decoding
-#: every step cost about as much as the toy model's UNet (benchmarks/bench_app.py); the steps
-#: between are decoded when someone looks at them (scrubbing, recomputing the classifier curves).
-PREVIEW_EVERY = 3
-
-
-def decoded_live(step: int, num_steps: int, every: int) -> bool:
-    """Whether the live stream decodes 0-based ``step`` of ``num_steps`` when decoding ``every`` steps."""
-    return step == 0 or step == num_steps - 1 or (step + 1) % every == 0
 
 
 class Service:
@@ -332,10 +323,7 @@ class Service:
     @staticmethod
     def preview_cadence(preview_every: Any) -> int:
         """``preview_every`` checked: a whole number of steps from 1 to the UI's step limit."""
-        every = whole_number(PREVIEW_EVERY if preview_every is None else preview_every, "preview_every")
-        if not 1 <= every <= MAX_UI_STEPS:
-            raise ServiceError(f"preview_every must be between 1 and {MAX_UI_STEPS}, got {every}")
-        return every
+        return previews.checked_cadence(preview_every, MAX_UI_STEPS)
 
     def view_of(self, run: Run, step: Any) -> StepView:
         """Re-draw a stored step of ``run`` (the scrub slider), without model work.
@@ -351,19 +339,10 @@ class Service:
         return self.painter.step(run, step, run.image if step == run.num_steps - 1 else None)
 
     def decode_previews(self, run: Run, steps: Sequence[int] | None = None) -> None:
-        """Decode (and label) the previews of ``steps`` (default: all) that the live stream skipped, in place.
-
-        Only the VAE and the labeler run, no hooks: this does not take the model lock, so scrubbing
-        stays quick while another job holds the UNet.
-        """
-        missing = run.missing_previews(steps)
-        if not missing:
-            return
-        model = self._require_model()
-        latents = torch.stack([run.latents[s] for s in missing]).to(model.device)
-        for s, preview in zip(missing, decode(model, latents)):
-            run.previews[s] = preview
-            run.preview_labels[s] = self._labels(preview)
+        """Decode and label the previews of ``steps`` (default: all) that the live stream skipped, in place
+        (:func:`.previews.fill_previews`). Only the VAE and the labeler run, no hooks: no model lock, so
+        scrubbing stays quick while another job holds the UNet."""
+        previews.fill_previews(run, self._require_model(), self._labels, steps)
 
     def classify(self, run: Run) -> Any:
         """The classifier's per-step curves for a stored run (recomputed from its previews)."""

@@ -12,7 +12,8 @@ from ..probes import TASKS
 from . import fields
 from .inputs import InputError, whole_number
 from .runs import RunLedger
-from .service import DEFAULT_ATTENTION_GROUP, MAX_UI_STEPS, PREVIEW_EVERY, Service
+from .previews import PREVIEW_EVERY
+from .service import DEFAULT_ATTENTION_GROUP, MAX_UI_STEPS, Service
 from .views import Run, StepView
 
 _TITLES = {
