@@ -51,7 +51,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=env.get("LDM_SCENE_DEVICE") or None, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--port", type=int, default=int(env.get("PORT", 7860)), help="env PORT")
     parser.add_argument("--host", default=env.get("HOST", "127.0.0.1"), help="env HOST; 0.0.0.0 to serve a network")
+    parser.add_argument("--threads", type=int, default=int(env["LDM_SCENE_THREADS"]) if env.get("LDM_SCENE_THREADS")
+                        else None, help="PyTorch threads (env LDM_SCENE_THREADS; default: see model_threads)")
     return parser.parse_args(argv)
+
+
+#: A UNet smaller than this (parameters) runs on one CPU thread: its ops are too small to share out.
+SMALL_UNET = 50_000_000
+
+
+def model_threads(model, asked: int | None) -> int | None:
+    """PyTorch's thread count for the app: ``asked`` if given; one thread for a small model on a CPU
+    with more than one core (the toy model's 15 steps take as long on one thread as on two, and the
+    other core then serves the page: ``benchmarks/bench_app.py``); else None (PyTorch's default)."""
+    if asked is not None:
+        if asked < 1:
+            raise SystemExit(f"--threads must be at least 1, got {asked}")
+        return asked
+    if model is None or model.device.type != "cpu" or (os.cpu_count() or 1) < 2:
+        return None
+    size = sum(p.numel() for p in model.unet.parameters())
+    return 1 if size < SMALL_UNET else None
 
 
 class LoadingPage:
@@ -125,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         from ldm_scene.ui.service import Service
 
         service = Service.load(args.model, args.probes, device=args.device)
+        threads = model_threads(service.model, args.threads)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         if not service.ready or service.problems:
             print(service.status_markdown(), file=sys.stderr)
         demo = build_demo(service)

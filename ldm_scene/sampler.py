@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterator, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -221,13 +221,16 @@ def sample(
     scheduler: Any = None,
     previews: bool = False,
     decode_final: bool = True,
+    blend: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[StepState]:
     """Denoise ``config.prompt`` from ``config.seed``, yielding a :class:`StepState` per step.
 
     ``scheduler`` (any diffusers scheduler; default the model's own) is copied so the model's is
     never mutated. ``previews`` decodes each step's x0 prediction. Readers see, and editors
     replace, the conditional half of their sites' activations; their hooks live exactly as long
-    as the generator, so closing it early (a cancelled stream) removes them.
+    as the generator, so closing it early (a cancelled stream) removes them. ``blend(step, latent)``,
+    if given, replaces each step's new latent before anything reads it (e.g.
+    :class:`~ldm_scene.intervention_methods.KeepBackground`).
     """
     check_prompt(model, config.prompt)
     pipe = model.pipe
@@ -259,6 +262,8 @@ def sample(
             out = sched.step(eps, t, latent, return_dict=True, **step_kwargs)
             x0 = _x0_prediction(sched, out, latent, eps, t)
             latent = out.prev_sample
+            if blend is not None:
+                latent = blend(step, latent)
             state = StepState(step, num_steps, float(t), latent, x0)
             state.readouts = {r.name: r.collect(step) for r in readers}
             if previews:

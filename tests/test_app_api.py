@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm_scene.testing import APP_STEPS as STEPS, png_header
@@ -202,6 +203,28 @@ def test_app_reads_flags_and_environment(monkeypatch):
     assert (args.model, args.probes, args.port, args.host) == ("/models/x", "/models/x/probes", 7999, "127.0.0.1")
     args = app.parse_args(["--model", "toy", "--port", "1234", "--host", "0.0.0.0"])
     assert (args.model, args.port, args.host) == ("toy", 1234, "0.0.0.0")
+
+
+def test_app_runs_a_small_model_on_one_thread(monkeypatch, tiny_model):
+    """A small UNet on a multi-core CPU runs on one PyTorch thread (the other core serves the page);
+    a large one keeps PyTorch's default; --threads / LDM_SCENE_THREADS override both."""
+    from types import SimpleNamespace
+
+    import app
+
+    monkeypatch.setattr(app.os, "cpu_count", lambda: 2)
+    assert app.model_threads(tiny_model, None) == 1
+    big = SimpleNamespace(device=torch.device("cpu"),
+                          unet=torch.nn.Linear(app.SMALL_UNET, 1, bias=False, device="meta"))
+    assert app.model_threads(big, None) is None
+    assert app.model_threads(SimpleNamespace(device=torch.device("cuda")), None) is None
+    assert app.model_threads(tiny_model, 3) == 3
+    monkeypatch.setattr(app.os, "cpu_count", lambda: 1)
+    assert app.model_threads(tiny_model, None) is None
+    monkeypatch.setenv("LDM_SCENE_THREADS", "2")
+    assert app.parse_args([]).threads == 2
+    with pytest.raises(SystemExit, match="at least 1"):
+        app.model_threads(tiny_model, 0)
 
 
 def test_dockerfile_runs_the_app_as_uid_1000_on_7860():

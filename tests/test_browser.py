@@ -271,6 +271,12 @@ def _walk(page, served) -> None:
         # the figure carries its title: Gradio's label chip is not drawn over it (only for screen readers)
         label = page.query_selector(f"{plot} [data-testid='block-label']")
         assert label is None or "sr-only" in (label.get_attribute("class") or ""), f"{plot}: a label chip covers the title"
+        # the legend (which line is which) lies inside the plot's frame, not cut off below it
+        frame = page.query_selector(plot).bounding_box()
+        legends = [leg.bounding_box() for leg in page.query_selector_all(f"{plot} .role-legend")]
+        assert legends, f"{plot}: no legend"
+        for box in legends:
+            assert box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, (plot, box, frame)
     assert "Prompt: a green torus" in _text(page, "#classifier-summary").replace("*", "")
     _shot(page, "04_classifier")
 

@@ -286,8 +286,58 @@ def test_intervene_takes_readers_that_see_the_unedited_activation(tiny_model, ba
         assert not torch.allclose(editor.edit(site, 0, plain.seen[(site, 0)]), plain.seen[(site, 0)])
 
 
-def _target(model):
-    h, w = model.image_size
-    mask = np.zeros((h, w), bool)
-    mask[h // 4: h // 2, w // 2:] = True
-    return mask
+
+# -- keeping the background ---------------------------------------------------------------------
+
+def test_free_cells_cover_every_touched_cell_and_grow_by_the_margin():
+    from ldm_scene.intervention_methods import free_cells
+
+    free = np.zeros((64, 64), bool)
+    free[0, 0] = True  # one pixel: the cell it lies in
+    assert free_cells(free, (16, 16), 0)[0, 0].nonzero().tolist() == [[0, 0]]
+    grown = free_cells(free, (16, 16), 1)[0, 0]
+    assert grown.sum() == 4 and grown[:2, :2].all()  # clipped at the border
+    free[30, 30] = True
+    assert free_cells(free, (16, 16), 1)[0, 0][6:9, 6:9].all()
+
+
+def test_keep_background_blends_with_the_reference_outside_the_free_cells():
+    from ldm_scene.intervention_methods import KeepBackground
+
+    free = np.zeros((32, 32), bool)
+    free[:8, :8] = True  # the top-left quarter of an 8x8 latent: cells [0:2, 0:2]
+    ref = [torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)]
+    keep = KeepBackground(ref, free, margin=0)
+    latent = torch.full((1, 4, 8, 8), 5.0)
+    out = keep(1, latent)
+    assert (out[..., :2, :2] == 5).all()
+    outside = torch.ones(8, 8, dtype=torch.bool)
+    outside[:2, :2] = False
+    assert (out[..., outside] == 1).all()
+    with pytest.raises(ValueError, match="step 3"):
+        keep(2, latent)
+    with pytest.raises(ValueError, match="unedited latent"):
+        keep(0, torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="free to change"):
+        KeepBackground(ref, np.zeros((32, 32), bool))
+
+
+def test_guided_run_keeps_the_unedited_latents_outside_the_edit(tiny_model, banks, config):
+    """The edited run's latent equals the unedited run's at every step outside the free cells (the
+    object's mask and the target, grown by the margin), and differs inside."""
+    from ldm_scene.intervention_methods import KeepBackground, free_cells, guided_sample
+
+    reference = [s.latent.clone() for s in sample(tiny_model, config, decode_final=False)]
+    target = _target(tiny_model)
+    h, w = tiny_model.image_size
+    source = np.zeros((h, w), bool)
+    source[h // 2:, : w // 4] = True
+    keep = KeepBackground(reference, source | target, margin=1)
+    editor = make_editor("readout-guidance", banks, target, steps=[0, 1], strength=4.0)
+    states = list(guided_sample(tiny_model, config, [editor], keep=keep))
+    cells = free_cells(source | target, tuple(reference[0].shape[-2:]), 1)[0, 0].bool()
+    assert 0 < cells.sum() < cells.numel()
+    for state, ref in zip(states, reference):
+        assert torch.equal(state.latent[..., ~cells], ref[..., ~cells])
+    assert not torch.allclose(states[-1].latent[..., cells], reference[-1][..., cells])
+    assert attached_hooks(tiny_model.unet) == 0

@@ -145,7 +145,9 @@ def test_generate_streams_one_view_per_step(service, tiny_model):
         # foreground: an outline over the preview; depth and shading: a map with a colour bar beside it
         assert v.overlays["foreground"].size == (d, d)
         assert all(v.overlays[t].size[1] == d and v.overlays[t].size[0] > d for t in ("depth", "shading"))
-        assert v.foreground_heat is not None and v.foreground_heat.size[1] == d
+        # the heat map (folded away on the page) is drawn live at the steps whose x0 was decoded
+        assert (v.foreground_heat is not None) == v.decoded
+        assert v.foreground_heat is None or v.foreground_heat.size[1] == d
         fg = v.readouts["foreground"]
         assert fg.dtype == np.float32 and 0 <= fg.min() and fg.max() <= 1
     assert [v.image is None for v in views] == [True] * (STEPS - 1) + [False]
@@ -589,3 +591,29 @@ def test_maps_have_a_colour_bar_and_are_upsampled_smoothly():
     assert picture.size[1] == 128 and picture.size[0] > 128
     bar = np.asarray(picture)[:, 128 + 8]  # a column of the colour bar: a ramp, top to bottom
     assert len({tuple(px) for px in bar[2:-2]}) > 32
+
+
+def test_prefetched_stream_equals_the_plain_one(service, tiny_model):
+    """With ``prefetch`` the model runs ahead in its own thread; the views are the same."""
+    plain = list(service.generate_stream("a red cube", seed=5, steps=STEPS))
+    ahead = list(service.generate_stream("a red cube", seed=5, steps=STEPS, prefetch=True))
+    assert [v.step for v in ahead] == list(range(STEPS))
+    for a, b in zip(plain, ahead):
+        assert a.preview_step == b.preview_step
+        assert np.array_equal(np.asarray(a.preview), np.asarray(b.preview))
+        for task in TASKS:
+            assert np.array_equal(a.readouts[task], b.readouts[task])
+    assert np.array_equal(np.asarray(plain[-1].image), np.asarray(ahead[-1].image))
+    assert ahead[-1].run.curves.steps == plain[-1].run.curves.steps
+    assert attached_hooks(tiny_model.unet) == 0 and not service._lock.locked()
+
+
+def test_closing_a_prefetched_stream_keeps_the_shown_steps(service, tiny_model):
+    stream = service.generate_stream("a red cube", seed=6, steps=STEPS, prefetch=True)
+    first = next(stream)
+    stream.close()
+    # the producer thread is joined: hooks gone, lock free, and the run holds only the step shown
+    assert not service._lock.locked() and attached_hooks(tiny_model.unet) == 0
+    run = first.run
+    assert run.num_steps == 1 and len(run.previews) == len(run.readouts) == len(run.preview_labels) == 1
+    assert not run.complete

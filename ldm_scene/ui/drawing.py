@@ -14,7 +14,7 @@ from PIL import Image
 from ..probes import TASKS, ProbeBank
 from ..readout import value_range
 from ..viz import (
-    colour_bar_picture, coloured, fast_png, outline_picture, picture_grid, upsample_smooth, word_attention_picture,
+    colour_bar_picture, coloured, fast_encoding, outline_picture, picture_grid, upsample_smooth, word_attention_picture,
 )
 from .views import Run, StepView
 
@@ -50,7 +50,8 @@ class Painter:
         """The :class:`StepView` of 0-based ``step`` of ``run`` (``image``: the final image, on the last step).
 
         A step whose preview was not decoded is drawn over the latest decoded one (the view's
-        ``preview_step`` says which). ``strips=False`` leaves out the attention and compare strips.
+        ``preview_step`` says which). ``strips=False`` leaves out the attention and compare strips
+        and the foreground heat map (the live stream sends them at decoded steps only).
         """
         shown_step = run.shown_step(step)
         preview = run.previews[shown_step]
@@ -60,16 +61,18 @@ class Painter:
         for task, values in maps.items():
             if task == "foreground":
                 overlays[task] = outline_picture(preview, values, self.size)
-                heat = colour_bar_picture(values, 0.0, 1.0, "viridis", self.size, "p(object)", "background", "object")
+                if strips:
+                    heat = colour_bar_picture(values, 0.0, 1.0, "viridis", self.size, "p(object)", "background",
+                                              "object")
             else:
                 cmap, low, high = MAP_STYLE.get(task, ("viridis", "", ""))
                 lo, hi = ranges.get(task, (float(np.nanmin(values)), float(np.nanmax(values))))
                 overlays[task] = colour_bar_picture(values, lo, hi, cmap, self.size, task, low, high)
         shown = image if image is not None else preview
-        overlays = {t: fast_png(p) for t, p in overlays.items()}
-        return StepView(step, run.config.steps, run.timesteps[step], fast_png(enlarge(shown, self.size)), overlays,
-                        maps, run, image, fast_png(heat), fast_png(self.attention(run, step)) if strips else None,
-                        fast_png(self.compare(run, step)) if strips else None, shown_step)
+        overlays = {t: fast_encoding(p) for t, p in overlays.items()}
+        return StepView(step, run.config.steps, run.timesteps[step], fast_encoding(enlarge(shown, self.size)), overlays,
+                        maps, run, image, fast_encoding(heat), fast_encoding(self.attention(run, step)) if strips else None,
+                        fast_encoding(self.compare(run, step)) if strips else None, shown_step)
 
     def attention(self, run: Run, step: int) -> Image.Image | None:
         """The prompt words' cross-attention maps at ``step`` over its preview (None if none were read)."""

@@ -50,9 +50,14 @@ def emergence_frame(run: Run | None, shipped: Mapping[str, tuple[str, Sequence[f
                        y_lim=[min(-0.05, lowest - 0.05), 1.05])
 
 
-def classifier_frame(curves: Any) -> Any:
+def classifier_frame(curves: Any, full: bool = True) -> Any:
     """The classifier's per-step confidence for the classes worth showing (:func:`~ldm_scene.figures.shown_classes`),
-    as a ``gr.LinePlot`` update; its title names the first step whose top class is the prompt's."""
+    as a ``gr.LinePlot`` update; its title names the first step whose top class is the prompt's.
+
+    ``full=False`` gives the points alone (a DataFrame), for a run still streaming: a component
+    update makes Gradio rebuild the plot's whole config (its JSON schema included) on every
+    message, while a plain value is only serialised. The title and axis follow at the end.
+    """
     import gradio as gr
     import pandas as pd
 
@@ -63,6 +68,8 @@ def classifier_frame(curves: Any) -> Any:
     rows = [{"step": int(step) + 1, "confidence": float(curves.probabilities[i, j]),
              "class": curves.classes[j] + (" (prompted)" if j == curves.prompted_class else "")}
             for j in shown_classes(curves) for i, step in enumerate(curves.steps)]
+    if not full:
+        return pd.DataFrame(rows, columns=["step", "confidence", "class"])
     first = curves.first_correct_step
     named = f"top-1 from step {first + 1}" if first is not None else "not the prompted class yet"
     steps = [int(s) + 1 for s in curves.steps]

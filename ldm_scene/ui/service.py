@@ -17,7 +17,7 @@ it hands out), :mod:`.drawing` (how a step looks), :mod:`.loading`, :mod:`.probe
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -39,6 +39,7 @@ from .targets import MAX_SHIFT_FRACTION  # noqa: F401  (re-exported)
 from .drawing import MAP_STYLE, Painter  # noqa: F401  (MAP_STYLE re-exported)
 from .inputs import ServiceError, finite_number, whole_number
 from .loading import load_parts
+from .prefetch import prefetched
 from .previews import PREVIEW_EVERY, decoded_live
 from .probe_set import best_per_step, shipped_emergence, task_metrics
 from .results import Results, results_page
@@ -278,6 +279,7 @@ class Service:
         track_classes: bool = True,
         attention_sites: Sequence[str] | None = None,
         preview_every: Any = PREVIEW_EVERY,
+        prefetch: bool = False,
     ) -> Iterator[StepView]:
         """Denoise ``prompt`` and yield a :class:`StepView` after every step.
 
@@ -288,7 +290,13 @@ class Service:
         are read (default: every site; ``[]``: none). ``preview_every``: the x0 estimate is decoded
         (and labelled and classified) at the first step, every ``preview_every`` steps and at the
         last (1: every step); a view between shows the latest decoded one (its ``preview_step``).
-        Closing the stream early stops the model and removes its hooks.
+        Closing the stream early stops the model and removes its hooks; the run then keeps the
+        steps that were handed out.
+
+        ``prefetch``: the model work (UNet, readers, VAE) runs in a thread of its own, up to
+        :data:`.prefetch.DEPTH` steps ahead, while the caller's thread labels, classifies and draws
+        the steps and hands them on (:func:`.prefetch.prefetched`): the app's stream overlaps the
+        model with Gradio's sending of the previous step.
         """
         every = self.preview_cadence(preview_every)
         config = self.config(prompt, seed, steps if steps is not None else self.default_steps,
@@ -307,18 +315,31 @@ class Service:
             except AttentionError as err:  # a prompt whose words cannot be named: generate without maps
                 run.notes.append(f"no cross-attention maps: {err}")
         tracker = self._tracker(config.prompt) if track_classes else None
-        with self._exclusive(), ExitStack() as stack:
-            states = sample(model, config, readers=readers)
-            stack.callback(states.close)
-            for state in states:
-                self._record(run, state, decoded_live(state.step, state.num_steps, every))
-                if tracker is not None and run.previews[state.step] is not None:
-                    run.curves = tracker.update(state.step, run.previews[state.step])
-                if state.image is not None:
-                    run.image = state.image
-                    self._finish(run)
-                # Between decoded steps the strips (maps beside the x0 estimate) wait for the next one.
-                yield self.painter.step(run, state.step, state.image, strips=run.previews[state.step] is not None)
+
+        def model_steps() -> Iterator[Any]:
+            # The model's part of each step: the UNet with its readers, and the VAE where decoded.
+            with self._exclusive(), closing(sample(model, config, readers=readers)) as states:
+                for state in states:
+                    self._record_model(run, state, decoded_live(state.step, state.num_steps, every))
+                    yield state
+
+        shown = 0
+        try:
+            with closing(prefetched(model_steps) if prefetch else model_steps()) as steps:
+                for state in steps:
+                    preview = run.previews[state.step]
+                    run.preview_labels.append(self._labels(preview))
+                    if tracker is not None and preview is not None:
+                        run.curves = tracker.update(state.step, preview)
+                    if state.image is not None:
+                        run.image = state.image
+                        self._finish(run)
+                    # Between decoded steps the strips (maps beside the x0 estimate) wait for the next one.
+                    view = self.painter.step(run, state.step, state.image, strips=preview is not None)
+                    shown += 1
+                    yield view
+        finally:
+            run.keep_steps(shown)  # a stopped run keeps what was shown, not what was computed ahead
 
     @staticmethod
     def preview_cadence(preview_every: Any) -> int:
@@ -447,8 +468,13 @@ class Service:
         return CurveTracker(self.classifier, prompt)
 
     def _record(self, run: Run, state: Any, decoded: bool = True) -> None:
-        """Keep one step of ``run``: x0 latent, preview (the state's, else decoded here when ``decoded``;
-        else None until asked for), probe maps, word maps and the labeler's view of the preview."""
+        """Keep one step of ``run``: the model's part (:meth:`_record_model`) and the labeler's view of the preview."""
+        self._record_model(run, state, decoded)
+        run.preview_labels.append(self._labels(run.previews[state.step]))
+
+    def _record_model(self, run: Run, state: Any, decoded: bool = True) -> None:
+        """Keep the model's part of one step of ``run``: x0 latent, preview (the state's, else decoded
+        here when ``decoded``; else None until asked for), probe maps and word maps."""
         preview = state.preview
         if preview is None and decoded:
             preview = decode(self._require_model(), state.x0)[0]
@@ -457,7 +483,6 @@ class Service:
         run.timesteps.append(float(state.timestep))
         run.readouts.append(dict(state.readouts.get(ProbeReader.name, {})))
         run.attention.append(state.readouts.get("attention"))
-        run.preview_labels.append(self._labels(preview))
 
     def _finish(self, run: Run, emergence_curves: bool = True) -> None:
         """Find the finished image's object and score every step against the final labels."""

@@ -9,6 +9,7 @@ import gradio as gr
 import numpy as np
 
 from . import fields
+from .prefetch import prefetched
 from .runs import RunLedger
 from .inputs import ServiceError
 from .service import Service
@@ -179,7 +180,7 @@ def wire(service: Service, tab: InterveneTab, run_state: gr.State, ledger: RunLe
             _require_run(run, ledger, request)
             target = _target(service, run, mode, dx, dy, editor)
             picture = service.mask_picture(target, run.image)
-            with closing(service.intervene_stream(run, target, method, strength)) as stream:
+            with closing(prefetched(lambda: service.intervene_stream(run, target, method, strength))) as stream:
                 for view in stream:
                     # The live pane shows the edited run's x0 estimate with the probe's outline;
                     # the result (last step) is shown clean.

@@ -66,6 +66,11 @@ class Run:
                 return s
         return step
 
+    def keep_steps(self, n: int) -> None:
+        """Forget every step after the first ``n`` (a stream closed early keeps the steps it handed out)."""
+        for name in ("previews", "latents", "readouts", "timesteps", "attention", "preview_labels"):
+            del getattr(self, name)[n:]
+
     def missing_previews(self, steps: Any = None) -> list[int]:
         """The steps among ``steps`` (default: all) whose preview was not decoded yet."""
         wanted = range(self.num_steps) if steps is None else steps
