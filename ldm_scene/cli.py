@@ -88,6 +88,9 @@ def _intervene_arguments(iv: argparse.ArgumentParser) -> None:
                     help="readout-guidance, steer, probe-gradient (the paper's), or a random-direction control "
                          "(random-guidance, random-control); default: the first of these that the model's probe folder supports")
     iv.add_argument("--probes", default=None, help="probe directory (default: the model's probes/)")
+    iv.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
+                    help="hold the unedited run's latents outside the object's old place and its target "
+                         "(blended latent diffusion; default on)")
     iv.add_argument("--device", default=None)
     iv.add_argument("--out", required=True)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Collection, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -336,6 +336,7 @@ def intervene(
     strength: float = 1.0,
     previews: bool = True,
     readers: Sequence[Reader] = (),
+    keep: Any = None,
 ) -> Iterator[StepState]:
     """Stream the edited denoising of ``config`` (same prompt and seed) towards ``target``.
 
@@ -343,6 +344,8 @@ def intervene(
     applied through the sampler's editor hooks, which are removed when the stream ends, fails or
     is closed. ``readers`` read the edited run as they read :func:`~ldm_scene.sampler.sample`'s;
     they are hooked before the editor, so they see each site's activation as the UNet made it.
+    ``keep`` (:class:`~ldm_scene.intervention_methods.KeepBackground`, see :func:`keep_background`)
+    holds the unedited run's latents outside the object's old place and its target.
     """
     if target.shape != tuple(model.image_size):
         raise InterventionError(f"target mask is {target.shape}, the model draws {model.image_size}: use prepare_target")
@@ -351,7 +354,24 @@ def intervene(
     if bad:
         raise InterventionError(f"edit steps {bad} are outside the run's {config.steps} steps")
     editor = make_editor(method, banks, target, sites, steps, strength, config.seed)
-    return guided_sample(model, config, [editor], previews=previews, readers=readers)
+    return guided_sample(model, config, [editor], previews=previews, readers=readers, keep=keep)
+
+
+#: Latent cells of margin around the object's old mask and its target that an edit may repaint.
+#: Chosen on 16 trials with seeds apart from the evaluation's (readout-guidance): no keeping 62% success
+#: and 14.9 dB background PSNR, margin 1 75% and 19.1 dB, margin 2 69% and 17.5 dB.
+KEEP_MARGIN = 1
+
+
+def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None, target: np.ndarray,
+                    margin: int = KEEP_MARGIN):
+    """A :class:`~ldm_scene.intervention_methods.KeepBackground` for an edit from ``source`` (the
+    object's mask in the unedited image; None: unknown) to ``target``; ``reference``: the unedited
+    run's latent after each step (``StepState.latent``, same prompt and seed)."""
+    from .intervention_methods import KeepBackground
+
+    free = np.asarray(target, bool) if source is None else np.asarray(source, bool) | np.asarray(target, bool)
+    return KeepBackground(list(reference), free, margin)
 
 
 def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str | None = None) -> dict[str, ProbeBank]:
@@ -421,7 +441,8 @@ def run_cli(args) -> int:
         raise InterventionError(f"{probe_dir} holds neither class means nor a foreground probe: no method can edit")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    original = [s.image for s in sample(model, config)][-1]
+    states = list(sample(model, config))
+    original = states[-1].image
     before = current_foreground(model, original, banks, config)
     if args.mask:
         target = prepare_target(Image.open(args.mask), model.image_size)
@@ -429,14 +450,15 @@ def run_cli(args) -> int:
         target = translate_mask(before, args.dx, args.dy)
     edit_steps = default_edit_steps(config.steps, method)
     editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed)
-    edited = [s.image for s in guided_sample(model, config, [editor])][-1]
+    keep = keep_background([s.latent for s in states], before, target) if args.keep_background else None
+    edited = [s.image for s in guided_sample(model, config, [editor], keep=keep)][-1]
     replay = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed)
     after = current_foreground(model, edited, banks, config, editors=[replay])
     for name, im in (("original.png", original), ("edited.png", edited), ("target_mask.png", mask_image(target)),
                      ("original_mask.png", mask_image(before)), ("result_mask.png", mask_image(after))):
         im.save(out / name)
     summary = {
-        "prompt": config.prompt, "seed": config.seed, "method": method,
+        "prompt": config.prompt, "seed": config.seed, "method": method, "keep_background": bool(args.keep_background),
         "iou_result_target": metrics.iou(after, target), "iou_result_original": metrics.iou(after, before),
     }
     side_by_side([original, mask_image(before), mask_image(target), edited, mask_image(after)],

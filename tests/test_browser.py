@@ -277,6 +277,7 @@ def _walk(page, served) -> None:
         assert legends, f"{plot}: no legend"
         for box in legends:
             assert box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, (plot, box, frame)
+            assert box["x"] + box["width"] <= frame["x"] + frame["width"] + 1, (plot, box, frame)
     assert "Prompt: a green torus" in _text(page, "#classifier-summary").replace("*", "")
     _shot(page, "04_classifier")
 

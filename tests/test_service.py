@@ -617,3 +617,23 @@ def test_closing_a_prefetched_stream_keeps_the_shown_steps(service, tiny_model):
     run = first.run
     assert run.num_steps == 1 and len(run.previews) == len(run.readouts) == len(run.preview_labels) == 1
     assert not run.complete
+
+
+def test_intervention_keeps_the_original_latents_outside_the_edit(service, run, tiny_model):
+    """The edited run holds the original run's latent at every step outside the object's old mask and
+    the target (grown by KEEP_MARGIN cells); inside, the edit repaints."""
+    from ldm_scene.intervention import KEEP_MARGIN
+    from ldm_scene.intervention_methods import free_cells
+
+    h, w = tiny_model.image_size
+    target = np.zeros((h, w), bool)
+    target[: h // 4, : w // 4] = True
+    views = list(service.intervene_stream(run, target, "readout-guidance", 4.0))
+    edited = views[-1].run
+    assert len(edited.trajectory) == len(run.trajectory) == STEPS
+    source = run.foreground if run.foreground is not None else np.zeros_like(target)
+    cells = free_cells(source | target, tuple(run.trajectory[0].shape[-2:]), KEEP_MARGIN)[0, 0].bool()
+    assert cells.any() and not cells.all()
+    for mine, theirs in zip(edited.trajectory, run.trajectory):
+        assert torch.equal(mine[..., ~cells], theirs[..., ~cells])
+    assert not torch.equal(edited.trajectory[-1][..., cells], run.trajectory[-1][..., cells])

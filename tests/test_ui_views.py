@@ -139,24 +139,3 @@ def test_service_results_use_the_probe_folder(service):
     res = service.results()
     assert "Best site per task" in res.markdown and "data:image/png;base64," in res.markdown
     assert "emergence.png)" not in res.markdown
-
-
-def test_classifier_curves_stream_as_points_and_end_as_a_titled_plot(service):
-    """While a run streams, the curves go out as a plain table of points (a component update would make
-    Gradio rebuild the plot's config on every message); the finished run's carries its title."""
-    import gradio as gr
-    import pandas as pd
-
-    from ldm_scene.ui import tab_classifier
-
-    assert service.classifier is not None
-    views = list(service.generate_stream("a red cube", seed=2, steps=STEPS, preview_every=1))
-    run = views[-1].run
-    live = tab_classifier.live_values(service, run, False)[0]
-    assert isinstance(live, pd.DataFrame) and list(live.columns) == ["step", "confidence", "class"]
-    assert sorted(set(live["step"])) == [s + 1 for s in run.curves.steps]  # 1-based, as on the page
-    final = tab_classifier.live_values(service, run, True)[0]
-    assert isinstance(final, gr.LinePlot) and final.title.startswith("Classifier on")
-    # a new run resets the title the last run's end set
-    reset = tab_classifier.stale_values("running")[0]
-    assert isinstance(reset, gr.LinePlot) and reset.title == tab_classifier.LIVE_TITLE

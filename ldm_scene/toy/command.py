@@ -2,15 +2,12 @@
 and measure it. Parsed by :mod:`ldm_scene.cli`; this module has the options and the run."""
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .train import STAGES, TrainPlan, train_all
-
-if TYPE_CHECKING:
-    import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the model's own scheduler, or the paper's LMS for every generation of the trials")
     iv.add_argument("--methods", default=None, help="comma list (default: every method with its random control)")
     iv.add_argument("--fresh", action="store_true", help="start over instead of resuming the trials in --out")
+    iv.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
+                    help="every method keeps the unedited run's latents outside the old mask and the target")
     sw = sub.add_parser("intervene-sweep", help="each method's success per (sites, steps, gain) on seeds apart from the evaluation's")
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler = LMSDiscreteScheduler if args.scheduler == "lms" else None
         methods = tuple(args.methods.split(",")) if args.methods else EVAL_METHODS
         print(json.dumps(run_trials(Path(args.model), args.n, out, methods=methods, scheduler=scheduler,
-                                    resume=not args.fresh), indent=2))
+                                    resume=not args.fresh, keep=args.keep_background), indent=2))
         return 0
 
     if args.command == "train":

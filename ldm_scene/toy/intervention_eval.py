@@ -41,8 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import bundle, metrics
-from ..intervention import METHOD_DEFAULTS, default_edit_steps, load_intervention_banks, make_editor, mask_image, \
-    side_by_side
+from ..intervention import KEEP_MARGIN, METHOD_DEFAULTS, default_edit_steps, keep_background, load_intervention_banks, make_editor, \
+    mask_image, side_by_side
 from ..intervention_methods import guided_sample
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
     DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
@@ -106,6 +106,8 @@ class Original:
     shape: str
     colour: str | None
     seconds: float
+    #: The unedited run's latent after each step (what an edit that keeps the background holds).
+    trajectory: Sequence[torch.Tensor] = ()
 
 
 def _finite(x: float) -> float | None:
@@ -199,14 +201,21 @@ class _World:
 
     def original(self, seed: int, steps: int):
         config = config_for(self.model, scene_from_seed(seed).prompt, seed, steps)
-        image, seconds = _timed(sample(self.model, config))
+        t0 = time.perf_counter()
+        states = list(sample(self.model, config))
+        seconds = time.perf_counter() - t0
+        image = states[-1].image
         arr = np.asarray(image)
         mask = self.labeler(arr)["mask"][0]
-        return config, Original(image, mask, self.classifier.name(arr), mask_colour(arr, mask), seconds)
+        return config, Original(image, mask, self.classifier.name(arr), mask_colour(arr, mask), seconds,
+                                [s.latent for s in states])
 
-    def edit(self, config, setting: Setting, target: np.ndarray, steps: int):
+    def edit(self, config, setting: Setting, target: np.ndarray, steps: int, original: "Original | None" = None):
+        """The edited image; with ``original`` (keep the background) every method, controls included,
+        keeps the unedited run's latents outside the object's old mask and the target."""
         editor = build_editor(setting, self.banks, target, steps, config.seed)
-        image, seconds = _timed(guided_sample(self.model, config, [editor]))
+        keep = None if original is None else keep_background(original.trajectory, original.mask, target)
+        image, seconds = _timed(guided_sample(self.model, config, [editor], keep=keep))
         return image, seconds, editor
 
 
@@ -217,18 +226,20 @@ def _trial_target(seed: int, index: int, mask: np.ndarray) -> tuple[str, np.ndar
 
 
 def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL_METHODS, steps: int = 15,
-               scheduler: type | None = None, resume: bool = True) -> dict:
+               scheduler: type | None = None, resume: bool = True, keep: bool = True) -> dict:
     """Run ``n`` trials and write ``intervention.json``, ``README.md`` and ``examples.png`` into ``out``.
 
     Each finished trial is appended to ``out/trials.jsonl`` at once; with ``resume``, a rerun with
-    the same model, steps, scheduler and methods skips the trials already there. ``scheduler``
-    (a diffusers scheduler class) replaces the model's own for every generation of the trials.
+    the same model, steps, scheduler, methods and ``keep`` skips the trials already there.
+    ``scheduler`` (a diffusers scheduler class) replaces the model's own for every generation of
+    the trials. ``keep``: every method (controls included) keeps the unedited run's latents outside
+    the object's old mask and the target (:func:`~ldm_scene.intervention.keep_background`).
     """
     world = _World(Path(model_dir), scheduler)
     methods = tuple(methods)
     out.mkdir(parents=True, exist_ok=True)
     run = {"model": str(model_dir), "steps": steps, "scheduler": world.model.scheduler_name, "methods": list(methods),
-           "seed0": TRIAL_SEED0}
+           "seed0": TRIAL_SEED0, "keep_background": keep}
     log, header = out / "trials.jsonl", out / "run.json"
     done: dict[int, dict] = {}
     if resume and log.exists() and header.exists() and json.loads(header.read_text()) == run:
@@ -245,7 +256,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
         seed = TRIAL_SEED0 + i
         if seed in done:
             continue
-        row = _one_trial(world, seed, i, methods, steps, examples_dir if i < N_EXAMPLES else None)
+        row = _one_trial(world, seed, i, methods, steps, examples_dir if i < N_EXAMPLES else None, keep)
         done[seed] = row
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -253,7 +264,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     summary = summarise(rows, methods)
     summary.update(scheduler=world.model.scheduler_name, steps=steps,
                    guidance=config_for(world.model, "a", 0, steps).guidance_text,
-                   defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods})
+                   defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
+                   keep_margin=KEEP_MARGIN if keep else None)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
     examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
@@ -261,7 +273,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
 
 
 def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], steps: int,
-               keep_images: Path | None) -> dict:
+               keep_images: Path | None, keep: bool = True) -> dict:
     config, original = world.original(seed, steps)
     row: dict[str, Any] = {"seed": seed, "prompt": config.prompt}
     if not has_object(original.mask):
@@ -276,7 +288,7 @@ def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], ste
     # methods in an order that rotates from trial to trial.
     order = [methods[(index + k) % len(methods)] for k in range(len(methods))]
     for method in order:
-        image, seconds, editor = world.edit(config, Setting(method), target, steps)
+        image, seconds, editor = world.edit(config, Setting(method), target, steps, original if keep else None)
         result, _ = judge(image, original, target, world.labeler, world.classifier)
         result["seconds"] = seconds
         losses = getattr(editor, "losses", None)
@@ -366,6 +378,12 @@ def render_table(summary: dict) -> str:
         "timed in the same trial. `unedited` scores the unedited image against the target (the do-nothing "
         "baseline); a `random-*` row is its method's edit along random directions of the same norm.", "",
     ]
+    if summary.get("keep_background"):
+        lines += [f"Every method, controls included, kept the unedited run's latents outside the object's old mask and "
+                  f"the target grown by {summary.get('keep_margin')} latent cell(s), at every step (blended latent "
+                  "diffusion; `--keep-background`).", ""]
+    elif "keep_background" in summary:
+        lines += ["No method kept the background: each edited run denoised the whole latent (`--no-keep-background`).", ""]
     rows = []
     for m, s in summary["methods"].items():
         name = f"{m} (control of {summary['controls'][m]})" if m in summary.get("controls", {}) else m

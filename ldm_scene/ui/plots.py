@@ -11,7 +11,6 @@ from typing import Any, Mapping, Sequence
 
 from .views import Run
 
-_METRIC = {"foreground": "Dice", "depth": "Spearman", "shading": "Spearman"}
 _COLOURS = {"foreground": "#d62728", "depth": "#7b3294", "shading": "#555555"}
 #: The shipped test-split means, drawn paler beside each task's own curve.
 _PALE = {"foreground": "#f4a6a6", "depth": "#c7a6d9", "shading": "#b8b8b8"}
@@ -32,14 +31,14 @@ def emergence_frame(run: Run | None, shipped: Mapping[str, tuple[str, Sequence[f
     rows: list[dict[str, Any]] = []
     colours: dict[str, str] = {}
     for task, scores in run.emergence.items():
-        series = f"{task} ({_METRIC.get(task, 'score')})"
+        series = task  # the metric is named on the y axis: short names keep the legend on one line
         colours[series] = _COLOURS.get(task, "#1f77b4")
         rows += [{"step": s + 1, "agreement": float(v), "series": series} for s, v in enumerate(scores)
                  if not math.isnan(v)]
-    for task, (metric, scores) in (shipped or {}).items():
+    for task, (_metric, scores) in (shipped or {}).items():
         if task not in run.emergence:
             continue
-        series = f"{task}, test-split mean ({metric})"
+        series = f"{task}: test mean"
         colours[series] = _PALE.get(task, "#aec7e8")
         rows += [{"step": s + 1, "agreement": float(v), "series": series} for s, v in enumerate(scores)
                  if not math.isnan(v) and s < run.num_steps]
@@ -50,14 +49,9 @@ def emergence_frame(run: Run | None, shipped: Mapping[str, tuple[str, Sequence[f
                        y_lim=[min(-0.05, lowest - 0.05), 1.05])
 
 
-def classifier_frame(curves: Any, full: bool = True) -> Any:
+def classifier_frame(curves: Any) -> Any:
     """The classifier's per-step confidence for the classes worth showing (:func:`~ldm_scene.figures.shown_classes`),
-    as a ``gr.LinePlot`` update; its title names the first step whose top class is the prompt's.
-
-    ``full=False`` gives the points alone (a DataFrame), for a run still streaming: a component
-    update makes Gradio rebuild the plot's whole config (its JSON schema included) on every
-    message, while a plain value is only serialised. The title and axis follow at the end.
-    """
+    as a ``gr.LinePlot`` update; its title names the first step whose top class is the prompt's."""
     import gradio as gr
     import pandas as pd
 
@@ -68,8 +62,6 @@ def classifier_frame(curves: Any, full: bool = True) -> Any:
     rows = [{"step": int(step) + 1, "confidence": float(curves.probabilities[i, j]),
              "class": curves.classes[j] + (" (prompted)" if j == curves.prompted_class else "")}
             for j in shown_classes(curves) for i, step in enumerate(curves.steps)]
-    if not full:
-        return pd.DataFrame(rows, columns=["step", "confidence", "class"])
     first = curves.first_correct_step
     named = f"top-1 from step {first + 1}" if first is not None else "not the prompted class yet"
     steps = [int(s) + 1 for s in curves.steps]

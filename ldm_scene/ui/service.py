@@ -404,9 +404,13 @@ class Service:
         Yields an :class:`InterventionView` per step (the preview with the foreground probe's
         outline); the last carries a :class:`Comparison` of original, target and result with IoU.
         The probe reader goes to :func:`~ldm_scene.intervention.intervene` with the edit, which
-        hooks both for exactly the stream's lifetime.
+        hooks both for exactly the stream's lifetime. Outside the object's old mask and the target
+        (grown by :data:`~ldm_scene.intervention.KEEP_MARGIN` latent cells) every step keeps
+        ``run``'s own latent, so the rest of the scene stays as it was.
         """
-        from ..intervention import METHOD_BANKS, METHODS, InterventionError, default_edit_steps, intervene, make_editor
+        from ..intervention import (
+            METHOD_BANKS, METHODS, InterventionError, default_edit_steps, intervene, keep_background, make_editor,
+        )
 
         model = self._require_model()
         targets.require_complete(run)
@@ -430,9 +434,12 @@ class Service:
                                   config.steps, edited.notes)
         # The reader is hooked before the editor, so it sees each site's activation as the UNet made it.
         readers = [ProbeReader({"foreground": self.banks["foreground"]}, readable)] if readable else []
+        # Outside the object's old place and its target the edited run keeps the original's latents.
+        keep = (keep_background(run.trajectory, run.foreground, target)
+                if len(run.trajectory) == run.num_steps == config.steps else None)
         with self._exclusive(), ExitStack() as stack:
             states = intervene(model, config, target, method, self.intervention_banks, steps=edit_steps,
-                               strength=strength, previews=True, readers=readers)
+                               strength=strength, previews=True, readers=readers, keep=keep)
             stack.callback(states.close)
             for state in states:
                 self._record(edited, state)
@@ -479,6 +486,7 @@ class Service:
         if preview is None and decoded:
             preview = decode(self._require_model(), state.x0)[0]
         run.latents.append(state.x0[0].detach().to("cpu"))
+        run.trajectory.append(state.latent.detach().to("cpu"))
         run.previews.append(preview)
         run.timesteps.append(float(state.timestep))
         run.readouts.append(dict(state.readouts.get(ProbeReader.name, {})))

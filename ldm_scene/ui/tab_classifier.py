@@ -37,7 +37,8 @@ def create(service: Service) -> ClassifierTab:
             "The classifier reads each step's denoised estimate (as the paper ran VGG-16 on SD's); the plot's "
             "title names the first step at which its top class is the prompt's. While a run streams it reads "
             "the steps whose estimate is decoded (see *Decode the x0 image every k steps*); **Recompute** "
-            "decodes and reads every step. Beside it: the same run's probes, scored against the finished image."
+            "decodes and reads every step. Beside it: the same run's probes, scored against the finished image "
+            "(foreground by Dice, depth and shading by Spearman; paler: the probe set's test-split mean)."
         )
     with gr.Row():
         # Drawn in the browser (Vega-Lite): redrawing them live costs the server next to nothing.
@@ -46,21 +47,16 @@ def create(service: Service) -> ClassifierTab:
                              y_title="confidence", y_lim=[0, 1], elem_id="classifier-curves")
         emergence = gr.LinePlot(x="step", y="agreement", color="series", label="Probe emergence for this image",
                                 title="Probe emergence for this image", x_title="denoising step",
-                                y_title="agreement with the finished image", elem_id="emergence")
+                                y_title="agreement (Dice / Spearman)", elem_id="emergence")
     summary = gr.Markdown("Generate an image first (Generate tab).", label="Classifier summary",
                           elem_id="classifier-summary")
     button = gr.Button("Recompute the curves for the last run", interactive=service.classifier is not None)
     return ClassifierTab(curves, emergence, summary, button)
 
 
-#: The curves' title while a run streams (the finished run's names the first correct step).
-LIVE_TITLE = "Classifier confidence per step (the run is going)"
-
-
-def curves_figure(service: Service, curves: Any, full: bool = True) -> Any:
-    """The classifier's curves as a line plot update (None without a classifier or curves);
-    ``full=False``: the points alone, for a streaming run (see :func:`~.plots.classifier_frame`)."""
-    return None if service.classifier is None else classifier_frame(curves, full)
+def curves_figure(service: Service, curves: Any) -> Any:
+    """The classifier's curves as a line plot update (None without a classifier or curves)."""
+    return None if service.classifier is None else classifier_frame(curves)
 
 
 def describe(run: Run | None) -> str:
@@ -93,7 +89,7 @@ def live_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
     classifier read this step (a decoded step), the rest at the end."""
     fresh = run is not None and run.curves is not None and bool(run.curves.steps) and (
         finished or run.curves.steps[-1] == run.num_steps - 1)
-    curves = curves_figure(service, run.curves, full=finished) if fresh else gr.skip()
+    curves = curves_figure(service, run.curves) if fresh else gr.skip()
     if not finished:
         return [curves, gr.skip(), gr.skip()]
     return [curves, emergence_frame(run, service.shipped_emergence()), describe(run)]
@@ -107,8 +103,7 @@ def stale_outputs(tab: ClassifierTab) -> list[Any]:
 def stale_values(why: str) -> list[Any]:
     """Clear the previous run's curves when a run starts; say what a stopped run's curves cover."""
     if why == "running":
-        # The one plot update of a run until its end: this run's points come as plain values.
-        return [gr.LinePlot(value=None, title=LIVE_TITLE, x_lim=None), None, "A new run is going: its classifier curve is drawn as it runs; the probe emergence "
+        return [None, None, "A new run is going: its classifier curve is drawn as it runs; the probe emergence "
                             "appears when it finishes."]
     return [gr.skip(), None, "The run was stopped: the classifier curve covers the steps that finished, and "
                              "without a final image there is nothing to score the probes' emergence against."]

@@ -34,6 +34,8 @@ class Run:
     attention_sites: tuple[str, ...] = ()
     previews: list[Image.Image | None] = field(default_factory=list)
     latents: list[Any] = field(default_factory=list)
+    #: The latent after each step (what the next step denoises): an edit keeps it outside its region.
+    trajectory: list[Any] = field(default_factory=list)
     readouts: list[dict[str, np.ndarray]] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     image: Image.Image | None = None
@@ -68,7 +70,7 @@ class Run:
 
     def keep_steps(self, n: int) -> None:
         """Forget every step after the first ``n`` (a stream closed early keeps the steps it handed out)."""
-        for name in ("previews", "latents", "readouts", "timesteps", "attention", "preview_labels"):
+        for name in ("previews", "latents", "trajectory", "readouts", "timesteps", "attention", "preview_labels"):
             del getattr(self, name)[n:]
 
     def missing_previews(self, steps: Any = None) -> list[int]:
