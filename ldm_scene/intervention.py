@@ -39,8 +39,9 @@ from .sampler import GenerationConfig, Reader, StepState, config_for, sample
 from .sites import SITE_KEYS, UP_SITE_KEYS
 
 #: In order of preference: the first a probe folder supports is the default (the app's and the CLI's).
-#: readout-guidance moved the object in 43% of the toy model's 100 evaluation trials against 5% for its
-#: random-direction control; steer 39% against 15% (weights/toy-scenes/intervention/README.md).
+#: On the toy model's 100 evaluation trials (weights/toy-scenes/intervention/README.md, edits keeping the
+#: background) readout-guidance moved the object in 43% against 10% for its random-direction control;
+#: steer 40% against 13%; the paper's probe-gradient 0%.
 METHODS: tuple[str, ...] = ("readout-guidance", "steer", "probe-gradient", "random-guidance", "random-control")
 DEFAULT_STEPS: tuple[int, ...] = (0, 1, 2, 3, 4)
 #: The largest accepted ``strength`` (a multiple of the method's default dose).
@@ -84,6 +85,8 @@ _STEER_DEFAULTS = MethodDefaults("up", 2 / 3, 15.0, 0.3)
 #: further sweep seeds the first third of the steps (45-47%) and the first half (47-53%) were
 #: within noise, and the first half cost ~1.7x a plain generation against ~1.4x: the first third
 #: keeps the 1.5x budget. No low-pass of the push (53% against 47% with an 8x8 one, 35% with 4x4).
+#: Re-swept on the shipped model with the background kept (24 trials, sweep.md): 33-50% for every
+#: setting tried, within the noise of 24 trials, so the defaults stand.
 _GUIDANCE_DEFAULTS = MethodDefaults("up", 1 / 3, 0.25)
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "steer": _STEER_DEFAULTS,

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)
     sw.add_argument("--out", default=None, help="default: <model>/intervention")
+    sw.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
+                    help="every edit keeps the unedited run's latents outside the old mask and the target")
     at = sub.add_parser("atlas", help="decodability versus causality: probe Dice and an edit's effect per (site, step window)")
     at.add_argument("--model", default="weights/toy-scenes")
     at.add_argument("--n", type=int, default=8, help="trials (each edited at every site and window, and its control)")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "intervene-sweep":
         from .intervention_eval import run_sweep
 
-        run_sweep(Path(args.model), args.n, Path(args.out) if args.out else Path(args.model) / "intervention")
+        run_sweep(Path(args.model), args.n, Path(args.out) if args.out else Path(args.model) / "intervention",
+                  keep=args.keep_background)
         return 0
 
     if args.command == "intervene-eval":

@@ -317,16 +317,19 @@ class Service:
         tracker = self._tracker(config.prompt) if track_classes else None
 
         def model_steps() -> Iterator[Any]:
-            # The model's part of each step: the UNet with its readers, and the VAE where decoded.
+            # The UNet's part of each step, with its readers (under the lock: they hook the UNet).
             with self._exclusive(), closing(sample(model, config, readers=readers)) as states:
                 for state in states:
-                    self._record_model(run, state, decoded_live(state.step, state.num_steps, every))
+                    self._record_model(run, state, decoded=False)
                     yield state
 
         shown = 0
         try:
             with closing(prefetched(model_steps) if prefetch else model_steps()) as steps:
                 for state in steps:
+                    # The VAE needs no lock: it decodes here, beside the UNet's next step when prefetching.
+                    if decoded_live(state.step, state.num_steps, every):
+                        run.previews[state.step] = decode(model, state.x0)[0]
                     preview = run.previews[state.step]
                     run.preview_labels.append(self._labels(preview))
                     if tracker is not None and preview is not None:
