@@ -1,9 +1,11 @@
-"""Serve the ldm-scene app: ``python app.py [--model M] [--probes DIR] [--port P] [--host H]``.
+"""Serve the ldm-scene app: ``python app.py [--model M] [--probes DIR] [--port P] [--host H] [--threads N]``.
 
 Flags fall back to environment variables, so a Hugging Face Space (or Docker) can configure it:
 ``LDM_SCENE_MODEL`` (default ``toy``, the embedded toy model; ``sd14`` for SD v1.4 from the Hub),
 ``LDM_SCENE_PROBES`` (default: the ``probes/`` folder shipped beside the model),
-``LDM_SCENE_DEVICE``, ``PORT`` (default 7860) and ``HOST`` (default 127.0.0.1; 0.0.0.0 in Docker).
+``LDM_SCENE_DEVICE``, ``LDM_SCENE_THREADS`` (PyTorch threads; default one for a small model on a
+multi-core CPU, so another core serves the page), ``PORT`` (default 7860) and ``HOST`` (default
+127.0.0.1; 0.0.0.0 in Docker).
 
 The port answers at once: until the model is loaded and the app built (seconds on a CPU, minutes
 when SD v1.4 is first downloaded), ``/`` is a page that says so and reloads itself when the app is
