@@ -293,10 +293,10 @@ class Service:
         Closing the stream early stops the model and removes its hooks; the run then keeps the
         steps that were handed out.
 
-        ``prefetch``: the model work (UNet, readers, VAE) runs in a thread of its own, up to
-        :data:`.prefetch.DEPTH` steps ahead, while the caller's thread labels, classifies and draws
-        the steps and hands them on (:func:`.prefetch.prefetched`): the app's stream overlaps the
-        model with Gradio's sending of the previous step.
+        ``prefetch``: the UNet's steps (with the readers, under the model lock) run in a thread of
+        their own, up to :data:`.prefetch.DEPTH` steps ahead, while the caller's thread decodes,
+        labels, classifies and draws them and hands them on (:func:`.prefetch.prefetched`): the
+        app's stream overlaps the UNet with that work and with Gradio's sending of the last step.
         """
         every = self.preview_cadence(preview_every)
         config = self.config(prompt, seed, steps if steps is not None else self.default_steps,
