@@ -8,6 +8,8 @@ last; in alternation, in the same run and this process, plain diffusers (the pip
 HTTP) give the base lines, so the printed ratios say what the app adds on top of the model's own
 work. 15 steps with three probe readouts every step. ``--in-process`` serves the app from the
 benchmark's own process instead (then the client's polling shares the server's interpreter lock).
+``--before DIR`` serves another checkout's ``app.py`` too (e.g. a ``git archive`` of an older commit,
+with ``weights/`` beside it), alternated with the rest in the same run.
 
 ``python benchmarks/bench_app.py --startup [--repeats N] [--before DIR]``: start-up instead. Times
 ``python app.py`` (the toy model, offline) from launch to the first HTTP 200 on ``/`` and to the
