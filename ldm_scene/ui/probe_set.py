@@ -87,3 +87,17 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
         first_shown = f"{first + 1}" if isinstance(first, int) else "–"  # metrics.json counts from 0
         rows.append(f"| {task} | {entry.get('metric', '')} | `{entry.get('best_site', '–')}` | {shown} | {first_shown} |")
     return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def readable_sites(banks: Mapping[str, ProbeBank], choices: Mapping[str, Any], steps: int,
+                   notes: list[str]) -> dict[str, Any]:
+    """The site ``choices`` whose task's probes were fit for ``steps``-step runs; a note in ``notes``
+    for each task left out (its probes cannot read a schedule of another length)."""
+    readable = {}
+    for task, choice in choices.items():
+        fit_for = banks[task].meta.num_steps
+        if fit_for != steps:
+            notes.append(f"{task} probes were fit for {fit_for}-step runs; no {task} readout at {steps} steps")
+            continue
+        readable[task] = choice
+    return readable

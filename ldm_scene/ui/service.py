@@ -41,7 +41,7 @@ from .inputs import ServiceError, finite_number, whole_number
 from .loading import load_parts
 from .prefetch import prefetched
 from .previews import PREVIEW_EVERY, decoded_live
-from .probe_set import best_per_step, shipped_emergence, task_metrics
+from .probe_set import best_per_step, readable_sites, shipped_emergence, task_metrics
 from .results import Results, results_page
 from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
 
@@ -304,7 +304,7 @@ class Service:
         choices = self.resolve_sites(sites)
         attn_sites = self.resolve_attention_sites(attention_sites)
         run = Run(config, choices, attention_sites=attn_sites)
-        readable = self._readable(choices, config.steps, run.notes)
+        readable = readable_sites(self.banks, choices, config.steps, run.notes)
         model = self._require_model()
         readers: list[Any] = []
         if readable:
@@ -320,7 +320,7 @@ class Service:
             # The UNet's part of each step, with its readers (under the lock: they hook the UNet).
             with self._exclusive(), closing(sample(model, config, readers=readers)) as states:
                 for state in states:
-                    self._record_model(run, state, decoded=False)
+                    run.record(state, None)
                     yield state
 
         shown = 0
@@ -433,8 +433,8 @@ class Service:
         make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed)
         config = run.config
         edited = Run(config, run.sites, kind=f"intervene:{method}")
-        readable = self._readable({"foreground": run.sites["foreground"]} if "foreground" in run.sites else {},
-                                  config.steps, edited.notes)
+        foreground = {"foreground": run.sites["foreground"]} if "foreground" in run.sites else {}
+        readable = readable_sites(self.banks, foreground, config.steps, edited.notes)
         # The reader is hooked before the editor, so it sees each site's activation as the UNet made it.
         readers = [ProbeReader({"foreground": self.banks["foreground"]}, readable)] if readable else []
         # Outside the object's old place and its target the edited run keeps the original's latents.
@@ -460,16 +460,6 @@ class Service:
         return results_page(self.probe_dir, self.model.directory if self.model is not None else None, self.metrics)
 
     # --- internals -----------------------------------------------------------------------------
-    def _readable(self, choices: Mapping[str, SiteChoice], steps: int, notes: list[str]) -> dict[str, SiteChoice]:
-        readable = {}
-        for task, choice in choices.items():
-            fit_for = self.banks[task].meta.num_steps
-            if fit_for != steps:
-                notes.append(f"{task} probes were fit for {fit_for}-step runs; no {task} readout at {steps} steps")
-                continue
-            readable[task] = choice
-        return readable
-
     def _tracker(self, prompt: str) -> Any:
         if self.classifier is None:
             return None
@@ -477,23 +467,12 @@ class Service:
 
         return CurveTracker(self.classifier, prompt)
 
-    def _record(self, run: Run, state: Any, decoded: bool = True) -> None:
-        """Keep one step of ``run``: the model's part (:meth:`_record_model`) and the labeler's view of the preview."""
-        self._record_model(run, state, decoded)
-        run.preview_labels.append(self._labels(run.previews[state.step]))
-
-    def _record_model(self, run: Run, state: Any, decoded: bool = True) -> None:
-        """Keep the model's part of one step of ``run``: x0 latent, preview (the state's, else decoded
-        here when ``decoded``; else None until asked for), probe maps and word maps."""
-        preview = state.preview
-        if preview is None and decoded:
-            preview = decode(self._require_model(), state.x0)[0]
-        run.latents.append(state.x0[0].detach().to("cpu"))
-        run.trajectory.append(state.latent.detach().to("cpu"))
-        run.previews.append(preview)
-        run.timesteps.append(float(state.timestep))
-        run.readouts.append(dict(state.readouts.get(ProbeReader.name, {})))
-        run.attention.append(state.readouts.get("attention"))
+    def _record(self, run: Run, state: Any) -> None:
+        """Keep one step of ``run`` (:meth:`.views.Run.record`) with its preview (the state's, else
+        decoded here) and the labeler's view of it."""
+        preview = state.preview if state.preview is not None else decode(self._require_model(), state.x0)[0]
+        run.record(state, preview)
+        run.preview_labels.append(self._labels(preview))
 
     def _finish(self, run: Run, emergence_curves: bool = True) -> None:
         """Find the finished image's object and score every step against the final labels."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..readout import SiteChoice
+from ..readout import ProbeReader, SiteChoice
 from ..sampler import GenerationConfig
 
 
@@ -68,9 +68,23 @@ class Run:
                 return s
         return step
 
+    #: The lists that hold one entry per step.
+    PER_STEP = ("previews", "latents", "trajectory", "readouts", "timesteps", "attention", "preview_labels")
+
+    def record(self, state: Any, preview: Image.Image | None) -> None:
+        """Keep the model's part of one step (a sampler ``StepState``): the x0 latent, the latent after
+        the step, ``preview`` (None until decoded), the probe maps and the word maps. The labeler's
+        view of the preview (``preview_labels``) is appended by whoever labels it."""
+        self.latents.append(state.x0[0].detach().to("cpu"))
+        self.trajectory.append(state.latent.detach().to("cpu"))
+        self.previews.append(preview)
+        self.timesteps.append(float(state.timestep))
+        self.readouts.append(dict(state.readouts.get(ProbeReader.name, {})))
+        self.attention.append(state.readouts.get("attention"))
+
     def keep_steps(self, n: int) -> None:
         """Forget every step after the first ``n`` (a stream closed early keeps the steps it handed out)."""
-        for name in ("previews", "latents", "trajectory", "readouts", "timesteps", "attention", "preview_labels"):
+        for name in self.PER_STEP:
             del getattr(self, name)[n:]
 
     def missing_previews(self, steps: Any = None) -> list[int]:
