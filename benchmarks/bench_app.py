@@ -58,6 +58,15 @@ def _status(url: str) -> int | None:
         return None  # nothing listens yet (or the port is changing hands)
 
 
+def _app_env() -> dict[str, str]:
+    """The environment ``python app.py`` runs in here: the toy model, offline, the app's own defaults."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "LDM_SCENE_MODEL": "toy"}
+    for name in ("LDM_SCENE_PROBES", "LDM_SCENE_THREADS"):
+        env.pop(name, None)
+    return env
+
+
 def _time_app(checkout: Path, env: dict, limit: float = 300.0) -> tuple[float, float]:
     """Seconds from starting ``python app.py`` in ``checkout`` to the first 200 on ``/`` and on ``/config``."""
     port = _free_port()
@@ -89,9 +98,7 @@ def _time_app(checkout: Path, env: dict, limit: float = 300.0) -> tuple[float, f
 
 
 def startup(repeats: int, before: Path | None) -> int:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "LDM_SCENE_MODEL": "toy"}
-    env.pop("LDM_SCENE_PROBES", None)
+    env = _app_env()
     apps = {"app.py": REPO, **({f"app.py in {before}": before} if before else {})}
 
     def bare_torch() -> float:
@@ -142,10 +149,7 @@ def _serve(checkout: Path, threads: int) -> tuple[subprocess.Popen, str]:
     """``python app.py`` (the toy model, offline) from ``checkout`` on a free loopback port, once it serves."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "LDM_SCENE_MODEL": "toy", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env.pop("LDM_SCENE_PROBES", None)
-    env.pop("LDM_SCENE_THREADS", None)
+    env = {**_app_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     server = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=checkout,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.perf_counter()

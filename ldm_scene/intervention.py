@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from PIL import Image
 from . import bundle
 from .models import Model
 from .probes import CLASS_MEANS, ProbeBank, class_means_bank, load_probe_dir  # noqa: F401  (class_means_bank re-exported)
-from .intervention_methods import guided_sample
+from .intervention_methods import KeepBackground, guided_sample
 from .sampler import GenerationConfig, Reader, StepState, config_for, sample
 from .sites import SITE_KEYS, UP_SITE_KEYS
 
@@ -339,7 +339,7 @@ def intervene(
     strength: float = 1.0,
     previews: bool = True,
     readers: Sequence[Reader] = (),
-    keep: Any = None,
+    keep: KeepBackground | None = None,
 ) -> Iterator[StepState]:
     """Stream the edited denoising of ``config`` (same prompt and seed) towards ``target``.
 
@@ -347,7 +347,7 @@ def intervene(
     applied through the sampler's editor hooks, which are removed when the stream ends, fails or
     is closed. ``readers`` read the edited run as they read :func:`~ldm_scene.sampler.sample`'s;
     they are hooked before the editor, so they see each site's activation as the UNet made it.
-    ``keep`` (:class:`~ldm_scene.intervention_methods.KeepBackground`, see :func:`keep_background`)
+    ``keep`` (:class:`~ldm_scene.intervention_methods.KeepBackground`, from :func:`keep_background`)
     holds the unedited run's latents outside the object's old place and its target.
     """
     if target.shape != tuple(model.image_size):
@@ -367,12 +367,10 @@ KEEP_MARGIN = 1
 
 
 def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None, target: np.ndarray,
-                    margin: int = KEEP_MARGIN):
+                    margin: int = KEEP_MARGIN) -> KeepBackground:
     """A :class:`~ldm_scene.intervention_methods.KeepBackground` for an edit from ``source`` (the
     object's mask in the unedited image; None: unknown) to ``target``; ``reference``: the unedited
     run's latent after each step (``StepState.latent``, same prompt and seed)."""
-    from .intervention_methods import KeepBackground
-
     free = np.asarray(target, bool) if source is None else np.asarray(source, bool) | np.asarray(target, bool)
     return KeepBackground(list(reference), free, margin)
 

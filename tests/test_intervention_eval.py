@@ -277,7 +277,8 @@ def test_readout_guidance_cleans_up_when_the_stream_is_closed_mid_way(tiny_model
 
 def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     from ldm_scene.models import TOY_MODEL_DIR
-    from ldm_scene.toy.intervention_eval import Setting, run_sweep, run_trials
+    from ldm_scene.toy.intervention_eval import Setting, run_trials
+    from ldm_scene.toy.intervention_sweep import run_sweep
 
     if not (TOY_MODEL_DIR / "probes" / "foreground.safetensors").exists():
         pytest.skip("toy model or its probes not shipped")
@@ -324,7 +325,8 @@ def test_intervene_streams_readout_guidance_with_previews_as_the_app_does(tiny_m
 
 
 def test_sweep_table_marks_only_the_shipped_default_and_names_other_options():
-    from ldm_scene.toy.intervention_eval import Setting, _is_default, render_sweep
+    from ldm_scene.toy.intervention_eval import Setting
+    from ldm_scene.toy.intervention_sweep import _is_default, render_sweep
 
     d = METHOD_DEFAULTS["readout-guidance"]
     default = Setting("readout-guidance", d.sites, d.steps_fraction, d.gain)

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "intervene-sweep":
-        from .intervention_eval import run_sweep
+        from .intervention_sweep import run_sweep
 
         run_sweep(Path(args.model), args.n, Path(args.out) if args.out else Path(args.model) / "intervention",
                   keep=args.keep_background)

@@ -41,8 +41,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import bundle, metrics
-from ..intervention import KEEP_MARGIN, METHOD_DEFAULTS, default_edit_steps, keep_background, load_intervention_banks, make_editor, \
-    mask_image, side_by_side
+from ..intervention import (
+    KEEP_MARGIN, METHOD_DEFAULTS, default_edit_steps, keep_background, load_intervention_banks, make_editor, mask_image,
+    side_by_side,
+)
 from ..intervention_methods import guided_sample
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
     DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
@@ -50,7 +52,7 @@ from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation
 )
 from ..models import load_model
 from ..reports import markdown_table
-from ..seeds import SWEEP_SEED0, TRIAL_SEED0
+from ..seeds import TRIAL_SEED0
 from ..sampler import config_for, sample
 from .nets import ToyClassifier, ToyLabeler
 from .quality import has_object, mask_centroid, mask_colour
@@ -140,10 +142,11 @@ def _final(states) -> Image.Image:
     return [s.image for s in states][-1]
 
 
-def _timed(states) -> tuple[Image.Image, float]:
+def _timed(states) -> tuple[list, float]:
+    """Every step of a generation (the last carries the image) and the seconds it took."""
     t0 = time.perf_counter()
-    image = _final(states)
-    return image, time.perf_counter() - t0
+    done = list(states)
+    return done, time.perf_counter() - t0
 
 
 @dataclass(frozen=True)
@@ -201,9 +204,7 @@ class _World:
 
     def original(self, seed: int, steps: int):
         config = config_for(self.model, scene_from_seed(seed).prompt, seed, steps)
-        t0 = time.perf_counter()
-        states = list(sample(self.model, config))
-        seconds = time.perf_counter() - t0
+        states, seconds = _timed(sample(self.model, config))
         image = states[-1].image
         arr = np.asarray(image)
         mask = self.labeler(arr)["mask"][0]
@@ -215,8 +216,8 @@ class _World:
         keeps the unedited run's latents outside the object's old mask and the target."""
         editor = build_editor(setting, self.banks, target, steps, config.seed)
         keep = None if original is None else keep_background(original.trajectory, original.mask, target)
-        image, seconds = _timed(guided_sample(self.model, config, [editor], keep=keep))
-        return image, seconds, editor
+        states, seconds = _timed(guided_sample(self.model, config, [editor], keep=keep))
+        return states[-1].image, seconds, editor
 
 
 def _trial_target(seed: int, index: int, mask: np.ndarray) -> tuple[str, np.ndarray, dict]:
@@ -442,76 +443,3 @@ def examples_figure(rows: Sequence[dict], methods: Sequence[str], images: Path, 
             grid.paste(s, (0, y))
             y += s.height
         grid.save(path)
-
-
-# -- sweep ---------------------------------------------------------------------------------------
-
-#: The settings ``intervene-sweep`` tries: readout-guidance's gain and steps, steer's gain and outside share.
-SWEEP_GRID: tuple[Setting, ...] = (
-    Setting("readout-guidance", "up", 1 / 3, 0.25), Setting("readout-guidance", "up", 1 / 3, 0.4),
-    Setting("readout-guidance", "up", 1 / 3, 0.6), Setting("readout-guidance", "up", 1 / 2, 0.25),
-    Setting("readout-guidance", "up", 1 / 2, 0.4), Setting("readout-guidance", "all", 1 / 3, 0.4),
-    Setting("steer", "up", 2 / 3, 15.0, 0.3), Setting("steer", "up", 2 / 3, 25.0, 0.3),
-)
-
-
-def _is_default(s: Setting) -> bool:
-    d = METHOD_DEFAULTS[s.method]
-    return not s.options and (s.sites, round(s.steps_fraction or 0, 4), s.gain,
-                              s.outside if s.outside is not None else d.outside) == (
-        d.sites, round(d.steps_fraction, 4), d.gain, d.outside)
-
-
-def run_sweep(model_dir: Path, n: int, out: Path, grid: Sequence[Setting] = SWEEP_GRID, steps: int = 15,
-              keep: bool = True) -> list[dict]:
-    """Success per setting on ``n`` trials drawn from :data:`SWEEP_SEED0` (targets as in the evaluation).
-
-    This is how the methods' defaults are chosen; its seeds are disjoint from :func:`run_trials`'s,
-    so the evaluation does not measure the settings on the trials that chose them. ``keep``: the
-    edits keep the background, as the evaluation's do.
-    """
-    world = _World(Path(model_dir))
-    trials = []
-    for i in tqdm(range(n), desc="sweep originals"):
-        seed = SWEEP_SEED0 + i
-        config, original = world.original(seed, steps)
-        if has_object(original.mask):
-            kind, target, _ = _trial_target(seed, i, original.mask)
-            trials.append((config, original, kind, target))
-    rows = []
-    for setting in tqdm(grid, desc="sweep settings"):
-        results = []
-        for config, original, _, target in trials:
-            image, seconds, _ = world.edit(config, setting, target, steps, original if keep else None)
-            results.append(judge(image, original, target, world.labeler, world.classifier)[0])
-        s = summarise_rows(results)
-        rows.append({**vars(setting), "options": dict(setting.options), "default": _is_default(setting), **s,
-                     "guidance": trials[0][0].guidance_text if trials else None, "keep_background": keep})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    text = render_sweep(rows, steps)
-    (out / "sweep.md").write_text(text)
-    print(text)
-    return rows
-
-
-def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
-    """sweep.md from sweep.json's rows (nothing typed by hand); * marks each method's shipped default."""
-    lines = ["# Intervention settings on the toy model", "",
-             f"`python -m ldm_scene.toy intervene-sweep`: {rows[0]['n'] if rows else 0} trials with seeds from "
-             f"{SWEEP_SEED0:,} (the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
-             f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}; targets and success as in "
-             "the evaluation. * marks the method's shipped default."
-             + (" Every edit kept the background (the unedited run's latents outside the old mask and the target)."
-                if rows and rows[0].get("keep_background") else ""), ""]
-    table = []
-    for r in rows:
-        edited = "all" if (r["steps_fraction"] or 0) >= 1 else f"first {r['steps_fraction']:.2f}"
-        table.append((f"{r['method']}{' *' if r.get('default') else ''}", r["sites"], edited, f"{r['gain']:g}",
-                      "—" if r.get("outside") is None else format(r["outside"], "g"),
-                      ", ".join(f"{k} {v}" for k, v in (r.get("options") or {}).items()) or "—", r["n"],
-                      _pct(r["success_rate"]), _num(r["distance_px"], ".1f"), _num(r["iou_target"], ".3f"),
-                      _pct(r["shape_kept"]), _pct(r["colour_kept"]), _num(r["background_psnr"], ".1f")))
-    lines += markdown_table(("method", "sites", "steps edited", "gain", "outside share", "other", "trials", "success",
-                             "centroid distance (px)", "IoU target", "shape kept", "colour kept", "background PSNR (dB)"), table)
-    return "\n".join(lines) + "\n"

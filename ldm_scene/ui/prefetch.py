@@ -1,4 +1,4 @@
-"""Run a step stream one step ahead of the page: the model computes step k+1 while Gradio sends step k.
+"""Run a step stream ahead of the page: the model computes the next steps while Gradio sends this one.
 
 Gradio drives a streaming handler in lockstep: it asks the generator for a step, postprocesses
 and sends it (encodes the pictures, builds the message), and only then asks for the next one, so
