@@ -74,6 +74,14 @@ def test_structured_shading_is_reported_beside_the_nets_own_estimate():
     assert "structure_shading" in text and "which gives the 0.9700 above" in text
 
 
+def test_structured_depth_is_reported_beside_the_nets_own_estimate():
+    assert "structure_depth" not in render_report(_report())
+    text = render_report(_report(labeler_depth_spearman=0.959, labeler_depth_spearman_net=0.928,
+                                 labeler_depth_spearman_object=0.37))
+    assert "per-pixel depth scores 0.9280" in text and "which gives the 0.9590 above" in text
+    assert "structure_depth" in text and "its depth Spearman is 0.3700" in text
+
+
 def test_scheduler_is_named_and_the_papers_is_compared_when_measured():
     plain = render_report(_report(scheduler="EulerDiscreteScheduler"))
     assert "15 steps of EulerDiscreteScheduler" in plain and "paper's" not in plain

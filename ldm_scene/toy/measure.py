@@ -29,6 +29,12 @@ LAYOUT_PROMPTS: tuple[str, ...] = ("a red cube", "a blue sphere", "a green cylin
                                    "a purple torus", "an orange cube")
 
 
+def _object_spearman(pred: np.ndarray, true: np.ndarray, masks: np.ndarray) -> float:
+    """Mean per-image Spearman on the object's pixels alone (images with fewer than two skipped)."""
+    return metrics.mean_ignore_nan(metrics.spearman(p[m], t[m]) if m.sum() > 1 else np.nan
+                                   for p, t, m in zip(pred, true, masks))
+
+
 def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
     """Autoencoder, labeler and classifier quality on held-out renders with exact labels."""
     model = load_model(str(model_dir), device="cpu")
@@ -55,14 +61,15 @@ def measure_heldout(model_dir: Path, heldout: dict, n: int = 500) -> dict:
         "labeler_dice": metrics.mean_dice(labels["mask"], heldout["mask"][:n]),
         "labeler_depth_spearman": metrics.mean_spearman(labels["depth"], heldout["depth"][:n].astype(np.float32)),
         "labeler_shading_spearman": metrics.mean_spearman(labels["shading"], shading),
-        # The net's per-pixel estimate before the world's ties are put back (nets.structure_shading).
+        # The net's per-pixel estimates before the world's structure is put back (nets.structure_depth,
+        # nets.structure_shading).
+        "labeler_depth_spearman_net": metrics.mean_spearman(labels["depth_net"], heldout["depth"][:n].astype(np.float32)),
         "labeler_shading_spearman_net": metrics.mean_spearman(labels["shading_net"], shading),
         # What a labeler right to 1e-4 everywhere, but without the labels' exact ties, would score.
         "labeler_depth_spearman_ceiling": metrics.spearman_tie_ceiling(heldout["depth"][:n]),
         "labeler_shading_spearman_ceiling": metrics.spearman_tie_ceiling(shading),
-        "labeler_shading_spearman_object": metrics.mean_ignore_nan(
-            metrics.spearman(p[m], t[m]) if m.sum() > 1 else np.nan
-            for p, t, m in zip(labels["shading"], shading, heldout["mask"][:n])),
+        "labeler_shading_spearman_object": _object_spearman(labels["shading"], shading, heldout["mask"][:n]),
+        "labeler_depth_spearman_object": _object_spearman(labels["depth"], heldout["depth"][:n], heldout["mask"][:n]),
         "classifier_accuracy": float((probs.argmax(1) == heldout["shape"][:n]).mean()),
         "n_heldout": int(len(images)),
     }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .render import FAR, SHAPES
+from .render import FAR, SHAPES, _screen_coords
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -154,11 +154,58 @@ def structure_shading(shading: np.ndarray, depth: np.ndarray, mask: np.ndarray) 
     return out
 
 
+#: The ground plane is fitted to at least this many of an image's ground pixels, else left as estimated.
+MIN_GROUND_PIXELS = 16
+#: Each refit of the ground plane keeps the pixels whose residual is within this percentile.
+GROUND_INLIER_PERCENTILE = 90
+
+
+def structure_depth(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Snap per-pixel depth estimates [N, H, W] to the toy world's structure off the object.
+
+    Off the object the renderer's depth is exact geometry (``render.py``): the sky is ``FAR``, one tied
+    block, and the ground is a plane seen by a pinhole camera at height h pitched down by p, so along a
+    pixel's ray (tangent coordinates r right, d down) its depth is ``h * rho / (sin p + d cos p)``
+    with ``rho = sqrt(1 + r^2 + d^2)``: ``rho / depth`` is linear in d. A per-pixel regressor blurs
+    both, which a rank correlation counts as misordering; this puts the structure back: sky pixels
+    (estimate at or beyond ``SKY_DEPTH_SHARE * FAR``, not object) become ``FAR``; on the other
+    pixels off the object the line ``rho / depth = a + b d`` is fitted by least squares (refitted
+    three times on the ``GROUND_INLIER_PERCENTILE`` best-fitting pixels), and each takes the plane's
+    depth, ``FAR`` where the plane does not reach (above its horizon). Images with fewer than
+    ``MIN_GROUND_PIXELS`` ground pixels, or whose fitted plane does not recede upwards (b <= 0), keep
+    their ground estimates. The object's pixels are left as estimated.
+    """
+    out = np.array(depth, dtype=np.float32, copy=True)
+    if out.ndim != 3 or out.shape[1] != out.shape[2]:
+        raise ValueError(f"depth must be [N, H, H] (square images), got shape {out.shape}")
+    right, down = (c.reshape(out.shape[1:]) for c in _screen_coords(out.shape[1]))
+    rho = np.sqrt(1 + right**2 + down**2)
+    for img, m in zip(out, np.asarray(mask, dtype=bool)):
+        sky = (img >= SKY_DEPTH_SHARE * FAR) & ~m
+        img[sky] = FAR
+        ground = ~sky & ~m
+        if ground.sum() < MIN_GROUND_PIXELS:
+            continue
+        a = np.stack([np.ones(ground.sum()), down[ground]], axis=1)
+        y = rho[ground] / np.maximum(img[ground], 1e-3)
+        keep = np.ones(len(y), dtype=bool)
+        for _ in range(4):
+            coef = np.linalg.lstsq(a[keep], y[keep], rcond=None)[0]
+            residual = np.abs(a @ coef - y)
+            keep = residual <= np.percentile(residual, GROUND_INLIER_PERCENTILE)
+        if coef[1] <= 0:
+            continue
+        den = coef[0] + coef[1] * down[ground]
+        img[ground] = np.where(den > 0, np.minimum(rho[ground] / np.maximum(den, 1e-6), FAR), FAR)
+    return out
+
+
 class ToyLabeler:
     """Foreground, depth and shading labels for toy images, from the shipped :class:`LabelerNet`.
 
-    ``structured`` (default): the shading is the net's estimate snapped to the world's exact ties
-    off the object (:func:`structure_shading`); the net's own estimate is returned as ``shading_net``.
+    ``structured`` (default): the depth and the shading are the net's estimates snapped to the world's
+    structure off the object (:func:`structure_depth`, :func:`structure_shading`); the net's own
+    estimates are returned as ``depth_net`` and ``shading_net``.
     """
 
     def __init__(self, net: LabelerNet, structured: bool = True):
@@ -172,7 +219,8 @@ class ToyLabeler:
     @torch.no_grad()
     def __call__(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Label [N, H, W, 3] images: ``mask`` bool, ``foreground`` probability, ``depth``, ``shading``
-        (and ``shading_net``, the net's estimate before :func:`structure_shading`)."""
+        (and ``depth_net``, ``shading_net``: the net's estimates before :func:`structure_depth` and
+        :func:`structure_shading`)."""
         x = to_tensor(images)
         outs = [self.net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         y = torch.cat(outs) if outs else torch.zeros(0, 3, *x.shape[-2:])
@@ -183,7 +231,8 @@ class ToyLabeler:
         return {
             "foreground": prob.numpy(),
             "mask": mask,
-            "depth": depth,
+            "depth": structure_depth(depth, mask) if self.structured else depth,
+            "depth_net": depth,
             "shading": structure_shading(shading_net, depth, mask) if self.structured else shading_net,
             "shading_net": shading_net,
         }

@@ -164,6 +164,17 @@ def render_report(report: dict) -> str:
                      f". The shipped labeler reaches {report['labeler_shading_spearman'] / report['labeler_shading_spearman_ceiling']:.1%}"
                      " of that ceiling")
                   + f"; on the object's pixels alone its shading Spearman is {report['labeler_shading_spearman_object']:.4f}."]
+    if "labeler_depth_spearman_net" in report:
+        lines += ["", "Depth is exact geometry off the object too: the sky is one tied block at the far plane, and the "
+                  "ground a plane seen by a pinhole camera, whose depth along a pixel's ray is fixed by two numbers "
+                  "per scene (camera height and pitch). The labeler net's own per-pixel depth scores "
+                  f"{report['labeler_depth_spearman_net']:.4f}; the shipped labeler puts the structure back "
+                  "(`structure_depth` in `ldm_scene/toy/nets.py`: sky pixels, by predicted depth, set to the far "
+                  "plane; a plane fitted to the net's ground estimates, two parameters by robust least squares, "
+                  "replaces them; the object's pixels as estimated), which gives the "
+                  f"{report['labeler_depth_spearman']:.4f} above. On the object's pixels alone its depth Spearman is "
+                  f"{report['labeler_depth_spearman_object']:.4f}: the ordering within an object, whose depth spans "
+                  "little of the scene's, is what the net reads worst."]
     if "ae_colour_match" in report:
         lines += ["", f"Colour check on autoencoder reconstructions of held-out renders (exact masks): "
                   f"{report['ae_colour_match']:.1%}. Generated colours cannot be judged right more often than the "
