@@ -142,6 +142,11 @@ def test_guidance_sweep_picks_the_best_worse_of_shape_and_colour_and_marks_it():
     assert "| 100.0% | 91.0% | 89.5% |" in lines[2]
     assert "cylinder 70% (else cube)" in lines[2] and "orange 26% (else red)" in lines[1]
     assert render_guidance_sweep([]).startswith("# Guidance")
+    assert lines[2].endswith("| - | - |") and "coverage of the frame" not in render_guidance_sweep(rows)
+    laid = [r | {"coverage": 0.327, "coverage_renderer": 0.224, "ks_x": 0.1071} for r in rows]
+    text = render_guidance_sweep(laid, model)
+    assert "the renderer's own scenes for the same seeds: 22.4%" in text
+    assert [line for line in text.splitlines() if line.startswith("| **7.5**")][0].endswith("| 32.7% | 0.107 |")
 
 
 def test_applying_the_sweep_writes_its_pick_where_the_model_loader_reads_it(tmp_path):

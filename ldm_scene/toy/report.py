@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from statistics import median
 
+import numpy as np
 import torch
 from diffusers import LMSDiscreteScheduler
+from scipy import stats
 
 from .. import bundle
 from ..models import DEFAULT_LATE_FROM, PAPER_GUIDANCE, load_model
@@ -35,7 +37,8 @@ from .measure import (  # noqa: F401  (re-exported: the report's measurements)
     sample_grid,
     thirds,
 )
-from .render import render
+from .quality import mask_centroid
+from .render import render, scene_from_seed
 from .train import TrainPlan, render_dataset
 
 #: (guidance, late cap or None for constant, late_from) the sweep tries: constant scales (7.5 is
@@ -370,12 +373,20 @@ def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None
     ``guidance.md`` into ``out`` (default: the model directory).
     """
     model_dir = Path(model_dir)
+    # The renderer's own scenes for the same seeds (the prompts come from them): where and how big
+    # their objects are, exactly; each row's layout is compared with it.
+    masks = [render(scene_from_seed(GUIDANCE_SEED0 + i)).mask for i in range(n)]
+    ref_x = np.array([mask_centroid(m)[0] for m in masks if m.any()])
+    ref_coverage = float(np.mean([m.mean() for m in masks]))
     rows = []
     for guidance, late, late_from in grid:
-        r, _ = measure_generation(model_dir, n, guidance=guidance, timed=False, seed0=GUIDANCE_SEED0,
-                                  late_guidance=guidance if late is None else late, late_from=late_from)
+        r, samples = measure_generation(model_dir, n, guidance=guidance, timed=False, seed0=GUIDANCE_SEED0,
+                                        late_guidance=guidance if late is None else late, late_from=late_from)
         row = {k: r[k] for k in ("guidance", "n_generated", "steps", "scheduler", *_PROMPT_CHECKS, "shape_by_word", "colour_by_word")}
-        rows.append(row | {"late_guidance": late, "late_from": late_from if late is not None else None})
+        gx = np.array([g["x"] for g, _ in samples if g["x"] is not None])
+        layout = {"coverage": float(np.mean([g["coverage"] for g, _ in samples])), "coverage_renderer": ref_coverage,
+                  "ks_x": float(stats.ks_2samp(gx, ref_x).statistic) if len(gx) else 1.0}
+        rows.append(row | layout | {"late_guidance": late, "late_from": late_from if late is not None else None})
     if apply:
         apply_sweep_choice(model_dir, rows)
     out = Path(out) if out is not None else model_dir
@@ -409,7 +420,10 @@ def render_guidance_sweep(rows: list[dict], model=None) -> str:
              f"at {REPORT_SEED0:,}), {r0['steps']} steps of {r0['scheduler']}, judged by the shipped labelers. A late cap lowers "
              "guidance to at most that value from the given share of the steps on. The pick (bold) is the row whose worse of "
              "shape and colour is best (both targets are 95%), ties to the best sum with object present; * marks the model's own "
-             "setting (`ldm_scene.json`, written by `--apply`).", ""]
+             "setting (`ldm_scene.json`, written by `--apply`)."
+             + (f" Layout, beside it: the objects' mean coverage of the frame (the renderer's own scenes for the same seeds: "
+                f"{r0['coverage_renderer']:.1%}) and the KS distance of their centroids' x to those scenes'." if "coverage" in r0 else ""),
+             ""]
     table = []
     for r in rows:
         star = " *" if model is not None and _schedule_of(r) == own else ""
@@ -420,7 +434,8 @@ def render_guidance_sweep(rows: list[dict], model=None) -> str:
         g = f"**{r['guidance']:g}**" if r is pick else f"{r['guidance']:g}"
         cap, start = ("-", "-") if late is None else (f"{late:g}", f"{r['late_from']:.0%}")
         table.append((f"{g}{star}", cap, start, f"{r['object_present']:.1%}", f"{r['shape_match']:.1%}",
-                      f"{r['colour_match']:.1%}", cells["shape"], cells["colour"]))
+                      f"{r['colour_match']:.1%}", cells["shape"], cells["colour"],
+                      f"{r['coverage']:.1%}" if "coverage" in r else "-", f"{r['ks_x']:.3f}" if "ks_x" in r else "-"))
     lines += markdown_table(("guidance", "late cap", "from", "object present", "shape", "colour", "worst shape",
-                             "worst colour"), table)
+                             "worst colour", "coverage", "KS x"), table)
     return "\n".join(lines) + "\n"
