@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ldm_scene.toy.report import (
     TARGETS, format_duration, format_timings, render_guidance_sweep, render_model_card, render_report, sweep_choice,
+    sweep_targets_met,
 )
 
 
@@ -119,7 +120,7 @@ def test_matches_are_broken_down_per_prompted_word_with_the_commonest_miss():
     assert "per prompted" not in render_report(_report())
 
 
-def test_guidance_sweep_picks_the_best_worse_of_shape_and_colour_and_marks_it():
+def test_guidance_sweep_picks_the_most_targets_met_then_the_best_worse_of_shape_and_colour():
     from types import SimpleNamespace
 
     def row(g, late, late_from, shape, colour, orange, present=1.0):
@@ -142,11 +143,15 @@ def test_guidance_sweep_picks_the_best_worse_of_shape_and_colour_and_marks_it():
     assert "| 100.0% | 91.0% | 89.5% |" in lines[2]
     assert "cylinder 70% (else cube)" in lines[2] and "orange 26% (else red)" in lines[1]
     assert render_guidance_sweep([]).startswith("# Guidance")
-    assert lines[2].endswith("| - | - |") and "coverage of the frame" not in render_guidance_sweep(rows)
+    assert lines[2].endswith("| - | - | 0 |") and "coverage of the frame" not in render_guidance_sweep(rows)
     laid = [r | {"coverage": 0.327, "coverage_renderer": 0.224, "ks_x": 0.1071} for r in rows]
     text = render_guidance_sweep(laid, model)
     assert "the renderer's own scenes for the same seeds: 22.4%" in text
-    assert [line for line in text.splitlines() if line.startswith("| **7.5**")][0].endswith("| 32.7% | 0.107 |")
+    assert [line for line in text.splitlines() if line.startswith("| **7.5**")][0].endswith("| 32.7% | 0.107 | 1 |")
+    # Layout counts once measured: a row that meets coverage and KS beats a better worse-of-shape-and-colour.
+    laid[0] |= {"coverage": 0.26, "ks_x": 0.095}  # coverage 16% off the renderer's, KS met: 2 targets
+    assert sweep_targets_met(laid[0]) == 2 and sweep_choice(laid) is laid[0]
+    assert sweep_targets_met(laid[2]) == 1  # KS met, coverage 46% off, shape and colour under 95%
 
 
 def test_applying_the_sweep_writes_its_pick_where_the_model_loader_reads_it(tmp_path):
