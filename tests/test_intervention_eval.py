@@ -304,6 +304,13 @@ def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     log = (tmp_path / "trials.jsonl").read_text()
     again = run_trials(TOY_MODEL_DIR, 2, tmp_path, methods=methods)
     assert (tmp_path / "trials.jsonl").read_text() == log and again["methods"] == summary["methods"]
+    # Trials drawn under another guidance schedule are not reused: the run starts over under its own.
+    header = json.loads((tmp_path / "run.json").read_text())
+    assert header["guidance"] == summary["guidance"]
+    (tmp_path / "run.json").write_text(json.dumps(header | {"guidance": "guidance 7.5, at most 2.5 from 67% of the steps"}))
+    (tmp_path / "trials.jsonl").write_text(log.replace('"success": false', '"success": true'))
+    run_trials(TOY_MODEL_DIR, 2, tmp_path, methods=methods)
+    assert json.loads((tmp_path / "run.json").read_text()) == header and (tmp_path / "trials.jsonl").read_text() == log
     # The sweep runs the same trials' machinery on its own seeds and marks the shipped default.
     d = METHOD_DEFAULTS["readout-guidance"]
     rows = run_sweep(TOY_MODEL_DIR, 1, tmp_path / "sweep", grid=(Setting("readout-guidance", d.sites, d.steps_fraction, d.gain),))

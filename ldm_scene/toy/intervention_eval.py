@@ -239,8 +239,10 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     world = _World(Path(model_dir), scheduler)
     methods = tuple(methods)
     out.mkdir(parents=True, exist_ok=True)
+    # The resume key: trials of another model, schedule, guidance or method set are not reused.
     run = {"model": str(model_dir), "steps": steps, "scheduler": world.model.scheduler_name, "methods": list(methods),
-           "seed0": TRIAL_SEED0, "keep_background": keep}
+           "seed0": TRIAL_SEED0, "keep_background": keep,
+           "guidance": config_for(world.model, "a", 0, steps).guidance_text}
     log, header = out / "trials.jsonl", out / "run.json"
     done: dict[int, dict] = {}
     if resume and log.exists() and header.exists() and json.loads(header.read_text()) == run:
