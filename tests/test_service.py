@@ -247,6 +247,7 @@ def test_examples_are_filtered_by_what_the_model_can_read(service):
     for prompt, seed, steps, guidance in rows:
         assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in prompt.split())
         assert isinstance(seed, int) and steps == service.default_steps
+        assert guidance == service.default_guidance  # the shipped examples run at the model's own guidance
 
 
 # -- intervention ----------------------------------------------------------------------------------
