@@ -378,7 +378,9 @@ def write_report(model_dir: Path, work: Path, n_samples: int = 200) -> dict:
 
 
 def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None = None, apply: bool = False) -> list[dict]:
-    """Object, shape and colour as prompted per guidance schedule, on seeds from :data:`GUIDANCE_SEED0`.
+    """Object, shape and colour as prompted, and where and how big the objects are (mean coverage and
+    centroid-x KS distance against the renderer's scenes of the same seeds), per guidance schedule, on
+    seeds from :data:`GUIDANCE_SEED0`.
 
     This is how the toy model's guidance settings (``ldm_scene.json``) are chosen: :func:`sweep_choice`
     picks a row, and ``apply`` writes it there. The seeds are disjoint from the report's, so the
