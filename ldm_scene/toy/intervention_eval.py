@@ -265,8 +265,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
             f.write(json.dumps(row) + "\n")
     rows = [done[TRIAL_SEED0 + i] for i in range(n)]
     summary = summarise(rows, methods)
-    summary.update(scheduler=world.model.scheduler_name, steps=steps,
-                   guidance=config_for(world.model, "a", 0, steps).guidance_text,
+    summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
                    defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
                    keep_margin=KEEP_MARGIN if keep else None)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))

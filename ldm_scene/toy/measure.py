@@ -161,6 +161,16 @@ def renderer_layout(prompt: str, n: int, seed0: int = LAYOUT_RENDER_SEED0) -> di
     return {"x": np.array(xs), "y": np.array(ys), "coverage": np.array(cov)}
 
 
+def scenes_layout(seeds) -> dict[str, np.ndarray]:
+    """Centroids (x, y fractions; scenes with an object) and coverage (every scene) of the exact
+    masks of the renderer's scenes for ``seeds``: the layout of the world the prompts of those
+    seeds come from."""
+    masks = [render(scene_from_seed(s)).mask for s in seeds]
+    centroids = [mask_centroid(m) for m in masks if m.any()]
+    return {"x": np.array([c[0] for c in centroids]), "y": np.array([c[1] for c in centroids]),
+            "coverage": np.array([m.mean() for m in masks])}
+
+
 def thirds(xs: np.ndarray) -> list[int]:
     """How many centroids fall in the left, middle and right third of the image."""
     return np.bincount(np.clip((np.asarray(xs) * 3).astype(int), 0, 2), minlength=3).tolist()
@@ -211,11 +221,10 @@ def measure_layout(model_dir: Path, rows: list[dict], n_per_prompt: int = 24, n_
         }
     # Pooled over the report's fresh seeds (all prompts), against the renderer's scenes of other seeds.
     found = [r for r in rows if r["x"] is not None]
-    masks = [render(scene_from_seed(LAYOUT_RENDER_SEED0 + 100_000 + i)).mask for i in range(n_reference)]
-    ref = [mask_centroid(m) for m in masks]
-    rx, ry = np.array([p[0] for p in ref]), np.array([p[1] for p in ref])
+    ref = scenes_layout(range(LAYOUT_RENDER_SEED0 + 100_000, LAYOUT_RENDER_SEED0 + 100_000 + n_reference))
+    rx, ry = ref["x"], ref["y"]
     gx, gy = np.array([r["x"] for r in found]), np.array([r["y"] for r in found])
-    cov, cov_ref = float(np.mean([r["coverage"] for r in rows])), float(np.mean([m.mean() for m in masks]))
+    cov, cov_ref = float(np.mean([r["coverage"] for r in rows])), float(ref["coverage"].mean())
     return {
         "layout_per_prompt": per_prompt,
         "layout_prompts_in_all_thirds": float(np.mean([min(v["thirds"]) > 0 for v in per_prompt.values()])),

@@ -188,11 +188,11 @@ def structure_depth(depth: np.ndarray, mask: np.ndarray) -> np.ndarray:
             continue
         a = np.stack([np.ones(ground.sum()), down[ground]], axis=1)
         y = rho[ground] / np.maximum(img[ground], 1e-3)
-        keep = np.ones(len(y), dtype=bool)
-        for _ in range(4):
-            coef = np.linalg.lstsq(a[keep], y[keep], rcond=None)[0]
+        coef = np.linalg.lstsq(a, y, rcond=None)[0]
+        for _ in range(3):
             residual = np.abs(a @ coef - y)
             keep = residual <= np.percentile(residual, GROUND_INLIER_PERCENTILE)
+            coef = np.linalg.lstsq(a[keep], y[keep], rcond=None)[0]
         if coef[1] <= 0:
             continue
         den = coef[0] + coef[1] * down[ground]

@@ -35,10 +35,9 @@ from .measure import (  # noqa: F401  (re-exported: the report's measurements)
     measure_layout,
     renderer_layout,
     sample_grid,
+    scenes_layout,
     thirds,
 )
-from .quality import mask_centroid
-from .render import render, scene_from_seed
 from .train import TrainPlan, render_dataset
 
 #: (guidance, late cap or None for constant, late_from) the sweep tries: constant scales (7.5 is
@@ -390,9 +389,8 @@ def guidance_sweep(model_dir: Path, n: int, grid=GUIDANCE_GRID, out: Path | None
     model_dir = Path(model_dir)
     # The renderer's own scenes for the same seeds (the prompts come from them): where and how big
     # their objects are, exactly; each row's layout is compared with it.
-    masks = [render(scene_from_seed(GUIDANCE_SEED0 + i)).mask for i in range(n)]
-    ref_x = np.array([mask_centroid(m)[0] for m in masks if m.any()])
-    ref_coverage = float(np.mean([m.mean() for m in masks]))
+    ref = scenes_layout(range(GUIDANCE_SEED0, GUIDANCE_SEED0 + n))
+    ref_x, ref_coverage = ref["x"], float(ref["coverage"].mean())
     rows = []
     for guidance, late, late_from in grid:
         r, samples = measure_generation(model_dir, n, guidance=guidance, timed=False, seed0=GUIDANCE_SEED0,
