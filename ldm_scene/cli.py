@@ -85,8 +85,9 @@ def _intervene_arguments(iv: argparse.ArgumentParser) -> None:
     group.add_argument("--mask", help="a target mask image (white = foreground), any size")
     iv.add_argument("--dy", type=int, default=0)
     iv.add_argument("--method", default=None,
-                    help="readout-guidance, steer, probe-gradient (the paper's), or a random-direction control "
-                         "(random-guidance, random-control); default: the first of these that the model's probe folder supports")
+                    help="latent-move, readout-guidance, steer, probe-gradient (the paper's), or a random-direction "
+                         "control (random-move, random-guidance, random-control); default: the first of these that "
+                         "the model's probe folder supports")
     iv.add_argument("--probes", default=None, help="probe directory (default: the model's probes/)")
     iv.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
                     help="hold the unedited run's latents outside the object's old place and its target "

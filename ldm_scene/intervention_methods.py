@@ -238,7 +238,7 @@ class KeepBackground:
         if not self.reference:
             raise ValueError("KeepBackground needs the unedited run's latent at every step")
 
-    def __call__(self, step: int, latent: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: int, latent: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         if step >= len(self.reference):
             raise ValueError(f"no unedited latent for step {step + 1}: the reference run has {len(self.reference)} steps")
         ref = self.reference[step].to(latent.device, latent.dtype)
@@ -257,14 +257,26 @@ def guided_sample(
     """:func:`~ldm_scene.sampler.sample` with ``editors``, hooking the UNet for those that guide it.
 
     An editor with an ``attached(unet)`` context manager (:class:`ReadoutGuidanceEditor`) is
-    attached for exactly the lifetime of the stream; other editors pass through unchanged.
-    ``readers`` go to the sampler as they are; ``keep`` blends each step's latent with the
-    unedited run's outside the region the edit may change.
+    attached for exactly the lifetime of the stream; one with ``after_step(step, latent, x0)``
+    (:class:`~ldm_scene.latent_move.LatentMoveEditor`) rewrites the latent after each step;
+    other editors pass through unchanged. ``readers`` go to the sampler as they are; ``keep``
+    blends each step's latent with the unedited run's outside the region the edit may change
+    (after any ``after_step`` editor).
     """
+    movers = [e for e in editors if hasattr(e, "after_step")]
+    if movers and float(model.pipe.scheduler.init_noise_sigma) <= 1.0:
+        raise ValueError(f"{type(movers[0]).__name__} splits the latent as x0 + sigma * eps, which needs a "
+                         f"sigma-parameterised scheduler (Euler, LMS); this model samples with {model.scheduler_name}")
+    blend = keep
+    if movers:
+        def blend(step: int, latent: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+            for mover in movers:
+                latent = mover.after_step(step, latent, x0)
+            return latent if keep is None else keep(step, latent, x0)
     with ExitStack() as stack:
         for editor in editors:
             attach = getattr(editor, "attached", None)
             if attach is not None:
                 stack.enter_context(attach(model.unet))
-        yield from sample(model, config, readers=readers, editors=editors, previews=previews,
-                          decode_final=decode_final, blend=keep)
+        yield from sample(model, config, readers=readers, editors=[e for e in editors if e.sites],
+                          previews=previews, decode_final=decode_final, blend=blend)

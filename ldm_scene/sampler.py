@@ -221,7 +221,7 @@ def sample(
     scheduler: Any = None,
     previews: bool = False,
     decode_final: bool = True,
-    blend: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    blend: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[StepState]:
     """Denoise ``config.prompt`` from ``config.seed``, yielding a :class:`StepState` per step.
 
@@ -263,7 +263,7 @@ def sample(
             x0 = _x0_prediction(sched, out, latent, eps, t)
             latent = out.prev_sample
             if blend is not None:
-                latent = blend(step, latent)
+                latent = blend(step, latent, x0)
             state = StepState(step, num_steps, float(t), latent, x0)
             state.readouts = {r.name: r.collect(step) for r in readers}
             if previews:

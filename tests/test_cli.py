@@ -83,7 +83,7 @@ def test_parser_defaults_are_the_papers_setting():
 
 def _intervene_args(out, *extra):
     return ["intervene", "--model", "toy", "--device", "cpu", "--prompt", "a red cube", "--seed", "1",
-            "--dx", "20", "--out", str(out), *extra]  # the default method, steer
+            "--dx", "20", "--out", str(out), *extra]  # the default method
 
 
 def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp
     masks = {n: np.asarray(Image.open(out / f"{n}_mask.png")) > 127 for n in ("original", "target", "result")}
     assert masks["original"].any() and masks["original"].shape == (64, 64)
     assert np.array_equal(masks["target"], translate_mask(masks["original"], 20, 0))
-    assert summary["method"] == "readout-guidance"
+    assert summary["method"] == "latent-move"
     assert summary["iou_result_target"] == pytest.approx(metrics.iou(masks["result"], masks["target"]))
     assert summary["iou_result_original"] == pytest.approx(metrics.iou(masks["result"], masks["original"]))
     for name in ("original.png", "edited.png", "side_by_side.png"):

@@ -40,6 +40,14 @@ def _target(model) -> np.ndarray:
     return m
 
 
+def _source(model) -> np.ndarray:
+    """Where the object is now (what latent-move carries to the target)."""
+    h, w = model.image_size
+    m = np.zeros((h, w), bool)
+    m[h // 2 : 3 * h // 4, : w // 4] = True
+    return m
+
+
 # -- masks ---------------------------------------------------------------------------------------
 
 def test_prepare_target_resizes_any_size_and_keeps_place():
@@ -90,11 +98,23 @@ def test_translate_mask_moves_and_refuses_leaving_the_image():
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_strength_reproduces_the_unedited_image_exactly(tiny_model, banks, config, method):
     plain = _final(sample(tiny_model, config))
-    edited = _final(intervene(tiny_model, config, _target(tiny_model), method, banks, strength=0.0, previews=False))
+    edited = _final(intervene(tiny_model, config, _target(tiny_model), method, banks, strength=0.0, previews=False,
+                              source=_source(tiny_model)))
     assert np.array_equal(plain, edited)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("readout-guidance", "random-guidance")])
+@pytest.mark.parametrize("method", METHODS)
+def test_full_strength_changes_the_image_and_leaves_no_hooks(tiny_model, banks, config, method):
+    """The counterpart of the no-op: at the default dose every method changes the result."""
+    plain = _final(sample(tiny_model, config))
+    edited = _final(intervene(tiny_model, config, _target(tiny_model), method, banks, previews=False,
+                              source=_source(tiny_model)))
+    assert not np.array_equal(plain, edited)
+    assert attached_hooks(tiny_model.unet) == 0
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("readout-guidance", "random-guidance",
+                                                                    "latent-move", "random-move")])
 def test_edit_changes_only_chosen_sites_and_steps(tiny_model, banks, config, method):
     """Before the edited step everything matches; at it, sites upstream of the edit match too."""
     site, step = "up_blocks.2.attentions.1", 2
@@ -169,7 +189,7 @@ def test_method_defaults_choose_sites_and_steps(tiny_model, banks):
     """probe-gradient keeps the paper's 9 up-block sites and first third; steer and its random control
     edit the same 9 sites through the first two-thirds; an explicit choice overrides either."""
     target = _target(tiny_model)
-    assert METHODS[0] == "readout-guidance"  # the default wherever a caller does not choose (best in the evaluation)
+    assert METHODS[0] == "latent-move"  # the default wherever a caller does not choose (best in the evaluation)
     assert make_editor("probe-gradient", banks, target).sites == UP_SITE_KEYS
     assert make_editor("probe-gradient", banks, target).iterations == 128
     assert make_editor("steer", banks, target).sites == UP_SITE_KEYS
@@ -187,7 +207,9 @@ def test_method_defaults_choose_sites_and_steps(tiny_model, banks):
         steer.sites, steer.steps, steer.strength, steer.outside) and control.random_seed is not None
     # without class means only the methods that read the foreground probe alone are offered
     assert available_methods(banks) == METHODS
-    assert available_methods({"foreground": banks["foreground"]}) == ("readout-guidance", "probe-gradient", "random-guidance")
+    assert available_methods({"foreground": banks["foreground"]}) == (
+        "latent-move", "readout-guidance", "probe-gradient", "random-move", "random-guidance")
+    assert available_methods({})[:1] == ("latent-move",)  # a move reads no probe (the object's mask comes with it)
     for method in ("steer", "random-control"):
         with pytest.raises(InterventionError, match="needs the foreground_means probes"):
             make_editor(method, {"foreground": banks["foreground"]}, target)

@@ -354,19 +354,19 @@ def test_methods_follow_the_probe_folder(tiny_model, tmp_path, run):
     folder = write_probe_dir(tiny_model, tmp_path / "p")
     shutil.copy(folder / "foreground_means.safetensors", folder / "old_means.safetensors")
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
-    assert svc.methods == METHODS and METHODS[:3] == ("readout-guidance", "steer", "probe-gradient")
+    assert svc.methods == METHODS and METHODS[:4] == ("latent-move", "readout-guidance", "steer", "probe-gradient")
     assert set(svc.intervention_banks) == {"foreground", "foreground_means"}
     assert not svc.problems and "old_means" not in svc.status_markdown()
     (folder / "foreground_means.safetensors").unlink()
     svc = Service.load("tiny", folder, device="cpu", classifier=False)
     svc.model = tiny_model
-    # what needs only the foreground probe stays (readout-guidance first); steer and its control go
-    assert svc.methods == tuple(m for m in METHODS if METHOD_BANKS[m] == ("foreground",))
-    assert svc.methods[0] == "readout-guidance" and not {"steer", "random-control"} & set(svc.methods)
+    # what needs only the foreground probe (or none: the moves) stays; steer and its control go
+    assert svc.methods == tuple(m for m in METHODS if METHOD_BANKS[m] in ((), ("foreground",)))
+    assert svc.methods[:2] == ("latent-move", "readout-guidance") and not {"steer", "random-control"} & set(svc.methods)
     target = np.zeros(tiny_model.image_size, bool)
     target[:8, :8] = True
     with pytest.raises(InterventionError, match="needs the foreground_means probes, which this model's probe folder "
-                                                "lacks; choose one of readout-guidance, probe-gradient"):
+                                                "lacks; choose one of latent-move, readout-guidance, probe-gradient"):
         next(svc.intervene_stream(run, target, "random-control"))
     assert attached_hooks(tiny_model.unet) == 0
 

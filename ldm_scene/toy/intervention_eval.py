@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from .. import bundle, metrics
 from ..intervention import (
-    KEEP_MARGIN, METHOD_DEFAULTS, default_edit_steps, keep_background, load_intervention_banks, make_editor, mask_image,
-    side_by_side,
+    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, default_edit_steps, keep_background,
+    load_intervention_banks, make_editor, mask_image, side_by_side,
 )
 from ..intervention_methods import guided_sample
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
@@ -61,9 +61,10 @@ from .render import scene_from_seed
 #: A result succeeds when its centroid lies within this fraction of the image size of the target's.
 SUCCESS_DISTANCE = 0.07
 #: The evaluated methods, each followed by its random-direction control.
-EVAL_METHODS: tuple[str, ...] = ("readout-guidance", "random-guidance", "steer", "random-control", "probe-gradient")
+EVAL_METHODS: tuple[str, ...] = ("latent-move", "random-move", "readout-guidance", "random-guidance", "steer",
+                                 "random-control", "probe-gradient")
 #: Which method each control is the random-direction twin of.
-CONTROL_OF = {"random-guidance": "readout-guidance", "random-control": "steer"}
+CONTROL_OF = {"random-move": "latent-move", "random-guidance": "readout-guidance", "random-control": "steer"}
 #: How many trials keep their images for the figure.
 N_EXAMPLES = 6
 
@@ -162,20 +163,25 @@ class Setting:
     options: tuple[tuple[str, Any], ...] = ()
 
 
-def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, seed: int):
-    """The editor for ``setting``: the method's defaults (:data:`METHOD_DEFAULTS`) where it says None."""
+def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, seed: int,
+                 source: np.ndarray | None = None):
+    """The editor for ``setting``: the method's defaults (:data:`METHOD_DEFAULTS`) where it says None.
+    ``source``: the object's mask in the unedited image (what a move carries)."""
     from ..sites import SITE_KEYS, UP_SITE_KEYS
 
     d = METHOD_DEFAULTS[setting.method]
     sites = None
-    if setting.sites is not None:
+    if setting.sites not in (None, "none"):  # "none": a method that edits no site (latent-move)
         sites = UP_SITE_KEYS if setting.sites == "up" else SITE_KEYS
     fraction = d.steps_fraction if setting.steps_fraction is None else setting.steps_fraction
-    edit_steps = tuple(range(max(1, round(steps * fraction))))
+    if d.single_step:
+        edit_steps = (min(steps - 1, round(steps * fraction)),)
+    else:
+        edit_steps = tuple(range(max(1, round(steps * fraction))))
     if sites is not None:
         bank = next(iter(banks.values()))
         sites = tuple(s for s in sites if s in bank.meta.sites)
-    editor = make_editor(setting.method, banks, target, sites, edit_steps, 1.0, seed)
+    editor = make_editor(setting.method, banks, target, sites, edit_steps, 1.0, seed, source)
     if setting.gain is not None:
         for attr in ("strength", "gain", "iterations"):  # steer, readout-guidance, probe-gradient
             if hasattr(editor, attr):
@@ -211,11 +217,12 @@ class _World:
         return config, Original(image, mask, self.classifier.name(arr), mask_colour(arr, mask), seconds,
                                 [s.latent for s in states])
 
-    def edit(self, config, setting: Setting, target: np.ndarray, steps: int, original: "Original | None" = None):
-        """The edited image; with ``original`` (keep the background) every method, controls included,
-        keeps the unedited run's latents outside the object's old mask and the target."""
-        editor = build_editor(setting, self.banks, target, steps, config.seed)
-        keep = None if original is None else keep_background(original.trajectory, original.mask, target)
+    def edit(self, config, setting: Setting, target: np.ndarray, steps: int, original: Original, keep: bool = True):
+        """The edited image of ``original``'s run; with ``keep`` every method, controls included, keeps
+        the unedited run's latents outside the object's old mask and the target (and, for a move,
+        where the object lands)."""
+        editor = build_editor(setting, self.banks, target, steps, config.seed, original.mask)
+        keep = keep_background(original.trajectory, original.mask, target, editor=editor) if keep else None
         states, seconds = _timed(guided_sample(self.model, config, [editor], keep=keep))
         return states[-1].image, seconds, editor
 
@@ -267,7 +274,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     summary = summarise(rows, methods)
     summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
                    defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
-                   keep_margin=KEEP_MARGIN if keep else None)
+                   keep_margin=KEEP_MARGIN if keep else None,
+                   move_keep_margin=MOVE_KEEP_MARGIN if keep and NEEDS_SOURCE & set(methods) else None)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
     examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
@@ -290,7 +298,7 @@ def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], ste
     # methods in an order that rotates from trial to trial.
     order = [methods[(index + k) % len(methods)] for k in range(len(methods))]
     for method in order:
-        image, seconds, editor = world.edit(config, Setting(method), target, steps, original if keep else None)
+        image, seconds, editor = world.edit(config, Setting(method), target, steps, original, keep)
         result, _ = judge(image, original, target, world.labeler, world.classifier)
         result["seconds"] = seconds
         losses = getattr(editor, "losses", None)
@@ -381,8 +389,11 @@ def render_table(summary: dict) -> str:
         "baseline); a `random-*` row is its method's edit along random directions of the same norm.", "",
     ]
     if summary.get("keep_background"):
+        moves = summary.get("move_keep_margin")
+        also = ("" if moves is None else f" ({', '.join(sorted(NEEDS_SOURCE))}: also where the moved object lands, "
+                f"grown by {moves})")
         lines += [f"Every method, controls included, kept the unedited run's latents outside the object's old mask and "
-                  f"the target grown by {summary.get('keep_margin')} latent cell(s), at every step (blended latent "
+                  f"the target grown by {summary.get('keep_margin')} latent cell(s){also}, at every step (blended latent "
                   "diffusion; `--keep-background`).", ""]
     elif "keep_background" in summary:
         lines += ["No method kept the background: each edited run denoised the whole latent (`--no-keep-background`).", ""]

@@ -18,8 +18,12 @@ from ..seeds import SWEEP_SEED0, TRIAL_SEED0
 from .intervention_eval import Setting, _num, _pct, _trial_target, _World, judge, summarise_rows
 from .quality import has_object
 
-#: The settings ``intervene-sweep`` tries: readout-guidance's gain and steps, steer's gain and outside share.
+#: The settings ``intervene-sweep`` tries: latent-move's step and cut, readout-guidance's gain and steps,
+#: steer's gain and outside share.
 SWEEP_GRID: tuple[Setting, ...] = (
+    Setting("latent-move", "none", 0.2, 1.0), Setting("latent-move", "none", 0.4, 1.0),
+    Setting("latent-move", "none", 0.6, 1.0), Setting("latent-move", "none", 0.6, 1.0, options=(("dilate", 0),)),
+    Setting("latent-move", "none", 0.73, 1.0),
     Setting("readout-guidance", "up", 1 / 3, 0.25), Setting("readout-guidance", "up", 1 / 3, 0.4),
     Setting("readout-guidance", "up", 1 / 3, 0.6), Setting("readout-guidance", "up", 1 / 2, 0.25),
     Setting("readout-guidance", "up", 1 / 2, 0.4), Setting("readout-guidance", "all", 1 / 3, 0.4),
@@ -54,7 +58,7 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid: Sequence[Setting] = SWEE
     for setting in tqdm(grid, desc="sweep settings"):
         results = []
         for config, original, _, target in trials:
-            image, seconds, _ = world.edit(config, setting, target, steps, original if keep else None)
+            image, seconds, _ = world.edit(config, setting, target, steps, original, keep)
             results.append(judge(image, original, target, world.labeler, world.classifier)[0])
         s = summarise_rows(results)
         rows.append({**vars(setting), "options": dict(setting.options), "default": _is_default(setting), **s,
@@ -78,7 +82,10 @@ def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
                 if rows and rows[0].get("keep_background") else ""), ""]
     table = []
     for r in rows:
-        edited = "all" if (r["steps_fraction"] or 0) >= 1 else f"first {r['steps_fraction']:.2f}"
+        if METHOD_DEFAULTS[r["method"]].single_step:
+            edited = f"after step {min(steps - 1, round(steps * r['steps_fraction']))}"
+        else:
+            edited = "all" if (r["steps_fraction"] or 0) >= 1 else f"first {r['steps_fraction']:.2f}"
         table.append((f"{r['method']}{' *' if r.get('default') else ''}", r["sites"], edited, f"{r['gain']:g}",
                       "—" if r.get("outside") is None else format(r["outside"], "g"),
                       ", ".join(f"{k} {v}" for k, v in (r.get("options") or {}).items()) or "—", r["n"],

@@ -400,7 +400,7 @@ class Service:
         return targets.drawn(layers, self._require_model().image_size)
 
     def intervene_stream(
-        self, run: Run | None, target: np.ndarray, method: str = "readout-guidance", strength: Any = 1.0
+        self, run: Run | None, target: np.ndarray, method: str = "latent-move", strength: Any = 1.0
     ) -> Iterator[InterventionView]:
         """Re-run ``run``'s prompt and seed while editing activations towards ``target``; stream it.
 
@@ -412,7 +412,8 @@ class Service:
         ``run``'s own latent, so the rest of the scene stays as it was.
         """
         from ..intervention import (
-            METHOD_BANKS, METHODS, InterventionError, default_edit_steps, intervene, keep_background, make_editor,
+            METHOD_BANKS, METHODS, NEEDS_SOURCE, InterventionError, default_edit_steps, intervene, keep_background,
+            make_editor,
         )
 
         model = self._require_model()
@@ -427,10 +428,15 @@ class Service:
                 raise InterventionError(f"method {method!r} needs the {lacking} probes, which this model's probe "
                                         f"folder lacks; {choose}")
             raise InterventionError(f"unknown method {method!r}; {choose}")
+        if method in NEEDS_SOURCE and (run.foreground is None or not run.foreground.any()):
+            others = ", ".join(m for m in self.methods if m not in NEEDS_SOURCE)
+            raise InterventionError(f"{method} carries the object it finds in the generated image, and none was found "
+                                    f"there: choose another method ({others})")
         strength = finite_number(strength, "strength")
         edit_steps = default_edit_steps(run.config.steps, method)
-        # Build the editor once up front so a missing probe is reported before any model work.
-        make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed)
+        # Build the editor once up front so a missing probe or mask is reported before any model work.
+        editor = make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed,
+                             run.foreground)
         config = run.config
         edited = Run(config, run.sites, kind=f"intervene:{method}")
         foreground = {"foreground": run.sites["foreground"]} if "foreground" in run.sites else {}
@@ -438,11 +444,11 @@ class Service:
         # The reader is hooked before the editor, so it sees each site's activation as the UNet made it.
         readers = [ProbeReader({"foreground": self.banks["foreground"]}, readable)] if readable else []
         # Outside the object's old place and its target the edited run keeps the original's latents.
-        keep = (keep_background(run.trajectory, run.foreground, target)
+        keep = (keep_background(run.trajectory, run.foreground, target, editor=editor)
                 if len(run.trajectory) == run.num_steps == config.steps else None)
         with self._exclusive(), ExitStack() as stack:
             states = intervene(model, config, target, method, self.intervention_banks, steps=edit_steps,
-                               strength=strength, previews=True, readers=readers, keep=keep)
+                               strength=strength, previews=True, readers=readers, keep=keep, source=run.foreground)
             stack.callback(states.close)
             for state in states:
                 self._record(edited, state)

@@ -18,9 +18,14 @@ from .views import Run
 
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
-    "steer": "move activations along the probe's foreground direction (moves the object in the toy world)",
+    "latent-move": "mid-run, carry the object's part of the latent from its mask to the target; denoising redraws "
+                   "the rest (strength scales the distance)",
+    "readout-guidance": "early on, guide the latent so the foreground probe reads the target mask",
+    "steer": "move activations along the probe's foreground direction",
     "probe-gradient": "the paper's method: optimise activations until the foreground probe reports the target",
-    "random-control": "steer's edit along random directions of the same size (should not move anything)",
+    "random-move": "latent-move by the same distance in a random direction (the control)",
+    "random-guidance": "readout-guidance's push along random directions of the same size (the control)",
+    "random-control": "steer's edit along random directions of the same size (the control)",
 }
 #: What the result panels say while a new run goes or after one was stopped.
 _STALE = {

@@ -1,0 +1,176 @@
+"""latent-move: the move of the latent's content, its control, its validation and its place in the sampler."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_scene.capture import attached_hooks
+from ldm_scene.intervention import (
+    KEEP_MARGIN, MOVE_KEEP_MARGIN, InterventionError, default_edit_steps, intervene, keep_background, make_editor,
+)
+from ldm_scene.intervention_methods import free_cells, guided_sample
+from ldm_scene.latent_move import LatentMoveEditor, harmonic_fill, mask_centroid, shifted_mask, translate
+from ldm_scene.sampler import GenerationConfig, sample
+
+
+def _box(h, w, top, left, size):
+    m = np.zeros((h, w), bool)
+    m[top:top + size, left:left + size] = True
+    return m
+
+
+def test_translate_by_whole_cells_is_a_shift_with_zeros_coming_in():
+    x = torch.arange(2 * 6 * 7, dtype=torch.float32).reshape(1, 2, 6, 7)
+    moved = translate(x, 2, -1)
+    assert torch.allclose(moved[..., :5, 2:], x[..., 1:, :5], atol=1e-5)
+    assert moved[..., :, :2].abs().max() < 1e-4 and moved[..., 5:, :].abs().max() < 1e-4
+    # half a cell is the mean of two neighbours (bilinear)
+    half = translate(x, 0.5, 0)
+    assert torch.allclose(half[..., 3], (x[..., 2] + x[..., 3]) / 2, atol=1e-5)
+
+
+def test_shifted_mask_rounds_and_drops_what_leaves_the_frame():
+    m = _box(8, 8, 2, 1, 2)
+    assert np.array_equal(shifted_mask(m, 3.4, -1.2), _box(8, 8, 1, 4, 2))
+    assert shifted_mask(m, -2, 0).sum() == 2  # one column left the frame
+    assert not shifted_mask(m, 20, 0).any()
+
+
+def test_harmonic_fill_restores_a_linear_field_and_leaves_the_rest():
+    """A linear field is harmonic, so filling a hole in it from its border gives it back; cells
+    outside the hole are never touched."""
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    field = torch.stack([0.3 * xs - 0.2 * ys + 1, -0.1 * xs + 0.05 * ys])[None]
+    hole = torch.zeros(1, 1, 16, 16)
+    hole[..., 5:10, 4:9] = 1
+    damaged = field * (1 - hole) + 7.0 * hole
+    filled = harmonic_fill(damaged, hole, iterations=400)
+    assert torch.allclose(filled, field, atol=1e-3)
+    assert torch.equal(filled[..., hole[0, 0] == 0], damaged[..., hole[0, 0] == 0])
+
+
+def _scene(h=16, w=16):
+    """x0: a ramp of ground with a bright 3x3 object at rows 3-5, columns 2-4; the noise: random."""
+    ys, xs = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    x0 = torch.stack([0.1 * ys, 0.05 * xs, torch.zeros(h, w), 0.02 * ys])[None]
+    x0[:, :, 3:6, 2:5] += 5.0
+    noise = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
+    return x0, noise
+
+
+def test_the_move_carries_the_object_to_the_target_and_fills_where_it_was():
+    x0, noise = _scene()
+    # image 64 px, latent 16: 4 px per cell; the object (cells 3-5 x 2-4) is pixels 12-23 x 8-19
+    source, target = _box(64, 64, 12, 8, 12), _box(64, 64, 36, 40, 12)  # 6 cells down, 8 right
+    editor = LatentMoveEditor(source, target, at=2, dilate=0)
+    assert editor.displacement == (32.0, 24.0) and np.array_equal(editor.moved, target)
+    latent = x0 + 0.5 * noise
+    assert torch.equal(editor.after_step(1, latent, x0), latent)  # not its step: untouched
+    out = editor.after_step(2, latent, x0)
+    assert editor.edited == [2]
+    bright = (out[0, 2] > 2.5).nonzero().float()  # channel 2 is 0 everywhere but on the object
+    assert len(bright) == 9 and bright.mean(0).tolist() == [10.0, 11.0]
+    # where the object was is ground again (the ramp), and the cells it left keep their noise
+    assert torch.allclose(out[..., 3:6, 2:5] - 0.5 * noise[..., 3:6, 2:5], x0[..., 3:6, 2:5] - 5.0, atol=1e-2)
+    # the object took its own noise along
+    torch.testing.assert_close(out[..., 9:12, 10:13] - x0[..., 3:6, 2:5], 0.5 * noise[..., 3:6, 2:5])
+    # far from both, nothing changed (but for the rounding of x0 + (latent - x0))
+    torch.testing.assert_close(out[..., 12:, :8], latent[..., 12:, :8])
+
+
+def test_strength_scales_the_move_and_zero_is_exact():
+    x0, noise = _scene()
+    source, target = _box(64, 64, 12, 8, 12), _box(64, 64, 36, 40, 12)
+    assert LatentMoveEditor(source, target, 2, strength=0.5).displacement == (16.0, 12.0)
+    latent = x0 + noise
+    assert torch.equal(LatentMoveEditor(source, target, 2, strength=0.0).after_step(2, latent, x0), latent)
+
+
+def test_the_control_moves_as_far_in_another_direction_and_is_reproducible():
+    source, target = _box(64, 64, 12, 8, 12), _box(64, 64, 36, 40, 12)
+    method = LatentMoveEditor(source, target, 2)
+    controls = [LatentMoveEditor(source, target, 2, random_seed=s) for s in (1, 2, 3)]
+    for c in controls:
+        assert math.hypot(*c.displacement) == pytest.approx(math.hypot(*method.displacement))
+        assert c.displacement != pytest.approx(method.displacement)
+    assert len({c.displacement for c in controls}) == 3
+    assert LatentMoveEditor(source, target, 2, random_seed=2).displacement == controls[1].displacement
+
+
+@pytest.mark.parametrize("source, message", [
+    (np.zeros((64, 64), bool), "empty"),
+    (np.ones((32, 32), bool), "must match"),
+    (np.ones((64, 64), np.uint8), "bool"),
+])
+def test_the_editor_refuses_bad_masks(source, message):
+    with pytest.raises(ValueError, match=message):
+        LatentMoveEditor(source, _box(64, 64, 0, 0, 8), 2)
+
+
+def test_make_editor_needs_the_objects_mask_and_one_step():
+    target, source = _box(32, 32, 0, 0, 8), _box(32, 32, 16, 16, 8)
+    with pytest.raises(InterventionError, match="pass the source mask"):
+        make_editor("latent-move", {}, target)
+    with pytest.raises(InterventionError, match="no object to move"):
+        make_editor("latent-move", {}, target, steps=(1,), source=np.zeros((32, 32), bool))
+    with pytest.raises(InterventionError, match="target's size"):
+        make_editor("latent-move", {}, target, steps=(1,), source=np.ones((8, 8), bool))
+    with pytest.raises(InterventionError, match="moves once"):
+        make_editor("latent-move", {}, target, steps=(0, 1), source=source)
+    editor = make_editor("random-move", {}, target, steps=(1,), source=source, seed=4)
+    assert editor.random_seed == 5 and editor.keep_margin == MOVE_KEEP_MARGIN
+    assert default_edit_steps(15, "latent-move") == (9,) and default_edit_steps(2, "random-move") == (1,)
+
+
+def test_keep_background_frees_where_a_move_lands_with_the_moves_margin():
+    source, target = _box(64, 64, 0, 0, 8), np.zeros((64, 64), bool)
+    target[40:44, 20:60] = True  # a flat strip: the 8x8 object, centred on it, reaches outside
+    editor = LatentMoveEditor(source, target, 2)
+    keep = keep_background([torch.zeros(1, 4, 16, 16)], source, target, editor=editor)
+    assert keep.margin == MOVE_KEEP_MARGIN
+    assert np.array_equal(keep.free, source | target | editor.moved) and (editor.moved & ~target).any()
+    assert keep_background([torch.zeros(1, 4, 16, 16)], source, target).margin == KEEP_MARGIN
+
+
+STEPS = 4
+
+
+def test_on_the_tiny_model_the_move_changes_only_what_follows_its_step(tiny_model):
+    """Every latent up to the move's step equals the plain run's; the one after it differs inside the
+    moved region only, where the keep holds the rest; hooks never stay."""
+    config = GenerationConfig("a red cube", seed=3, steps=STEPS)
+    h, w = tiny_model.image_size
+    source, target = _box(h, w, 0, 0, h // 4), _box(h, w, h // 2, w // 2, h // 4)
+    plain = list(sample(tiny_model, config))
+    editor = make_editor("latent-move", {}, target, steps=(1,), source=source)
+    keep = keep_background([s.latent for s in plain], source, target, editor=editor)
+    edited = list(guided_sample(tiny_model, config, [editor], keep=keep))
+    assert attached_hooks(tiny_model.unet) == 0 and editor.edited == [1]
+    assert torch.equal(edited[0].latent, plain[0].latent)
+    cells = free_cells(keep.free, tuple(plain[1].latent.shape[-2:]), keep.margin)[0, 0].bool()
+    assert not torch.equal(edited[1].latent[..., cells], plain[1].latent[..., cells])
+    for mine, theirs in zip(edited[1:], plain[1:]):
+        assert torch.equal(mine.latent[..., ~cells], theirs.latent[..., ~cells])
+
+
+def test_a_move_refuses_a_variance_preserving_scheduler_without_leaving_hooks(tiny_model):
+    from diffusers import DDIMScheduler
+
+    config = GenerationConfig("a red cube", seed=3, steps=STEPS)
+    h, w = tiny_model.image_size
+    original = tiny_model.pipe.scheduler
+    tiny_model.pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match="sigma-parameterised"):
+            list(intervene(tiny_model, config, _box(h, w, 0, 0, 8), "latent-move", {}, steps=(1,),
+                           source=_box(h, w, 16, 16, 8)))
+    finally:
+        tiny_model.pipe.scheduler = original
+    assert attached_hooks(tiny_model.unet) == 0
+
+
+def test_mask_centroid_is_in_pixel_centres():
+    assert mask_centroid(_box(8, 8, 2, 4, 2)) == (5.0, 3.0)
