@@ -1,8 +1,8 @@
-"""Move the object: edit UNet activations early in denoising so the scene's foreground follows a mask.
+"""Move the object: edit the denoising run so the scene's foreground follows a mask.
 
-Without changing prompt, seed or weights, an :class:`Editor` rewrites the conditional half of
-chosen sites' activations at chosen steps (through :mod:`ldm_scene.capture`, via the sampler), and
-denoising resumes from there. Methods share one interface (``make_editor``):
+Without changing prompt, seed or weights, an editor rewrites the conditional half of chosen
+sites' activations at chosen steps (through :mod:`ldm_scene.capture`, via the sampler), or the
+latent itself, and denoising resumes from there. Methods share one interface (``make_editor``):
 
 - ``probe-gradient`` (the paper's): optimise each activation with Adam until the foreground probe
   reports the target mask (default: the 9 up-block sites, the first third of the steps);
@@ -59,7 +59,8 @@ MAX_STRENGTH = 4.0
 class MethodDefaults:
     """Where and how hard a method edits when the caller does not say.
 
-    ``sites``: ``"up"`` (the 9 up-block sites, the paper's choice) or ``"all"`` (all 16);
+    ``sites``: ``"up"`` (the 9 up-block sites, the paper's choice), ``"all"`` (all 16) or ``"none"``
+    (an edit of the latent, no site);
     ``steps_fraction``: the edited steps are the first this fraction of the run; ``gain``: what
     ``strength=1`` means (steer: the multiple of the fg-minus-bg direction per unit of
     target-minus-current; probe-gradient: Adam iterations); ``outside`` (steer): the share of

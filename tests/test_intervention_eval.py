@@ -351,3 +351,19 @@ def test_sweep_table_marks_only_the_shipped_default_and_names_other_options():
     lines = [x for x in render_sweep(rows).splitlines() if x.startswith("| readout-guidance")]
     assert lines[0].startswith(f"| readout-guidance * | {d.sites} | first {d.steps_fraction:.2f} | {d.gain:g} | — | — | 4 | 50% | 3.2")
     assert lines[1].startswith("| readout-guidance | ") and "| layout_grid 8 |" in lines[1]
+
+
+def test_sweep_table_names_the_step_a_move_happens_after():
+    """latent-move edits once: its row says after which step (of 15), and the shipped one is its default."""
+    from ldm_scene.toy.intervention_eval import Setting
+    from ldm_scene.toy.intervention_sweep import SWEEP_GRID, _is_default, render_sweep
+
+    moves = [s for s in SWEEP_GRID if s.method == "latent-move"]
+    assert sum(_is_default(s) for s in moves) == 1  # the shipped setting is among those tried
+    stats = {"n": 4, "success_rate": 0.75, "distance_px": 2.0, "iou_target": 0.6, "shape_kept": 1.0, "colour_kept": 1.0,
+             "background_psnr": 24.0}
+    rows = [{**vars(s), "options": dict(s.options), "default": _is_default(s), **stats}
+            for s in (Setting("latent-move", "none", 0.6, 1.0), Setting("latent-move", "none", 0.2, 1.0))]
+    lines = [x for x in render_sweep(rows, steps=15).splitlines() if x.startswith("| latent-move")]
+    assert lines[0].startswith("| latent-move * | none | after step 9 | 1 |")
+    assert lines[1].startswith("| latent-move | none | after step 3 | 1 |")

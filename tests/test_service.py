@@ -620,21 +620,43 @@ def test_closing_a_prefetched_stream_keeps_the_shown_steps(service, tiny_model):
     assert not run.complete
 
 
-def test_intervention_keeps_the_original_latents_outside_the_edit(service, run, tiny_model):
+@pytest.mark.parametrize("method", ["readout-guidance", "latent-move"])
+def test_intervention_keeps_the_original_latents_outside_the_edit(service, run, tiny_model, method):
     """The edited run holds the original run's latent at every step outside the object's old mask and
-    the target (grown by KEEP_MARGIN cells); inside, the edit repaints."""
-    from ldm_scene.intervention import KEEP_MARGIN
+    the target (grown by KEEP_MARGIN cells; a move: also where the object lands, grown by
+    MOVE_KEEP_MARGIN); inside, the edit repaints."""
+    from ldm_scene.intervention import KEEP_MARGIN, MOVE_KEEP_MARGIN, make_editor
     from ldm_scene.intervention_methods import free_cells
 
     h, w = tiny_model.image_size
     target = np.zeros((h, w), bool)
     target[: h // 4, : w // 4] = True
-    views = list(service.intervene_stream(run, target, "readout-guidance", 4.0))
+    assert run.foreground is not None and run.foreground.any()  # a move needs the object's mask
+    views = list(service.intervene_stream(run, target, method, 1.0 if method == "latent-move" else 4.0))
     edited = views[-1].run
     assert len(edited.trajectory) == len(run.trajectory) == STEPS
-    source = run.foreground if run.foreground is not None else np.zeros_like(target)
-    cells = free_cells(source | target, tuple(run.trajectory[0].shape[-2:]), KEEP_MARGIN)[0, 0].bool()
+    free, margin = run.foreground | target, KEEP_MARGIN
+    if method == "latent-move":
+        free = free | make_editor(method, {}, target, steps=(1,), source=run.foreground).moved
+        margin = MOVE_KEEP_MARGIN
+    cells = free_cells(free, tuple(run.trajectory[0].shape[-2:]), margin)[0, 0].bool()
     assert cells.any() and not cells.all()
     for mine, theirs in zip(edited.trajectory, run.trajectory):
         assert torch.equal(mine[..., ~cells], theirs[..., ~cells])
     assert not torch.equal(edited.trajectory[-1][..., cells], run.trajectory[-1][..., cells])
+
+
+def test_a_move_without_an_object_says_so_and_names_the_other_methods(service, run, tiny_model):
+    """latent-move carries the object the generated image shows; with none found it refuses before
+    any model work, names what else can edit, and leaves no hooks."""
+    import copy
+
+    from ldm_scene.intervention import InterventionError
+
+    empty = copy.copy(run)
+    empty.foreground = np.zeros(tiny_model.image_size, bool)
+    target = np.zeros(tiny_model.image_size, bool)
+    target[:8, :8] = True
+    with pytest.raises(InterventionError, match="none was found there: choose another method \\(readout-guidance"):
+        next(service.intervene_stream(empty, target, "latent-move"))
+    assert attached_hooks(tiny_model.unet) == 0

@@ -386,7 +386,9 @@ def render_table(summary: dict) -> str:
         "results with an object (DragBench's MD). Background PSNR: result against the unedited image, outside "
         "the original and the target masks. Cost: median over trials of the edit's time over a plain generation's "
         "timed in the same trial. `unedited` scores the unedited image against the target (the do-nothing "
-        "baseline); a `random-*` row is its method's edit along random directions of the same norm.", "",
+        "baseline); a `random-*` row is its method's edit along random directions of the same norm (for "
+        "`random-move`: the same move, by the same distance, in a random direction, so a short nudge can land "
+        "on its target by chance).", "",
     ]
     if summary.get("keep_background"):
         moves = summary.get("move_keep_margin")
