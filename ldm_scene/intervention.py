@@ -101,7 +101,9 @@ _GUIDANCE_DEFAULTS = MethodDefaults("up", 1 / 3, 0.25)
 #: latent-move's step, chosen with seeds apart from the evaluation's (40 trials per setting, the
 #: background kept): moved after step 3 of 15, 55% success; 4, 65%; 6, 78%; 7-10, 80-82%. Early
 #: on the layout is not settled and the run draws the object back where its noise put it. Step 9
-#: (0.6 of the run) on 80 trials: 79%. No UNet site is edited (sites "none"), gain is unused.
+#: (0.6 of the run) on 80 trials: 79%. Re-swept on the fine-tuned decoder (40 trials, sweep.md):
+#: after step 3, 60%; 6, 78%; 9, 82%; 11, 85%, within the noise of 40 trials, so step 9 stands.
+#: No UNet site is edited (sites "none"), gain is unused.
 _MOVE_DEFAULTS = MethodDefaults("none", 0.6, 1.0, single_step=True)
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "steer": _STEER_DEFAULTS,
