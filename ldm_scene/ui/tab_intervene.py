@@ -63,7 +63,8 @@ def create(service: Service) -> InterveneTab:
         methods = []
     gr.Markdown(
         "Take the last generated image, say where its object should be, and denoise the same prompt and seed "
-        "again while the edit rewrites the UNet's activations in the first steps. The result's foreground is "
+        "again while the chosen method edits the run (the default, latent-move, carries the object's part of the "
+        "latent to the target mid-run; the others edit the UNet's activations). The result's foreground is "
         "compared with the target (IoU)."
     )
     with gr.Row():
