@@ -74,16 +74,23 @@ def format_timings(timings: dict) -> str:
     return ", ".join(parts) if parts else "not recorded"
 
 
-def sweep_targets_met(row: dict) -> int:
-    """How many of the report's targets that guidance moves a sweep row meets: shape and colour as
-    prompted, and, where the row measured layout, mean coverage within 20% of the renderer's and the
-    centroid-x KS distance (the report's thresholds, :data:`TARGETS`)."""
-    met = [row["shape_match"] >= TARGETS["shape_match"], row["colour_match"] >= TARGETS["colour_match"]]
+def _sweep_targets(row: dict) -> list[tuple[bool, float]]:
+    """Per target that guidance moves, whether a sweep row meets it and how far short it falls,
+    relative to the threshold (0 where met): shape and colour as prompted, and, where the row measured
+    layout, mean coverage within 20% of the renderer's and the centroid-x KS distance (the report's
+    thresholds, :data:`TARGETS`)."""
+    out = [(row[k] >= TARGETS[k], max(0.0, 1 - row[k] / TARGETS[k])) for k in ("shape_match", "colour_match")]
     if "coverage" in row:
-        met.append(abs(row["coverage"] / row["coverage_renderer"] - 1) <= TARGETS["layout_coverage_ratio_error"])
+        error, bound = abs(row["coverage"] / row["coverage_renderer"] - 1), TARGETS["layout_coverage_ratio_error"]
+        out.append((error <= bound, max(0.0, error - bound)))
     if "ks_x" in row:
-        met.append(row["ks_x"] <= TARGETS["layout_ks_x"])
-    return sum(met)
+        out.append((row["ks_x"] <= TARGETS["layout_ks_x"], max(0.0, row["ks_x"] / TARGETS["layout_ks_x"] - 1)))
+    return out
+
+
+def sweep_targets_met(row: dict) -> int:
+    """How many of the report's targets that guidance moves a sweep row meets (:func:`_sweep_targets`)."""
+    return sum(met for met, _ in _sweep_targets(row))
 
 
 def sweep_shortfall(row: dict) -> float:
@@ -91,13 +98,7 @@ def sweep_shortfall(row: dict) -> float:
     to its threshold (0 where met): a row 53% over the renderer's coverage falls 0.33 short there, one
     at 88.5% shape 0.068. Tells apart rows that meet as many targets, so that a gain within the noise
     on one target cannot buy a large loss on another."""
-    short = [max(0.0, 1 - row[k] / TARGETS[k]) for k in ("shape_match", "colour_match")]
-    if "coverage" in row:
-        error = abs(row["coverage"] / row["coverage_renderer"] - 1)
-        short.append(max(0.0, error - TARGETS["layout_coverage_ratio_error"]))
-    if "ks_x" in row:
-        short.append(max(0.0, row["ks_x"] / TARGETS["layout_ks_x"] - 1))
-    return float(sum(short))
+    return float(sum(short for _, short in _sweep_targets(row)))
 
 
 def sweep_choice(rows: list[dict]) -> dict:
