@@ -33,14 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .activation_editors import grid_target
 from .probes import ProbeBank
 from .sampler import GenerationConfig, StepState, sample
-
-
-def _grid_target(target: np.ndarray, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The fraction of foreground in each cell of ``grid``: [h, w] float."""
-    t = torch.from_numpy(target.astype(np.float32))[None, None]
-    return F.interpolate(t, size=grid, mode="area")[0, 0].to(device)
 
 
 def readout_loss(probe: ProbeBank, site: str, step: int, act: torch.Tensor, target: np.ndarray) -> torch.Tensor:
@@ -53,7 +48,7 @@ def readout_loss(probe: ProbeBank, site: str, step: int, act: torch.Tensor, targ
     """
     logits = probe.logits(site, step, act.float())  # [B, 2, h, w]
     fg = logits[:, 1] - logits[:, 0]
-    goal = _grid_target(target, tuple(fg.shape[-2:]), fg.device).expand_as(fg)
+    goal = grid_target(target, tuple(fg.shape[-2:]), fg.device).expand_as(fg)
     per_cell = F.binary_cross_entropy_with_logits(fg, goal, reduction="none")
     inside = goal.sum().clamp_min(1e-6)
     outside = (1 - goal).sum().clamp_min(1e-6)
@@ -105,7 +100,7 @@ class ReadoutGuidanceEditor:
         with torch.no_grad():
             for site, a in acts.items():
                 p = self.probe.logits(site, step, a.detach().float()).softmax(1)[:, 1:2].mean(0, keepdim=True)
-                goal = _grid_target(self.target, tuple(p.shape[-2:]), p.device)[None, None]
+                goal = grid_target(self.target, tuple(p.shape[-2:]), p.device)[None, None]
                 maps.append(F.interpolate((goal - p).abs(), size=size, mode="bilinear", align_corners=False))
         return torch.stack(maps).mean(0)
 

@@ -194,13 +194,12 @@ def word_attention_picture(image: "Image.Image", maps: np.ndarray, words: Sequen
     tiles compare words with each other (which word the image attends to where), not each word
     with itself.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     maps = np.nan_to_num(np.asarray(maps, np.float32), nan=0.0)
     n = len(words)
     title_h, foot_h, pad = 16, 22, 4
     canvas = Image.new("RGB", ((n + 1) * (tile + pad) - pad, title_h + tile + foot_h), "white")
-    draw = ImageDraw.Draw(canvas)
     canvas.paste(_enlarge_rgb(image, tile), (0, title_h))
     draw_text(canvas, (2, 2), "x0 estimate", (0, 0, 0))
     top = float(maps.max()) if maps.size else 0.0

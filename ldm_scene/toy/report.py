@@ -287,7 +287,7 @@ def render_model_card(report: dict, plan: dict, sizes: dict, history: list[dict]
         "enough to train and run on 2 CPU cores, whose training images come with exact foreground masks,",
         "depth and shading from a ray-casting renderer (`ldm_scene/toy/render.py`).", "",
         "## What it is",
-        f"- diffusers `StableDiffusionPipeline` directory: `UNet2DConditionModel` with SD v1.4's block types and",
+        "- diffusers `StableDiffusionPipeline` directory: `UNet2DConditionModel` with SD v1.4's block types and",
         f"  `layers_per_block=2` (the same 16 self-attention site names), channels {tuple(arch.get('unet_channels', ()))},",
         "  plus a pooled-text term added to the time embedding (`addition_embed_type='text'`);",
         f"  `AutoencoderTiny` (normalisation-free, 4x down-scaling, {ae_widths});",

@@ -99,7 +99,6 @@ def train_adam_probes(ctx: RunContext, sol: Solution, progress: bool = True) -> 
     files = [load_file(str(ctx.work / "adam" / f"{i:06d}.safetensors")) for i in indices]
     out: dict[str, torch.Tensor] = {}
     seconds = {"adam": 0.0, "ridge": 0.0}
-    cols = ctx.layout.columns
     for site, step in tqdm(keys, desc="adam vs ridge", disable=not progress):
         acts = torch.stack([f[f"{site}.step{step:02d}.act"] for f in files])  # [N, T, C] fp16
         for task in ctx.layout.tasks:

@@ -73,7 +73,7 @@ class RunConfig:
         if not 1 <= self.steps <= 200:
             raise ValueError(f"steps must be in 1..200, got {self.steps}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1): the penalty is chosen on validation images")
+            raise ValueError("val_fraction must be in (0, 1): the penalty is chosen on validation images")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not self.penalties or any(p < 0 or not math.isfinite(p) for p in self.penalties):

@@ -28,7 +28,7 @@ from PIL import Image
 from ..attention import AttentionError, attention_reader
 from ..models import Model
 from ..probes import TASKS, ProbeBank
-from ..readout import ProbeReader, SiteChoice, emergence, upsample_nearest
+from ..readout import ProbeReader, SiteChoice
 from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, decode,
     describe_guidance, sample,
@@ -411,27 +411,14 @@ class Service:
         (grown by :data:`~ldm_scene.intervention.KEEP_MARGIN` latent cells) every step keeps
         ``run``'s own latent, so the rest of the scene stays as it was.
         """
-        from ..intervention import (
-            METHOD_BANKS, METHODS, NEEDS_SOURCE, InterventionError, default_edit_steps, intervene, keep_background,
-            make_editor,
-        )
+        from ..intervention import InterventionError, default_edit_steps, intervene, keep_background, make_editor
 
         model = self._require_model()
         targets.require_complete(run)
         target = np.asarray(target)
         if target.dtype != bool or target.shape != tuple(model.image_size):
             raise InterventionError(f"target must be a bool mask of {model.image_size}, got {target.dtype} {target.shape}")
-        if method not in self.methods:
-            choose = f"choose one of {', '.join(self.methods)}"
-            if method in METHODS:
-                lacking = ", ".join(b for b in METHOD_BANKS[method] if b not in self.intervention_banks)
-                raise InterventionError(f"method {method!r} needs the {lacking} probes, which this model's probe "
-                                        f"folder lacks; {choose}")
-            raise InterventionError(f"unknown method {method!r}; {choose}")
-        if method in NEEDS_SOURCE and (run.foreground is None or not run.foreground.any()):
-            others = ", ".join(m for m in self.methods if m not in NEEDS_SOURCE)
-            raise InterventionError(f"{method} carries the object it finds in the generated image, and none was found "
-                                    f"there: choose another method ({others})")
+        targets.check_method(method, self.methods, self.intervention_banks, run)
         strength = finite_number(strength, "strength")
         edit_steps = default_edit_steps(run.config.steps, method)
         # Build the editor once up front so a missing probe or mask is reported before any model work.
@@ -481,22 +468,8 @@ class Service:
         run.preview_labels.append(self._labels(preview))
 
     def _finish(self, run: Run, emergence_curves: bool = True) -> None:
-        """Find the finished image's object and score every step against the final labels."""
-        h, w = self._require_model().image_size
-        labels = self._labels(run.image)
-        last = run.readouts[-1] if run.readouts else {}
-        if labels is not None:
-            run.foreground, run.foreground_source = labels["foreground"] > 0.5, "the model's labeler"
-            run.reference, run.reference_source = labels, "the labeler's labels of the finished image"
-        else:
-            if "foreground" in last:
-                run.foreground = upsample_nearest(last["foreground"], (h, w)) > 0.5
-                run.foreground_source = "the foreground probe at the last step"
-            run.reference = {t: upsample_nearest(v, (h, w)) for t, v in last.items()}
-            run.reference_source = "the probes' own readout at the last step"
-        if emergence_curves and run.reference:
-            ref = {t: v for t, v in run.reference.items() if any(t in m for m in run.readouts)}
-            run.emergence = emergence(run.readouts, ref)
+        """Find the finished image's object and score every step against the final labels (:meth:`.views.Run.finish`)."""
+        run.finish(self._labels(run.image), self._require_model().image_size, emergence_curves)
 
     def _labels(self, image: Image.Image | None) -> dict[str, np.ndarray] | None:
         if self.labeler is None or image is None:

@@ -4,7 +4,7 @@ Plain numpy and PIL; every refusal is a ``ValueError`` whose message is meant fo
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -76,3 +76,21 @@ def drawn(layers: Sequence[Any] | None, size: tuple[int, int]) -> np.ndarray:
     if strength is None:
         raise InterventionError("the mask is empty: draw where the object should be")
     return prepare_target(strength, size)
+
+
+def check_method(method: str, available: Sequence[str], banks: Mapping[str, Any], run: Run) -> None:
+    """Refuse (``InterventionError``) a method that is unknown, lacks its probes in ``banks``, or needs
+    the object's mask when ``run`` found none; ``available``: the methods ``banks`` supports."""
+    from ..edit_methods import METHOD_BANKS, METHODS, NEEDS_SOURCE, InterventionError
+
+    if method not in available:
+        choose = f"choose one of {', '.join(available)}"
+        if method in METHODS:
+            lacking = ", ".join(b for b in METHOD_BANKS[method] if b not in banks)
+            raise InterventionError(f"method {method!r} needs the {lacking} probes, which this model's probe "
+                                    f"folder lacks; {choose}")
+        raise InterventionError(f"unknown method {method!r}; {choose}")
+    if method in NEEDS_SOURCE and (run.foreground is None or not run.foreground.any()):
+        others = ", ".join(m for m in available if m not in NEEDS_SOURCE)
+        raise InterventionError(f"{method} carries the object it finds in the generated image, and none was found "
+                                f"there: choose another method ({others})")

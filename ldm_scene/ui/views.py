@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..readout import ProbeReader, SiteChoice
+from ..readout import ProbeReader, SiteChoice, emergence, upsample_nearest
 from ..sampler import GenerationConfig
 
 
@@ -86,6 +86,27 @@ class Run:
         """Forget every step after the first ``n`` (a stream closed early keeps the steps it handed out)."""
         for name in self.PER_STEP:
             del getattr(self, name)[n:]
+
+    def finish(self, labels: dict[str, np.ndarray] | None, size: tuple[int, int], emergence_curves: bool = True) -> None:
+        """Find the finished image's object and score every step against the final labels.
+
+        ``labels``: the model's labeler on the finished image (None without one: the probes' own
+        readout at the last step stands in); ``size``: the image's (h, w).
+        """
+        h, w = size
+        last = self.readouts[-1] if self.readouts else {}
+        if labels is not None:
+            self.foreground, self.foreground_source = labels["foreground"] > 0.5, "the model's labeler"
+            self.reference, self.reference_source = labels, "the labeler's labels of the finished image"
+        else:
+            if "foreground" in last:
+                self.foreground = upsample_nearest(last["foreground"], (h, w)) > 0.5
+                self.foreground_source = "the foreground probe at the last step"
+            self.reference = {t: upsample_nearest(v, (h, w)) for t, v in last.items()}
+            self.reference_source = "the probes' own readout at the last step"
+        if emergence_curves and self.reference:
+            ref = {t: v for t, v in self.reference.items() if any(t in m for m in self.readouts)}
+            self.emergence = emergence(self.readouts, ref)
 
     def missing_previews(self, steps: Any = None) -> list[int]:
         """The steps among ``steps`` (default: all) whose preview was not decoded yet."""
