@@ -92,7 +92,12 @@ _GUIDANCE_DEFAULTS = MethodDefaults("up", 1 / 3, 0.25)
 #: on the layout is not settled and the run draws the object back where its noise put it. Step 9
 #: (0.6 of the run) on 80 trials: 79%. Re-swept on the fine-tuned decoder (40 trials, sweep.md):
 #: after step 3, 60%; 6, 78%; 9, 82%; 11, 85%, within the noise of 40 trials, so step 9 stands.
-#: No UNet site is edited (sites "none"), gain is unused.
+#: No UNet site is edited (sites "none"), gain is unused. On 100 sweep trials (seeds apart from the
+#: evaluation's; the failures were near misses short of the target along the move, and smears
+#: where the object was): holding the background up to the old mask drew the object back (78%
+#: success); not holding it, 86% at 21.0 dB background PSNR; freeing 2 cells around the old place
+#: only (``vacated_margin``), 85% at 22.8 dB; adding ``fit`` (the object scaled to a drawn
+#: target's area), 85%, IoU with the target 0.67 -> 0.75, 23.1 dB. Both are the editor's defaults.
 _MOVE_DEFAULTS = MethodDefaults("none", 0.6, 1.0, single_step=True)
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "steer": _STEER_DEFAULTS,

@@ -136,8 +136,9 @@ def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None
     run's latent after each step (``StepState.latent``, same prompt and seed).
 
     ``editor``: the edit's editor, if it says more: a move frees where the object lands
-    (``moved``, which reaches outside a drawn target of another shape), and its ``keep_margin``
-    replaces :data:`KEEP_MARGIN` unless ``margin`` is given.
+    (``moved``, which reaches outside a drawn target of another shape) and the object's old place
+    grown by its ``vacated_margin`` cells, and its ``keep_margin`` replaces :data:`KEEP_MARGIN`
+    unless ``margin`` is given.
     """
     free = np.asarray(target, bool) if source is None else np.asarray(source, bool) | np.asarray(target, bool)
     moved = getattr(editor, "moved", None)
@@ -145,7 +146,10 @@ def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None
         free = free | np.asarray(moved, bool)
     if margin is None:
         margin = getattr(editor, "keep_margin", KEEP_MARGIN)
-    return KeepBackground(list(reference), free, margin)
+    vacated_margin = getattr(editor, "vacated_margin", None)
+    if source is None or vacated_margin is None:
+        return KeepBackground(list(reference), free, margin)
+    return KeepBackground(list(reference), free, margin, vacated=np.asarray(source, bool), vacated_margin=vacated_margin)
 
 
 def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str | None = None) -> dict[str, ProbeBank]:

@@ -224,6 +224,10 @@ class KeepBackground:
     reference: Sequence[torch.Tensor]
     free: np.ndarray
     margin: int = 1
+    #: A second region left free with its own margin (a move's vacated place: see
+    #: :attr:`~ldm_scene.latent_move.LatentMoveEditor.vacated_margin`); None: none.
+    vacated: np.ndarray | None = None
+    vacated_margin: int = 0
     _cells: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +237,13 @@ class KeepBackground:
         if not self.reference:
             raise ValueError("KeepBackground needs the unedited run's latent at every step")
 
+    def cells(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[1, 1, *grid]`` float: 1 on the latent cells the edit may change, 0 on those held."""
+        cells = free_cells(self.free, grid, self.margin)
+        if self.vacated is not None:
+            cells = torch.maximum(cells, free_cells(self.vacated, grid, self.vacated_margin))
+        return cells
+
     def __call__(self, step: int, latent: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         if step >= len(self.reference):
             raise ValueError(f"no unedited latent for step {step + 1}: the reference run has {len(self.reference)} steps")
@@ -240,7 +251,7 @@ class KeepBackground:
         if ref.shape != latent.shape:
             raise ValueError(f"the unedited latent is {tuple(ref.shape)}, the edited run's {tuple(latent.shape)}")
         if self._cells is None or self._cells.shape[-2:] != latent.shape[-2:]:
-            self._cells = free_cells(self.free, tuple(latent.shape[-2:]), self.margin)
+            self._cells = self.cells(tuple(latent.shape[-2:]))
         m = self._cells.to(latent.device, latent.dtype)
         return m * latent + (1 - m) * ref
 

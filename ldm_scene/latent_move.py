@@ -12,9 +12,13 @@ the object), after one chosen step:
    out of x0 and the hole is filled by harmonic interpolation of the surrounding background
    (each hole cell the mean of its neighbours, to convergence);
 3. the object's x0 and its share of the noise are translated (bilinear, sub-cell) by the
-   displacement from the mask's centroid to the target's, and pasted over the filled x0;
+   displacement from the mask's centroid to the target's, and pasted over the filled x0; with
+   ``fit`` (the default) they are first scaled about the centroid to the target's area, so a
+   drawn region of another size gets the object at its size;
 4. denoising resumes from ``moved x0 + noise``: the later steps redraw the object's edges and
-   shading where it now stands.
+   shading where it now stands. With the background kept, the object's old place is left free a
+   little beyond its mask (``vacated_margin``): held there, its shadow and soft edge draw the
+   object back.
 
 It reads nothing but latent shapes and the two masks, so it runs on SD v1.4 as it is; the
 object's mask is the one the app shows (the labeler's, or the foreground probe's at the last
@@ -58,6 +62,21 @@ def translate(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
 
 
+def warp(x: torch.Tensor, dx: float, dy: float, scale: float = 1.0, cx: float = 0.0, cy: float = 0.0) -> torch.Tensor:
+    """``x`` ``[B, C, h, w]`` scaled by ``scale`` about the point (cx, cy) and moved by (dx, dy), all in
+    cells from the top-left corner (bilinear, zero where nothing comes from); ``scale`` 1 is :func:`translate`."""
+    if scale == 1.0:
+        return translate(x, dx, dy)
+    h, w = x.shape[-2:]
+    s = float(scale)
+    # An output point p comes from c + (p - c - d) / s; in grid_sample's [-1, 1] coordinates, per axis.
+    tx = 1 / s - 1 + 2 / w * (cx - (cx + dx) / s)
+    ty = 1 / s - 1 + 2 / h * (cy - (cy + dy) / s)
+    theta = torch.tensor([[1 / s, 0.0, tx], [0.0, 1 / s, ty]], dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.device)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
+
+
 def harmonic_fill(x: torch.Tensor, hole: torch.Tensor, iterations: int = 200) -> torch.Tensor:
     """``x`` ``[1, C, h, w]`` with the cells where ``hole`` ``[1, 1, h, w]`` is 1 replaced by the
     harmonic interpolation of the rest (Jacobi iterations of the 4-neighbour mean, borders replicated)."""
@@ -71,6 +90,10 @@ def harmonic_fill(x: torch.Tensor, hole: torch.Tensor, iterations: int = 200) ->
         total = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), kernel.expand(channels, 1, 3, 3), groups=channels)
         out = known * x + hole * total / 4
     return out
+
+
+#: The most ``fit`` scales the object by (and 1 / it, the least).
+MAX_FIT_SCALE = 2.0
 
 
 @dataclass
@@ -91,10 +114,17 @@ class LatentMoveEditor:
     dilate: int = 1
     random_seed: int | None = None
     keep_margin: int = 0
+    #: Scale the object about its centroid by the square root of the target's area over its own
+    #: (clipped to ``1 / MAX_FIT_SCALE .. MAX_FIT_SCALE``), so a drawn region of another size gets
+    #: the object at its size; a shifted mask has the object's own area, so nothing is scaled.
+    fit: bool = True
+    #: Latent cells around the object's old place that :func:`~ldm_scene.intervention.keep_background`
+    #: also leaves free: what the mask misses there (the object's shadow, its soft edge), held at
+    #: the unedited run's latents, makes the run draw the object back where it was.
+    vacated_margin: int = 2
     #: (dx, dy) in pixels, set at construction (the control's is the method's turned by a random angle).
     displacement: tuple[float, float] = field(init=False)
-    #: The source mask moved by the displacement: where the object lands (bool, image size).
-    moved: np.ndarray = field(init=False, repr=False)
+    _centroid: tuple[float, float] = field(init=False, repr=False)
     #: The steps the move happened after (one, or none before the run reaches ``at``).
     edited: list[int] = field(default_factory=list)
     # The sampler hooks no UNet site for this editor.
@@ -109,6 +139,8 @@ class LatentMoveEditor:
                 raise ValueError(f"the {name} mask is empty: a move needs the object's mask and where it goes")
         if source.shape != target.shape:
             raise ValueError(f"the object's mask is {source.shape} and the target {target.shape}: they must match")
+        if self.vacated_margin < 0:
+            raise ValueError(f"vacated_margin must be >= 0, got {self.vacated_margin}")
         self.source, self.target = source, target
         (sx, sy), (tx, ty) = mask_centroid(source), mask_centroid(target)
         dx, dy = (tx - sx) * self.strength, (ty - sy) * self.strength
@@ -117,7 +149,24 @@ class LatentMoveEditor:
             length = math.hypot(dx, dy)
             dx, dy = length * math.cos(angle), length * math.sin(angle)
         self.displacement = (dx, dy)
-        self.moved = shifted_mask(source, dx, dy)
+        self._centroid = (sx, sy)
+
+    @property
+    def scale(self) -> float:
+        """How much the move scales the object (1 unless ``fit``)."""
+        if not self.fit:
+            return 1.0
+        ratio = math.sqrt(float(self.target.sum()) / float(self.source.sum()))
+        return float(np.clip(ratio, 1 / MAX_FIT_SCALE, MAX_FIT_SCALE))
+
+    @property
+    def moved(self) -> np.ndarray:
+        """The source mask moved (and scaled) as the object will be: where it lands (bool, image size)."""
+        dx, dy = self.displacement
+        if self.scale == 1.0:
+            return shifted_mask(self.source, dx, dy)
+        src = torch.from_numpy(self.source.astype(np.float32))[None, None]
+        return warp(src, dx, dy, self.scale, *self._centroid)[0, 0].numpy() >= 0.5
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -134,14 +183,15 @@ class LatentMoveEditor:
         h, w = latent.shape[-2:]
         cell_x, cell_y = self.source.shape[1] / w, self.source.shape[0] / h
         dx, dy = self.displacement[0] / cell_x, self.displacement[1] / cell_y
+        scale, cx, cy = self.scale, self._centroid[0] / cell_x, self._centroid[1] / cell_y
         src = torch.from_numpy(self.source.astype(np.float32))[None, None]
         hole = (F.adaptive_max_pool2d(src, (h, w)) > 0).to(latent.device, torch.float32)
         if self.dilate > 0:
             hole = F.max_pool2d(hole, 2 * self.dilate + 1, stride=1, padding=self.dilate)
         x0 = x0.float()
         noise = latent.float() - x0
-        landed = translate(hole, dx, dy).clamp(0, 1)
-        new_x0 = harmonic_fill(x0, hole) * (1 - landed) + translate(x0, dx, dy) * landed
-        new_noise = noise * (1 - landed) + translate(noise, dx, dy) * landed
+        landed = warp(hole, dx, dy, scale, cx, cy).clamp(0, 1)
+        new_x0 = harmonic_fill(x0, hole) * (1 - landed) + warp(x0, dx, dy, scale, cx, cy) * landed
+        new_noise = noise * (1 - landed) + warp(noise, dx, dy, scale, cx, cy) * landed
         self.edited.append(step)
         return (new_x0 + new_noise).to(latent.dtype)

@@ -12,7 +12,9 @@ from ldm_scene.intervention import (
     KEEP_MARGIN, MOVE_KEEP_MARGIN, InterventionError, default_edit_steps, intervene, keep_background, make_editor,
 )
 from ldm_scene.intervention_methods import free_cells, guided_sample
-from ldm_scene.latent_move import LatentMoveEditor, harmonic_fill, mask_centroid, shifted_mask, translate
+from ldm_scene.latent_move import (
+    MAX_FIT_SCALE, LatentMoveEditor, harmonic_fill, mask_centroid, shifted_mask, translate, warp,
+)
 from ldm_scene.sampler import GenerationConfig, sample
 
 
@@ -30,6 +32,21 @@ def test_translate_by_whole_cells_is_a_shift_with_zeros_coming_in():
     # half a cell is the mean of two neighbours (bilinear)
     half = translate(x, 0.5, 0)
     assert torch.allclose(half[..., 3], (x[..., 2] + x[..., 3]) / 2, atol=1e-5)
+
+
+def test_warp_scales_about_the_given_point_and_at_scale_one_is_translate():
+    x = torch.arange(2 * 12 * 12, dtype=torch.float32).reshape(1, 2, 12, 12)
+    assert torch.equal(warp(x, 2, -1), translate(x, 2, -1))
+    box = torch.zeros(1, 1, 16, 16)
+    box[..., 4:8, 2:6] = 1  # 4x4 cells, centre (x, y) = (4, 6) from the corner
+    half = warp(box, 6, 4, 0.5, 4.0, 6.0)  # halved about its centre, then 6 right and 4 down
+    assert half.sum().item() == pytest.approx(4.0, abs=1e-4)  # a quarter of the area
+    ys, xs = torch.meshgrid(torch.arange(16.0) + 0.5, torch.arange(16.0) + 0.5, indexing="ij")
+    w = half[0, 0]
+    assert ((w * xs).sum() / w.sum()).item() == pytest.approx(10.0) and ((w * ys).sum() / w.sum()).item() == pytest.approx(10.0)
+    double = warp(box, 0, 0, 2.0, 4.0, 6.0)
+    # twice the side about the centre: cells 2-9 x 0-7, full inside, bilinear-soft on its border
+    assert double[0, 0, 3:9, 1:7].min() == 1 and double.sum().item() == pytest.approx(64.0, abs=4)
 
 
 def test_shifted_mask_rounds_and_drops_what_leaves_the_frame():
@@ -79,6 +96,27 @@ def test_the_move_carries_the_object_to_the_target_and_fills_where_it_was():
     torch.testing.assert_close(out[..., 9:12, 10:13] - x0[..., 3:6, 2:5], 0.5 * noise[..., 3:6, 2:5])
     # far from both, nothing changed (but for the rounding of x0 + (latent - x0))
     torch.testing.assert_close(out[..., 12:, :8], latent[..., 12:, :8])
+
+
+def test_fit_scales_the_object_to_the_targets_area_and_lands_it_on_the_target():
+    """A drawn region a quarter of the object's area gets the object at half its side, centred on
+    the region; a shifted mask (same area) scales nothing; the control scales as the method does."""
+    x0, _ = _scene()
+    source = _box(64, 64, 12, 8, 12)  # cells 3-5 x 2-4
+    small = _box(64, 64, 40, 40, 6)   # a quarter of the area, centred on cell (10.75, 10.75)
+    editor = LatentMoveEditor(source, small, at=2, dilate=0)
+    assert editor.scale == 0.5 and mask_centroid(editor.moved) == mask_centroid(small)
+    assert editor.moved.sum() == small.sum()
+    out = editor.after_step(2, x0, x0)  # no noise: the latent is its x0
+    bright = out[0, 2]  # channel 2: 0 but on the object (5.0 on its 9 cells), now on a quarter of the area
+    assert bright.sum().item() < 9 * 5.0 / 3 and bright[9:13, 9:13].sum() == bright.sum()
+    ys, xs = torch.meshgrid(torch.arange(16.0) + 0.5, torch.arange(16.0) + 0.5, indexing="ij")
+    centre = ((bright * xs).sum() / bright.sum()).item(), ((bright * ys).sum() / bright.sum()).item()
+    assert centre == pytest.approx((10.75, 10.75), abs=0.1)  # the target's centre, in cells (43 px / 4)
+    assert LatentMoveEditor(source, _box(64, 64, 36, 40, 12), 2).scale == 1.0
+    assert LatentMoveEditor(source, small, 2, random_seed=3).scale == 0.5
+    assert LatentMoveEditor(source, small, 2, fit=False).scale == 1.0
+    assert LatentMoveEditor(source, _box(64, 64, 0, 0, 2), 2).scale == 1 / MAX_FIT_SCALE  # clipped
 
 
 def test_strength_scales_the_move_and_zero_is_exact():
@@ -135,6 +173,21 @@ def test_keep_background_frees_where_a_move_lands_with_the_moves_margin():
     assert keep_background([torch.zeros(1, 4, 16, 16)], source, target).margin == KEEP_MARGIN
 
 
+def test_keep_background_also_frees_the_vacated_place_grown_by_the_moves_margin():
+    """What the object's mask misses around its old place (shadow, soft edge) must not be held, or
+    the run draws the object back there; the ring is the editor's ``vacated_margin`` cells."""
+    source, target = _box(64, 64, 16, 16, 8), _box(64, 64, 40, 40, 8)  # cells 4-5 and 10-11
+    ref = [torch.zeros(1, 4, 16, 16)]
+    keep = keep_background(ref, source, target, editor=LatentMoveEditor(source, target, 2, vacated_margin=2))
+    cells = keep.cells((16, 16))[0, 0].bool()
+    assert cells[2:8, 2:8].all() and not cells[1, 4] and not cells[8, 4]  # source cells grown by 2, no more
+    assert cells[10:12, 10:12].all() and not cells[9, 10] and not cells[12, 11]  # the target: margin 0
+    tight = keep_background(ref, source, target, editor=LatentMoveEditor(source, target, 2, vacated_margin=0))
+    assert int(tight.cells((16, 16)).sum()) == 8
+    with pytest.raises(ValueError, match="vacated_margin"):
+        LatentMoveEditor(source, target, 2, vacated_margin=-1)
+
+
 STEPS = 4
 
 
@@ -150,7 +203,8 @@ def test_on_the_tiny_model_the_move_changes_only_what_follows_its_step(tiny_mode
     edited = list(guided_sample(tiny_model, config, [editor], keep=keep))
     assert attached_hooks(tiny_model.unet) == 0 and editor.edited == [1]
     assert torch.equal(edited[0].latent, plain[0].latent)
-    cells = free_cells(keep.free, tuple(plain[1].latent.shape[-2:]), keep.margin)[0, 0].bool()
+    cells = keep.cells(tuple(plain[1].latent.shape[-2:]))[0, 0].bool()
+    assert (cells & ~free_cells(keep.free, tuple(cells.shape), keep.margin)[0, 0].bool()).any()  # the vacated ring
     assert not torch.equal(edited[1].latent[..., cells], plain[1].latent[..., cells])
     for mine, theirs in zip(edited[1:], plain[1:]):
         assert torch.equal(mine.latent[..., ~cells], theirs.latent[..., ~cells])

@@ -624,7 +624,7 @@ def test_closing_a_prefetched_stream_keeps_the_shown_steps(service, tiny_model):
 def test_intervention_keeps_the_original_latents_outside_the_edit(service, run, tiny_model, method):
     """The edited run holds the original run's latent at every step outside the object's old mask and
     the target (grown by KEEP_MARGIN cells; a move: also where the object lands, grown by
-    MOVE_KEEP_MARGIN); inside, the edit repaints."""
+    MOVE_KEEP_MARGIN, and its old place grown by the editor's vacated_margin); inside, the edit repaints."""
     from ldm_scene.intervention import KEEP_MARGIN, MOVE_KEEP_MARGIN, make_editor
     from ldm_scene.intervention_methods import free_cells
 
@@ -636,10 +636,13 @@ def test_intervention_keeps_the_original_latents_outside_the_edit(service, run, 
     edited = views[-1].run
     assert len(edited.trajectory) == len(run.trajectory) == STEPS
     free, margin = run.foreground | target, KEEP_MARGIN
+    grid = tuple(run.trajectory[0].shape[-2:])
+    extra = torch.zeros(1, 1, *grid)
     if method == "latent-move":
-        free = free | make_editor(method, {}, target, steps=(1,), source=run.foreground).moved
-        margin = MOVE_KEEP_MARGIN
-    cells = free_cells(free, tuple(run.trajectory[0].shape[-2:]), margin)[0, 0].bool()
+        editor = make_editor(method, {}, target, steps=(1,), source=run.foreground)
+        free, margin = free | editor.moved, MOVE_KEEP_MARGIN
+        extra = free_cells(run.foreground, grid, editor.vacated_margin)  # the old place's ring
+    cells = torch.maximum(free_cells(free, grid, margin), extra)[0, 0].bool()
     assert cells.any() and not cells.all()
     for mine, theirs in zip(edited.trajectory, run.trajectory):
         assert torch.equal(mine[..., ~cells], theirs[..., ~cells])

@@ -42,10 +42,11 @@ from tqdm import tqdm
 
 from .. import bundle, metrics
 from ..intervention import (
-    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, default_edit_steps, keep_background,
+    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, keep_background,
     load_intervention_banks, make_editor, mask_image, side_by_side,
 )
 from ..intervention_methods import guided_sample
+from ..latent_move import LatentMoveEditor
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
     DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
     make_target, nudge_target, rectangle_mask, scaled_mask, shift_room, shift_target,
@@ -275,7 +276,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
                    defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
                    keep_margin=KEEP_MARGIN if keep else None,
-                   move_keep_margin=MOVE_KEEP_MARGIN if keep and NEEDS_SOURCE & set(methods) else None)
+                   move_keep_margin=MOVE_KEEP_MARGIN if keep and NEEDS_SOURCE & set(methods) else None,
+                   move_vacated_margin=LatentMoveEditor.vacated_margin if keep and NEEDS_SOURCE & set(methods) else None)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
     examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
@@ -392,8 +394,9 @@ def render_table(summary: dict) -> str:
     ]
     if summary.get("keep_background"):
         moves = summary.get("move_keep_margin")
+        vacated = summary.get("move_vacated_margin")
         also = ("" if moves is None else f" ({', '.join(sorted(NEEDS_SOURCE))}: also where the moved object lands, "
-                f"grown by {moves})")
+                f"grown by {moves}" + ("" if vacated is None else f", and the old mask grown by {vacated}") + ")")
         lines += [f"Every method, controls included, kept the unedited run's latents outside the object's old mask and "
                   f"the target grown by {summary.get('keep_margin')} latent cell(s){also}, at every step (blended latent "
                   "diffusion; `--keep-background`).", ""]

@@ -18,11 +18,13 @@ from ..seeds import SWEEP_SEED0, TRIAL_SEED0
 from .intervention_eval import Setting, _num, _pct, _trial_target, _World, judge, summarise_rows
 from .quality import has_object
 
-#: The settings ``intervene-sweep`` tries: latent-move's step and cut, readout-guidance's gain and steps,
-#: steer's gain and outside share.
+#: The settings ``intervene-sweep`` tries: latent-move's step, its scaling to the target (``fit``)
+#: and the ring it frees around the old place (``vacated_margin``); readout-guidance's gain and
+#: steps; steer's gain and outside share.
 SWEEP_GRID: tuple[Setting, ...] = (
-    Setting("latent-move", "none", 0.2, 1.0), Setting("latent-move", "none", 0.4, 1.0),
-    Setting("latent-move", "none", 0.6, 1.0), Setting("latent-move", "none", 0.6, 1.0, options=(("dilate", 0),)),
+    Setting("latent-move", "none", 0.4, 1.0), Setting("latent-move", "none", 0.6, 1.0),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("fit", False),)),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("vacated_margin", 0),)),
     Setting("latent-move", "none", 0.73, 1.0),
     Setting("readout-guidance", "up", 1 / 3, 0.25), Setting("readout-guidance", "up", 1 / 3, 0.4),
     Setting("readout-guidance", "up", 1 / 3, 0.6), Setting("readout-guidance", "up", 1 / 2, 0.25),

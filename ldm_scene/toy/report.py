@@ -42,8 +42,9 @@ from .train import TrainPlan, render_dataset
 
 #: (guidance, late cap or None for constant, late_from) the sweep tries: constant scales (7.5 is
 #: SD's and diffusers' default), then 7.5 capped late at 2.5 or 4 from several points of the run.
+#: Coverage rises with guidance (objects drawn larger than the renderer's), hence 1.5 and 2.
 GUIDANCE_GRID: tuple[tuple[float, float | None, float], ...] = (
-    (2.5, None, 1.0), (4.0, None, 1.0), (5.5, None, 1.0), (7.5, None, 1.0),
+    (1.5, None, 1.0), (2.0, None, 1.0), (2.5, None, 1.0), (4.0, None, 1.0), (5.5, None, 1.0), (7.5, None, 1.0),
     (7.5, 2.5, 1 / 3), (7.5, 2.5, 1 / 2), (7.5, 2.5, 2 / 3), (7.5, 2.5, 0.8), (7.5, 4.0, 1 / 3),
     # Stronger early guidance, for the shape (which rises with guidance up to 7.5):
     (10.0, None, 1.0), (10.0, 2.5, 2 / 3), (10.0, 2.5, 0.8), (12.5, 2.5, 0.8), (15.0, 2.5, 0.8),
