@@ -1,6 +1,6 @@
 """Readout guidance: steer the denoising latent so the foreground probe reads the target mask.
 
-The activation edits of :mod:`ldm_scene.intervention` rewrite what a site outputs and hope the
+The activation edits of :mod:`ldm_scene.activation_editors` rewrite what a site outputs and hope the
 rest of the UNet follows. Readout guidance instead moves the *latent*, the one input every later
 step computes from, along the gradient that makes the foreground probe's readout at a few sites
 match the target (as classifier guidance does with a classifier, and Readout Guidance, Luo et al.

@@ -1,6 +1,6 @@
 """Latent move: carry the object's content in the denoising latent to the target, then denoise on.
 
-The activation edits (:mod:`ldm_scene.intervention`) and readout guidance
+The activation edits (:mod:`ldm_scene.activation_editors`) and readout guidance
 (:mod:`ldm_scene.intervention_methods`) push the run towards a layout and let the UNet redraw the
 object there. This method moves what the run has already drawn. Once the layout has settled
 (the probes read it from the first steps, and by the middle of the run the x0 prediction shows

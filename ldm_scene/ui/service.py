@@ -408,7 +408,7 @@ class Service:
         outline); the last carries a :class:`Comparison` of original, target and result with IoU.
         The probe reader goes to :func:`~ldm_scene.intervention.intervene` with the edit, which
         hooks both for exactly the stream's lifetime. Outside the object's old mask and the target
-        (grown by :data:`~ldm_scene.intervention.KEEP_MARGIN` latent cells) every step keeps
+        (grown by :data:`~ldm_scene.edit_methods.KEEP_MARGIN` latent cells) every step keeps
         ``run``'s own latent, so the rest of the scene stays as it was.
         """
         from ..intervention import InterventionError, default_edit_steps, intervene, keep_background, make_editor
