@@ -155,9 +155,10 @@ def test_guidance_sweep_picks_the_most_targets_met_then_the_smallest_shortfall()
     laid[0] |= {"coverage": 0.26, "ks_x": 0.095}  # coverage 16% off the renderer's, KS met: 2 targets
     assert sweep_targets_met(laid[0]) == 2 and sweep_choice(laid) is laid[0]
     assert sweep_targets_met(laid[2]) == 1  # KS met, coverage 46% off, shape and colour under 95%
-    # Equal targets met: a gain within the noise on shape does not buy a large loss on coverage. The
-    # shipped model's sweep: constant 2.5 (shape 88.5%, coverage 20.04% over, just short) against 10
-    # capped late (shape 90.0%, coverage 53% over); both meet colour and KS only.
+    # Equal targets met: a gain within the noise on shape does not buy a large loss on coverage. Two
+    # rows of a sweep of the shipped model before guidance under 2.5 was tried: constant 2.5 (shape
+    # 88.5%, coverage 20.04% over, just short) against 10 capped late (shape 90.0%, coverage 53% over);
+    # both meet colour and KS only.
     near = row(2.5, None, None, 0.885, 1.0, 1.0) | {"coverage": 0.2630, "coverage_renderer": 0.2191, "ks_x": 0.095}
     big = row(10, 2.5, 0.8, 0.90, 0.955, 0.74) | {"coverage": 0.336, "coverage_renderer": 0.2191, "ks_x": 0.13}
     assert sweep_targets_met(near) == sweep_targets_met(big) == 2
