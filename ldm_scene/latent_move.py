@@ -57,8 +57,13 @@ def shifted_mask(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
 def translate(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     """``x`` ``[B, C, h, w]`` moved by (dx, dy) cells (right, down), bilinear, zero where nothing comes from."""
     h, w = x.shape[-2:]
-    theta = torch.tensor([[1.0, 0.0, -2.0 * dx / w], [0.0, 1.0, -2.0 * dy / h]], dtype=torch.float32)[None]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.device)
+    return _resample(x, [[1.0, 0.0, -2.0 * dx / w], [0.0, 1.0, -2.0 * dy / h]])
+
+
+def _resample(x: torch.Tensor, theta: list[list[float]]) -> torch.Tensor:
+    """``x`` sampled (bilinear, zeros outside) where the affine map ``theta`` (grid_sample's [-1, 1]
+    coordinates, output to input) sends each output cell."""
+    grid = F.affine_grid(torch.tensor(theta, dtype=torch.float32)[None], list(x.shape), align_corners=False).to(x.device)
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
 
 
@@ -72,9 +77,7 @@ def warp(x: torch.Tensor, dx: float, dy: float, scale: float = 1.0, cx: float = 
     # An output point p comes from c + (p - c - d) / s; in grid_sample's [-1, 1] coordinates, per axis.
     tx = 1 / s - 1 + 2 / w * (cx - (cx + dx) / s)
     ty = 1 / s - 1 + 2 / h * (cy - (cy + dy) / s)
-    theta = torch.tensor([[1 / s, 0.0, tx], [0.0, 1 / s, ty]], dtype=torch.float32)[None]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.device)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)
+    return _resample(x, [[1 / s, 0.0, tx], [0.0, 1 / s, ty]])
 
 
 def harmonic_fill(x: torch.Tensor, hole: torch.Tensor, iterations: int = 200) -> torch.Tensor:
