@@ -4,7 +4,7 @@ Commands:
 
 - ``generate``: generate an image and save every step's x0 preview and a JSON summary;
 - ``intervene``: move the object by editing activations towards a target mask;
-- ``probes`` (alias ``training``) ``run``: fit, evaluate and report probes for every (task, site, step);
+- ``probes`` (alias ``training``) ``run``: fit, evaluate and report probes for every (task, site, step); ``groups``: foreground probes over groups of sites read together;
 - ``classify``: classifier confidence per step over many runs;
 - ``toy``: build the toy world from nothing (``train``), measure it (``report``, ``intervene-eval``,
   ``intervene-sweep``, ``guidance-sweep``).

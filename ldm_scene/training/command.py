@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``probes`` command's options: its ``run`` subcommand."""
+    """The ``probes`` command's options: its ``run`` and ``groups`` subcommands."""
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate, label, fit ridge probes, evaluate with baselines, write figures")
     r.add_argument("--model", required=True, help="Hub id, local model directory, 'toy' or 'tiny'")
@@ -62,6 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--quick", action="store_true", help="a small run (12 images, short Adam) to check the setup")
     r.add_argument("--no-progress", action="store_true")
+    g = sub.add_parser("groups", help="foreground probes over groups of sites read together, beside the single-site "
+                                      "probe and the baselines (groups.json, groups.md, groups.png)")
+    g.add_argument("--model", required=True, help="Hub id, local model directory, 'toy' or 'tiny'")
+    g.add_argument("--n", type=int, required=True, help="number of images (the probe run's N: the same records)")
+    g.add_argument("--out", required=True, help="where groups.json, groups.md and groups.png go (e.g. the probe folder)")
+    g.add_argument("--work", default="runs/probe-groups", help="scratch folder (the run's fingerprint)")
+    g.add_argument("--steps", type=int, default=15)
+    g.add_argument("--at", default=None, help="comma list of 1-based steps to analyse (default: 3,5,15)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bootstrap", type=int, default=1000)
+    g.add_argument("--device", default=None)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -95,8 +108,13 @@ def _distributed() -> tuple[Shard, Callable[[], None], str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the parsed ``run`` command: fit, evaluate and report; print the summary."""
+    """Run the parsed ``run`` command: fit, evaluate and report; print the summary (or the ``groups`` analysis)."""
     import torch
+
+    if args.command == "groups":
+        from .site_groups import run_cli
+
+        return run_cli(args)
 
     from .pipeline import run as run_probes
 

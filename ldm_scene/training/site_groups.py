@@ -1,0 +1,254 @@
+"""Foreground probes over groups of sites read together: what reading several sites at once adds.
+
+The shipped probes read one site each, as the paper's do. ``ldm-scene probes groups`` fits one
+ridge foreground probe per *group* of sites at chosen steps: each site's self-attention output is
+resampled (bilinear) to the group's finest grid and the channels are concatenated per token, so the
+probe is still linear in the activations. The images, their split, labels and guidance are the
+probe run's (the same model, N and seed make the same records); the penalty and the threshold are
+chosen on the validation images and Dice is scored on the test images after bilinear upsampling of
+the readout, as the probe run scores. Beside each group, measured on the same test images: the
+prompt-only baseline (the mean mask of the training images with the same prompt, its threshold
+chosen on validation), the labeler on the decoded x0 prediction of that step, and the group's grid
+ceiling (the exact mask pooled to the grid and upsampled back); margins carry paired bootstrap
+95% intervals over test images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import metrics
+from ..reports import markdown_table
+from ..sampler import decode
+from ..sites import SITE_KEYS, UP_SITE_KEYS
+from .fit import DEFAULT_PENALTY_GRID, RidgeStats, choose_penalty
+from .trace import generate_trace, label_images
+
+if TYPE_CHECKING:
+    import argparse
+
+    from .context import RunContext
+
+#: The groups read together, by name: the probe run's best site at step 5 alone, the three 8x8 sites
+#: of ``up_blocks.2`` together, every up-block site, every site.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "up_blocks.2.attentions.1": ("up_blocks.2.attentions.1",),
+    "up_blocks.2 (3 sites)": tuple(k for k in SITE_KEYS if k.startswith("up_blocks.2.")),
+    f"up blocks ({len(UP_SITE_KEYS)} sites)": UP_SITE_KEYS,
+    f"all {len(SITE_KEYS)} sites": SITE_KEYS,
+}
+#: 0-based steps analysed by default: steps 3 and 5 of 15 (where the probe targets are set) and the last.
+DEFAULT_GROUP_STEPS: tuple[int, ...] = (2, 4, 14)
+#: Thresholds tried on the validation images (ridge outputs predict the foreground fraction of a cell).
+THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.91, 0.05), 2))
+
+
+def group_features(acts: Mapping[str, torch.Tensor], sites: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens ``[h*w, C]`` of ``sites``' activations (each ``[T, C]`` on a square grid) on the finest
+    of their grids, coarser sites upsampled bilinearly, channels concatenated in ``sites`` order."""
+    grids = {s: int(round(acts[s].shape[0] ** 0.5)) for s in sites}
+    for s, n in grids.items():
+        if n * n != acts[s].shape[0]:
+            raise ValueError(f"site {s} has {acts[s].shape[0]} tokens, not a square grid")
+    size = max(grids.values())
+    parts = []
+    for s in sites:
+        n = grids[s]
+        g = acts[s].float().T.reshape(1, -1, n, n)
+        if n != size:
+            g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)
+        parts.append(g[0].reshape(g.shape[1], -1).T)
+    return torch.cat(parts, dim=1), (size, size)
+
+
+def _readout(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The ridge readout of tokens ``x`` upsampled bilinearly to the image size ``[H, W]``."""
+    z = (x @ w.T + b).reshape(1, 1, *grid)
+    return F.interpolate(z, size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _ceiling(mask: torch.Tensor, grid: tuple[int, int]) -> float:
+    pooled = F.adaptive_avg_pool2d(mask[None, None].float(), grid)
+    up = F.interpolate(pooled, size=tuple(mask.shape), mode="bilinear", align_corners=False)[0, 0]
+    return float(metrics.dice_rows((up > 0.5)[None], mask)[0])
+
+
+class _Image:
+    """What the analysis keeps of one generated image: each site's activations at the chosen steps
+    (float16), its final foreground mask and, for a test image, the labeler's mask of each step's x0."""
+
+    def __init__(self, ctx: "RunContext", record, steps: Sequence[int]):
+        trace = generate_trace(ctx, record)
+        self.split, self.prompt = record.split, record.prompt
+        self.acts = {k: {s: trace.acts[s][k].to(torch.float16).cpu() for s in SITE_KEYS} for k in steps}
+        fg = label_images(ctx, trace.image[None], [record.seed])["foreground"][0]
+        self.mask = torch.from_numpy(np.asarray(fg) > 0.5)
+        self.x0_masks: dict[int, torch.Tensor] = {}
+        if record.split == "test":
+            images = np.stack([np.asarray(decode(ctx.model, trace.x0[k:k + 1])[0].convert("RGB")) for k in steps])
+            x0_fg = label_images(ctx, images, None)["foreground"]
+            self.x0_masks = {k: torch.from_numpy(np.asarray(m) > 0.5) for k, m in zip(steps, x0_fg)}
+
+
+def _margin(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
+    mean, low, high = metrics.bootstrap_mean_ci(np.asarray(a) - np.asarray(b), resamples=resamples, seed=seed)
+    return {"mean": float(mean), "low": float(low), "high": float(high)}
+
+
+def analyse(images: Sequence[_Image], steps: Sequence[int], groups: Mapping[str, Sequence[str]] = GROUPS,
+            resamples: int = 1000, seed: int = 0) -> dict:
+    """Dice of each group's probe and of the baselines on the test images, per step; margins with intervals."""
+    train = [im for im in images if im.split == "train"]
+    val = [im for im in images if im.split == "val"]
+    test = [im for im in images if im.split == "test"]
+    if not (train and val and test):
+        raise ValueError(f"need train, val and test images, got {len(train)}, {len(val)}, {len(test)}")
+    size = tuple(test[0].mask.shape)
+    # prompt-only: each prompt's mean training mask (the mean over all training images for an unseen prompt)
+    prior = torch.stack([im.mask.float() for im in train]).mean(0)
+    sums: dict[str, list[torch.Tensor]] = {}
+    for im in train:
+        sums.setdefault(im.prompt, []).append(im.mask.float())
+    by_prompt = {p: torch.stack(v).mean(0) for p, v in sums.items()}
+
+    def prompt_map(im: _Image) -> torch.Tensor:
+        return by_prompt.get(im.prompt, prior)
+
+    def dice(maps: Sequence[torch.Tensor], ims: Sequence[_Image], threshold: float) -> np.ndarray:
+        return np.array([metrics.dice_rows((m > threshold)[None], im.mask)[0] for m, im in zip(maps, ims)])
+
+    def threshold_on_val(maps: Sequence[torch.Tensor]) -> float:
+        scores = [dice(maps, val, t).mean() for t in THRESHOLDS]
+        return float(THRESHOLDS[int(np.argmax(scores))])
+
+    prompt_t = threshold_on_val([prompt_map(im) for im in val])
+    prompt_only = dice([prompt_map(im) for im in test], test, prompt_t)
+    out: dict = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "steps": list(steps),
+                 "groups": {name: list(sites) for name, sites in groups.items()},
+                 "prompt_only": {"dice": float(prompt_only.mean()), "threshold": prompt_t}, "per_step": {}}
+    for k in steps:
+        x0 = np.array([metrics.dice_rows(im.x0_masks[k][None], im.mask)[0] for im in test])
+        row: dict = {"labeler_on_x0": float(x0.mean()), "groups": {}}
+        for name, sites in groups.items():
+            feats = {id(im): group_features(im.acts[k], sites) for im in images}
+            channels = next(iter(feats.values()))[0].shape[1]
+            grid = next(iter(feats.values()))[1]
+            stats = {"train": RidgeStats(channels, 1), "val": RidgeStats(channels, 1)}
+            for im in train + val:
+                y = F.adaptive_avg_pool2d(im.mask[None, None].float(), grid).reshape(-1, 1)
+                stats[im.split].update(feats[id(im)][0], y)
+            penalty, w, b, _ = choose_penalty(stats["train"], stats["val"], DEFAULT_PENALTY_GRID)
+            t = threshold_on_val([_readout(w, b, feats[id(im)][0], grid, size) for im in val])
+            scores = dice([_readout(w, b, feats[id(im)][0], grid, size) for im in test], test, t)
+            ceiling = float(np.mean([_ceiling(im.mask, grid) for im in test]))
+            row["groups"][name] = {
+                "dice": float(scores.mean()), "channels": channels, "grid": list(grid), "penalty": penalty,
+                "threshold": t, "grid_ceiling": ceiling, "over_ceiling": float(scores.mean() / ceiling),
+                "over_prompt_only": _margin(scores, prompt_only, resamples, seed),
+                "over_labeler_on_x0": _margin(scores, x0, resamples, seed),
+            }
+            first = next(iter(groups))
+            if name != first:
+                row["groups"][name]["over_" + first] = _margin(scores, row["_scores"][first], resamples, seed)
+            row.setdefault("_scores", {})[name] = scores
+        row.pop("_scores")
+        out["per_step"][str(k)] = row
+    return out
+
+
+def render_markdown(result: dict, context: str) -> str:
+    """groups.md from groups.json (nothing typed by hand)."""
+    first = next(iter(result["groups"]))
+    lines = ["# Foreground probes over groups of sites", "",
+             "Generated by `python -m ldm_scene probes groups` from `groups.json`; do not edit by hand.", "",
+             context, "",
+             f"{result['n_train']} training, {result['n_val']} validation and {result['n_test']} test images. "
+             "Each group's probe is one ridge regression from the concatenated activations of its sites (coarser "
+             "sites upsampled bilinearly to the finest grid) to the foreground fraction of each cell; penalty and "
+             "threshold chosen on validation, Dice on test after bilinear upsampling. Margins: mean paired "
+             "difference with its bootstrap 95% interval over test images.", "",
+             f"Prompt-only baseline (each prompt's mean training mask): Dice {result['prompt_only']['dice']:.3f}.", ""]
+
+    def ci(m: dict) -> str:
+        return f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
+
+    for k, row in result["per_step"].items():
+        lines += [f"## Step {int(k) + 1}", "", f"Labeler on the decoded x0 prediction: Dice {row['labeler_on_x0']:.3f}.", ""]
+        table = []
+        for name, g in row["groups"].items():
+            table.append((name, f"{g['channels']}", f"{g['grid'][0]}x{g['grid'][1]}", f"{g['dice']:.3f}",
+                          f"{g['grid_ceiling']:.3f}", f"{g['over_ceiling']:.2f}", ci(g["over_prompt_only"]),
+                          ci(g["over_labeler_on_x0"]), ci(g["over_" + first]) if "over_" + first in g else "—"))
+        lines += markdown_table(("group", "channels", "grid", "Dice", "grid ceiling", "Dice / ceiling",
+                                 "over prompt-only", "over labeler on x0", f"over {first}"), table)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def groups_figure(result: dict):
+    """Dice per group and step, with the prompt-only baseline and the labeler on x0 (matplotlib Figure)."""
+    from matplotlib.figure import Figure
+
+    steps = list(result["per_step"])
+    names = list(result["groups"])
+    fig = Figure(figsize=(3.2 * len(steps), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(steps), sharey=True, squeeze=False)[0]
+    for ax, k in zip(axes, steps):
+        row = result["per_step"][k]
+        values = [row["groups"][n]["dice"] for n in names]
+        ceilings = [row["groups"][n]["grid_ceiling"] for n in names]
+        ax.bar(range(len(names)), ceilings, color="0.85", label="grid ceiling")
+        ax.bar(range(len(names)), values, color="tab:blue", width=0.6, label="probe")
+        ax.axhline(result["prompt_only"]["dice"], color="tab:red", ls="--", label="prompt-only")
+        ax.axhline(row["labeler_on_x0"], color="tab:green", ls=":", label="labeler on x0")
+        ax.set_xticks(range(len(names)), [n.split(" (")[0].replace("up_blocks.2.attentions.1", "up2.1") for n in names],
+                      rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"step {int(k) + 1}", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("foreground Dice (test)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def run(config, steps: Sequence[int] = DEFAULT_GROUP_STEPS, out: Path | None = None, resamples: int = 1000,
+        progress: bool = True) -> dict:
+    """Generate the probe run's images, fit every group's probe at ``steps``, write groups.json/.md/.png to ``out``."""
+    from .context import prepare
+
+    ctx = prepare(config)
+    bad = [k for k in steps if not 0 <= k < config.steps]
+    if bad:
+        raise ValueError(f"steps {bad} are outside the run's {config.steps} steps")
+    images = [_Image(ctx, r, steps) for r in tqdm(ctx.records, desc="group probes: images", disable=not progress)]
+    result = analyse(images, steps, resamples=resamples, seed=config.seed)
+    gen = ctx.generation(ctx.records[0])
+    result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text)
+    out = Path(out or config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "groups.json").write_text(json.dumps(result, indent=1))
+    context = (f"Model `{config.model}`, {config.n} images from seed {config.seed}, {config.steps} steps, "
+               f"{gen.guidance_text}; the shipped probes read one site each (see README.md).")
+    (out / "groups.md").write_text(render_markdown(result, context))
+    groups_figure(result).savefig(out / "groups.png", dpi=120)
+    return result
+
+
+def run_cli(args: "argparse.Namespace") -> int:
+    from .config import RunConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = RunConfig(model=args.model, n=args.n, out=args.work, steps=args.steps, seed=args.seed, device=args.device)
+    steps = tuple(int(s) - 1 for s in args.at.split(",")) if args.at else DEFAULT_GROUP_STEPS
+    result = run(config, steps, Path(args.out), resamples=args.bootstrap, progress=not args.no_progress)
+    for k, row in result["per_step"].items():
+        print(f"step {int(k) + 1}: labeler on x0 {row['labeler_on_x0']:.3f}, prompt-only {result['prompt_only']['dice']:.3f}; "
+              + "; ".join(f"{n} {g['dice']:.3f}" for n, g in row["groups"].items()))
+    print(f"wrote groups.json, groups.md and groups.png to {args.out}")
+    return 0

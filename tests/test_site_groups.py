@@ -1,0 +1,70 @@
+"""Foreground probes over groups of sites: the features, the fit against its baselines, the report."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_scene.training.site_groups import analyse, group_features, groups_figure, render_markdown
+
+
+def test_group_features_concatenate_sites_on_the_finest_grid_in_order():
+    fine = torch.arange(16 * 2, dtype=torch.float32).reshape(16, 2)  # 4x4 tokens, 2 channels
+    coarse = torch.full((4, 1), 3.0)  # 2x2 tokens, a constant map
+    x, grid = group_features({"fine": fine, "coarse": coarse}, ("fine", "coarse"))
+    assert grid == (4, 4) and x.shape == (16, 3)
+    torch.testing.assert_close(x[:, :2], fine)  # the finest site as it is
+    torch.testing.assert_close(x[:, 2], torch.full((16,), 3.0))  # bilinear keeps a constant map
+    x, grid = group_features({"fine": fine, "coarse": coarse}, ("coarse",))
+    assert grid == (2, 2) and x.shape == (4, 1)  # a group of one reads its own grid
+    with pytest.raises(ValueError, match="square"):
+        group_features({"odd": torch.zeros(12, 2)}, ("odd",))
+
+
+def _images(n: int, steps=(0,), seed: int = 0):
+    """Images whose masks are boxes at random places; site ``cells`` carries each cell's foreground
+    fraction (plus a little noise) on an 8x8 grid, site ``noise`` nothing but noise; two prompts with
+    their own box sizes, so the prompt says the size but never the place."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = "small" if i % 2 else "large"
+        size = 8 if prompt == "small" else 14
+        top, left = rng.integers(0, 32 - size, 2)
+        mask = torch.zeros(32, 32, dtype=torch.bool)
+        mask[top:top + size, left:left + size] = True
+        frac = F.adaptive_avg_pool2d(mask[None, None].float(), (8, 8)).reshape(64, 1)
+        acts = {"cells": torch.cat([frac + 0.02 * torch.randn(64, 1, generator=gen), torch.randn(64, 3, generator=gen)], 1),
+                "noise": torch.randn(16, 4, generator=gen)}
+        split = ("train", "train", "val", "test", "test")[i % 5]
+        out.append(SimpleNamespace(split=split, prompt=prompt, mask=mask, acts={k: acts for k in steps},
+                                   x0_masks={k: mask.clone() for k in steps} if split == "test" else {}))
+    return out
+
+
+def test_a_group_that_holds_the_layout_reads_it_and_beats_the_prompt():
+    groups = {"noise": ("noise",), "cells": ("cells",), "both": ("noise", "cells")}
+    result = analyse(_images(100), (0,), groups, resamples=200)
+    row = result["per_step"]["0"]
+    assert row["labeler_on_x0"] == 1.0  # the exact masks stand in for the labeler here
+    cells, noise, both = (row["groups"][k] for k in ("cells", "noise", "both"))
+    # reading the cell fractions is capped only by the 8x8 grid
+    assert cells["dice"] > 0.9 * cells["grid_ceiling"] and cells["grid"] == [8, 8]
+    assert cells["over_prompt_only"]["low"] > 0.2
+    # noise reads no better than the prompt, which knows only the size
+    assert noise["dice"] < result["prompt_only"]["dice"] + 0.1
+    assert both["channels"] == 8 and both["grid"] == [8, 8] and both["over_noise"]["low"] > 0.2
+    assert "over_noise" not in noise  # the first group is the reference
+    text = render_markdown(result, "synthetic")
+    assert "| cells | 4 | 8x8 |" in text and "## Step 1" in text
+    groups_figure(result)
+
+
+def test_analyse_needs_every_split():
+    images = [im for im in _images(20) if im.split != "val"]
+    with pytest.raises(ValueError, match="train, val and test"):
+        analyse(images, (0,), {"cells": ("cells",)})
