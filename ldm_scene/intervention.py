@@ -8,7 +8,7 @@ and builds their editors (``make_editor``); this module reads target masks, runs
 """
 from __future__ import annotations
 
-from typing import Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .edit_methods import (  # noqa: F401
     InterventionError, MethodDefaults, available_methods, default_edit_steps, make_editor,
 )
 from .intervention_methods import KeepBackground, guided_sample
-from .sampler import GenerationConfig, Reader, StepState, config_for, sample
+from .sampler import GenerationConfig, Reader, StepState, config_for, decode, sample
 
 
 def mask_values(mask: object) -> np.ndarray:
@@ -107,6 +107,7 @@ def intervene(
     readers: Sequence[Reader] = (),
     keep: KeepBackground | None = None,
     source: np.ndarray | None = None,
+    locate: Callable[[torch.Tensor], "np.ndarray | None"] | None = None,
 ) -> Iterator[StepState]:
     """Stream the edited denoising of ``config`` (same prompt and seed) towards ``target``.
 
@@ -117,7 +118,8 @@ def intervene(
     ``keep`` (:class:`~ldm_scene.intervention_methods.KeepBackground`, from :func:`keep_background`)
     holds the unedited run's latents outside the object's old place and its target (for a method
     that moves the object, build it with the editor: :func:`keep_background`). ``source``: the
-    object's current mask, for the methods in :data:`NEEDS_SOURCE`.
+    object's current mask, for the methods in :data:`NEEDS_SOURCE`; ``locate``: how they find it
+    again to correct the move (:func:`decoded_locator`; None: no correction).
     """
     if target.shape != tuple(model.image_size):
         raise InterventionError(f"target mask is {target.shape}, the model draws {model.image_size}: use prepare_target")
@@ -125,7 +127,7 @@ def intervene(
     bad = [s for s in steps if not 0 <= int(s) < config.steps]
     if bad:
         raise InterventionError(f"edit steps {bad} are outside the run's {config.steps} steps")
-    editor = make_editor(method, banks, target, sites, steps, strength, config.seed, source)
+    editor = make_editor(method, banks, target, sites, steps, strength, config.seed, source, locate)
     return guided_sample(model, config, [editor], previews=previews, readers=readers, keep=keep)
 
 
@@ -156,6 +158,28 @@ def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str 
     """The foreground probe and the class means from a probe directory (whichever exist)."""
     return load_probe_dir(probe_dir, expect_sites=expect_sites, tasks=("foreground", CLASS_MEANS),
                           expect_scheduler=expect_scheduler)
+
+
+def decoded_locator(model: Model, find: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], "np.ndarray | None"]:
+    """Finds the object in a step's x0 prediction: ``find`` (an RGB uint8 ``[H, W, 3]`` image -> its
+    object's mask at that size) on the x0 decoded by the model's VAE; None when it finds nothing.
+    A move's correction (:attr:`~ldm_scene.latent_move.LatentMoveEditor.locate`) uses it."""
+
+    def locate(x0: torch.Tensor) -> np.ndarray | None:
+        image = np.asarray(decode(model, x0)[0].convert("RGB"))
+        mask = np.asarray(find(image)) > 0.5
+        return mask if mask.any() else None
+
+    return locate
+
+
+def model_locator(model: Model) -> Callable[[torch.Tensor], "np.ndarray | None"] | None:
+    """:func:`decoded_locator` with the labeler the model ships (None if it ships none)."""
+    labeler_dir = model.extra_dir(bundle.LABELERS_DIR)
+    if not bundle.has_labeler(labeler_dir):
+        return None
+    labeler = bundle.load_labeler(labeler_dir)
+    return decoded_locator(model, lambda image: labeler(image)["mask"][0])
 
 
 def current_foreground(
@@ -227,10 +251,11 @@ def run_cli(args) -> int:
     else:
         target = translate_mask(before, args.dx, args.dy)
     edit_steps = default_edit_steps(config.steps, method)
-    editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before)
+    locate = model_locator(model)
+    editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
     keep = keep_background([s.latent for s in states], before, target, editor=editor) if args.keep_background else None
     edited = [s.image for s in guided_sample(model, config, [editor], keep=keep)][-1]
-    replay = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before)
+    replay = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
     after = current_foreground(model, edited, banks, config, editors=[replay])
     for name, im in (("original.png", original), ("edited.png", edited), ("target_mask.png", mask_image(target)),
                      ("original_mask.png", mask_image(before)), ("result_mask.png", mask_image(after))):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -128,8 +129,21 @@ class LatentMoveEditor:
     #: (dx, dy) in pixels, set at construction (the control's is the method's turned by a random angle).
     displacement: tuple[float, float] = field(init=False)
     _centroid: tuple[float, float] = field(init=False, repr=False)
-    #: The steps the move happened after (one, or none before the run reaches ``at``).
+    #: Finds the object in a step's x0 prediction (``[1, C, h, w]`` latent -> bool mask at the
+    #: image size, or None when it finds none); None: no correction.
+    locate: Callable[[torch.Tensor], "np.ndarray | None"] | None = None
+    #: The correction is made this many steps after the move (when the run has redrawn the object).
+    #: On 80 trials with seeds apart from the evaluation's (the shipped labeler on the decoded x0):
+    #: no correction 81% success, 2.7 px from the target; after 2 steps 81%, 2.3 px; 3, 84%, 2.1 px;
+    #: 4, 84%, 1.5 px (far misses 9 -> 5, shape changes 7 -> 9). The control, corrected towards its
+    #: own random landing, 15% either way.
+    correct_after: int = 4
+    #: Corrections shorter than this (pixels) are not made.
+    correct_min: float = 1.0
+    #: The steps the move happened after (the move's, then a correction's; none before the run reaches ``at``).
     edited: list[int] = field(default_factory=list)
+    #: (step, dx, dy) of each correction made, in pixels.
+    corrections: list[tuple[int, float, float]] = field(default_factory=list)
     # The sampler hooks no UNet site for this editor.
     sites: tuple[str, ...] = ()
 
@@ -144,6 +158,8 @@ class LatentMoveEditor:
             raise ValueError(f"the object's mask is {source.shape} and the target {target.shape}: they must match")
         if self.vacated_margin < 0:
             raise ValueError(f"vacated_margin must be >= 0, got {self.vacated_margin}")
+        if self.correct_after < 1:
+            raise ValueError(f"correct_after must be >= 1 step, got {self.correct_after}")
         self.source, self.target = source, target
         (sx, sy), (tx, ty) = mask_centroid(source), mask_centroid(target)
         dx, dy = (tx - sx) * self.strength, (ty - sy) * self.strength
@@ -175,26 +191,54 @@ class LatentMoveEditor:
     def steps(self) -> tuple[int, ...]:
         return (int(self.at),)
 
+    @property
+    def goal(self) -> tuple[float, float]:
+        """(x, y) in pixels where the move sends the object's centroid."""
+        return self._centroid[0] + self.displacement[0], self._centroid[1] + self.displacement[1]
+
     def edit(self, site: str, step: int, act: torch.Tensor) -> None:
         """No activation is edited (the move acts on the latent, in :meth:`after_step`)."""
         return None
 
     def after_step(self, step: int, latent: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """The latent after ``step`` (``[1, C, h, w]``), moved if ``step`` is the editor's step."""
-        if step != self.at or self.displacement == (0.0, 0.0):
-            return latent
-        h, w = latent.shape[-2:]
-        cell_x, cell_y = self.source.shape[1] / w, self.source.shape[0] / h
-        dx, dy = self.displacement[0] / cell_x, self.displacement[1] / cell_y
-        scale, cx, cy = self.scale, self._centroid[0] / cell_x, self._centroid[1] / cell_y
-        src = torch.from_numpy(self.source.astype(np.float32))[None, None]
-        hole = (F.adaptive_max_pool2d(src, (h, w)) > 0).to(latent.device, torch.float32)
-        if self.dilate > 0:
-            hole = F.max_pool2d(hole, 2 * self.dilate + 1, stride=1, padding=self.dilate)
-        x0 = x0.float()
-        noise = latent.float() - x0
-        landed = warp(hole, dx, dy, scale, cx, cy).clamp(0, 1)
-        new_x0 = harmonic_fill(x0, hole) * (1 - landed) + warp(x0, dx, dy, scale, cx, cy) * landed
-        new_noise = noise * (1 - landed) + warp(noise, dx, dy, scale, cx, cy) * landed
-        self.edited.append(step)
-        return (new_x0 + new_noise).to(latent.dtype)
+        """The latent after ``step`` (``[1, C, h, w]``), moved if ``step`` is the editor's step, and
+        corrected ``correct_after`` steps later if the object is found off its goal."""
+        if step == self.at and self.displacement != (0.0, 0.0):
+            self.edited.append(step)
+            return carry(latent, x0, self.source, self.displacement, self.scale, self._centroid, self.dilate)
+        if self.locate is not None and step == self.at + self.correct_after and self.edited:
+            found = self.locate(x0)
+            if found is None or not np.asarray(found).any():
+                return latent
+            found = np.asarray(found, bool)
+            if found.shape != self.source.shape:
+                raise ValueError(f"locate gave a {found.shape} mask, the object's is {self.source.shape}")
+            (fx, fy), (gx, gy) = mask_centroid(found), self.goal
+            dx, dy = gx - fx, gy - fy
+            if math.hypot(dx, dy) < self.correct_min:
+                return latent
+            self.edited.append(step)
+            self.corrections.append((step, dx, dy))
+            return carry(latent, x0, found, (dx, dy), 1.0, (fx, fy), self.dilate)
+        return latent
+
+
+def carry(latent: torch.Tensor, x0: torch.Tensor, mask: np.ndarray, displacement: tuple[float, float],
+          scale: float, centroid: tuple[float, float], dilate: int = 1) -> torch.Tensor:
+    """``latent`` (``[1, C, h, w]``, ``= x0 + noise``) with the content under ``mask`` (bool, image
+    size; grown by ``dilate`` cells) cut out of x0, the hole filled harmonically, and the content (x0
+    and its noise) scaled by ``scale`` about ``centroid`` and moved by ``displacement`` (pixels)."""
+    h, w = latent.shape[-2:]
+    cell_x, cell_y = mask.shape[1] / w, mask.shape[0] / h
+    dx, dy = displacement[0] / cell_x, displacement[1] / cell_y
+    cx, cy = centroid[0] / cell_x, centroid[1] / cell_y
+    src = torch.from_numpy(mask.astype(np.float32))[None, None]
+    hole = (F.adaptive_max_pool2d(src, (h, w)) > 0).to(latent.device, torch.float32)
+    if dilate > 0:
+        hole = F.max_pool2d(hole, 2 * dilate + 1, stride=1, padding=dilate)
+    x0 = x0.float()
+    noise = latent.float() - x0
+    landed = warp(hole, dx, dy, scale, cx, cy).clamp(0, 1)
+    new_x0 = harmonic_fill(x0, hole) * (1 - landed) + warp(x0, dx, dy, scale, cx, cy) * landed
+    new_noise = noise * (1 - landed) + warp(noise, dx, dy, scale, cx, cy) * landed
+    return (new_x0 + new_noise).to(latent.dtype)

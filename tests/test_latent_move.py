@@ -138,6 +138,59 @@ def test_the_control_moves_as_far_in_another_direction_and_is_reproducible():
     assert LatentMoveEditor(source, target, 2, random_seed=2).displacement == controls[1].displacement
 
 
+def test_the_correction_moves_the_object_from_where_it_is_found_to_the_moves_goal():
+    """``correct_after`` steps after the move, the object found 8 px short of the goal is carried the
+    rest of the way (unscaled); the move's own step and other steps are untouched by it."""
+    x0, _ = _scene()
+    source, target = _box(64, 64, 12, 8, 12), _box(64, 64, 36, 40, 12)
+    found_masks = []
+
+    def locate(x):
+        found_masks.append(x.clone())
+        return _box(64, 64, 36, 32, 12)  # cells 9-11 x 8-10: two cells left of the goal
+
+    editor = LatentMoveEditor(source, target, at=2, dilate=0, locate=locate, correct_after=3)
+    assert editor.goal == (46.0, 42.0)
+    editor.after_step(2, x0, x0)
+    assert found_masks == [] and editor.corrections == []
+    # the run drew the object two cells short of the goal: cells 9-11 x 8-10
+    drawn = x0.clone()
+    drawn[:, :, 3:6, 2:5] -= 5.0
+    drawn[:, :, 9:12, 8:11] += 5.0
+    assert torch.equal(editor.after_step(4, drawn, drawn), drawn)  # not the correction's step
+    out = editor.after_step(5, drawn, drawn)
+    assert len(found_masks) == 1 and editor.edited == [2, 5] and editor.corrections == [(5, 8.0, 0.0)]
+    bright = (out[0, 2] > 2.5).nonzero().float()
+    assert len(bright) == 9 and bright.mean(0).tolist() == [10.0, 11.0]  # on the goal's cells
+
+
+def test_the_correction_is_skipped_when_nothing_is_found_or_the_object_is_on_its_goal():
+    x0, noise = _scene()
+    source, target = _box(64, 64, 12, 8, 12), _box(64, 64, 36, 40, 12)
+    latent = x0 + noise
+    for found in (None, np.zeros((64, 64), bool), target, _box(64, 64, 36, 40, 13)):  # the last: 0.5 px off
+        editor = LatentMoveEditor(source, target, at=2, locate=lambda x, f=found: f, correct_after=1)
+        editor.after_step(2, latent, x0)
+        assert torch.equal(editor.after_step(3, latent, x0), latent) and editor.corrections == []
+    editor = LatentMoveEditor(source, target, at=2, locate=lambda x: np.ones((32, 32), bool), correct_after=1)
+    editor.after_step(2, latent, x0)
+    with pytest.raises(ValueError, match="32, 32"):
+        editor.after_step(3, latent, x0)
+    with pytest.raises(ValueError, match="correct_after"):
+        LatentMoveEditor(source, target, at=2, correct_after=0)
+
+
+def test_the_controls_correction_aims_at_the_controls_own_landing():
+    source, target = _box(64, 64, 12, 8, 12), _box(64, 64, 36, 40, 12)
+    control = LatentMoveEditor(source, target, 2, random_seed=3, locate=lambda x: source, correct_after=1)
+    cx, cy = mask_centroid(source)
+    assert control.goal == pytest.approx((cx + control.displacement[0], cy + control.displacement[1]))
+    x0 = torch.zeros(1, 4, 16, 16)
+    control.after_step(2, x0, x0)
+    control.after_step(3, x0, x0)  # found where it started: corrected by its own random displacement
+    assert control.corrections[0][1:] == pytest.approx(control.displacement)
+
+
 @pytest.mark.parametrize("source, message", [
     (np.zeros((64, 64), bool), "empty"),
     (np.ones((32, 32), bool), "must match"),
@@ -208,6 +261,37 @@ def test_on_the_tiny_model_the_move_changes_only_what_follows_its_step(tiny_mode
     assert not torch.equal(edited[1].latent[..., cells], plain[1].latent[..., cells])
     for mine, theirs in zip(edited[1:], plain[1:]):
         assert torch.equal(mine.latent[..., ~cells], theirs.latent[..., ~cells])
+
+
+def test_on_the_tiny_model_the_correction_reads_the_decoded_x0_and_moves_the_rest_of_the_way(tiny_model):
+    """The locator sees the x0 of the correction's step decoded to an image of the model's size; the
+    latents up to that step equal the uncorrected move's, the one after it differs; hooks never stay."""
+    from ldm_scene.intervention import decoded_locator
+
+    config = GenerationConfig("a red cube", seed=3, steps=STEPS)
+    h, w = tiny_model.image_size
+    source, target = _box(h, w, 0, 0, h // 4), _box(h, w, h // 2, w // 2, h // 4)
+    seen = []
+
+    def find(image):
+        seen.append(image.shape)
+        return _box(h, w, h // 2, 0, h // 4)  # found far left of the goal
+
+    def run(locate):
+        editor = make_editor("latent-move", {}, target, steps=(1,), source=source, locate=locate)
+        editor.correct_after = 2
+        return editor, list(guided_sample(tiny_model, config, [editor]))
+
+    plain_editor, plain_move = run(None)
+    editor, corrected = run(decoded_locator(tiny_model, find))
+    assert seen == [(h, w, 3)] and attached_hooks(tiny_model.unet) == 0
+    assert plain_editor.edited == [1] and editor.edited == [1, 3] and editor.corrections[0][1] > 0  # to the right
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(plain_move[:3], corrected[:3]))
+    assert not torch.equal(plain_move[3].latent, corrected[3].latent)
+    # a run too short for the correction (the default 4 steps after the move) ends without one
+    editor = make_editor("latent-move", {}, target, steps=(1,), source=source, locate=decoded_locator(tiny_model, find))
+    list(guided_sample(tiny_model, config, [editor]))
+    assert editor.edited == [1] and len(seen) == 1
 
 
 def test_a_move_refuses_a_variance_preserving_scheduler_without_leaving_hooks(tiny_model):

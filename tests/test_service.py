@@ -465,7 +465,7 @@ def test_shipped_emergence_reads_numeric_best_per_step(service):
 # -- the shipped toy model -------------------------------------------------------------------------
 
 @pytest.mark.skipif(not HAS_TOY, reason="weights/toy-scenes/model_index.json is missing (the toy model is not trained yet)")
-def test_toy_model_end_to_end(tmp_path):
+def test_toy_model_end_to_end(tmp_path, monkeypatch):
     from ldm_scene.ui.service import Service
 
     svc = Service.load("toy", device="cpu")
@@ -488,6 +488,24 @@ def test_toy_model_end_to_end(tmp_path):
         target = svc.shift_target(run, 16, 0)
         last = list(svc.intervene_stream(run, target, "steer"))[-1]
         assert last.comparison is not None and 0 <= last.comparison.iou_target <= 1
+        # the app's default method, with its correction (the labeler on the decoded x0, once per run),
+        # puts the object on the shifted mask
+        import ldm_scene.intervention as intervention
+
+        real, calls = intervention.decoded_locator, []
+
+        def counting(model, find):
+            locate = real(model, find)
+            return lambda x0: calls.append(tuple(x0.shape)) or locate(x0)
+
+        monkeypatch.setattr(intervention, "decoded_locator", counting)
+        moved = list(svc.intervene_stream(run, target, "latent-move"))[-1].comparison
+        assert calls == [(1, 4, 16, 16)]
+        # the success rule of the intervention evaluation: the centroid within 0.07 of the size of the target's
+        from ldm_scene.ui.views import centroid
+
+        (rx, ry), (tx, ty) = centroid(moved.result_mask), centroid(target)
+        assert moved.iou_target > moved.iou_original_target and np.hypot(rx - tx, ry - ty) < 0.07 * 64
 
 
 # -- what the page says about a run that is gone, stopped or still going ---------------------------

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .. import bundle, metrics
 from ..intervention import (
-    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, keep_background,
+    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, decoded_locator, keep_background,
     load_intervention_banks, make_editor, mask_image, side_by_side,
 )
 from ..intervention_methods import guided_sample
@@ -165,9 +165,10 @@ class Setting:
 
 
 def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, seed: int,
-                 source: np.ndarray | None = None):
+                 source: np.ndarray | None = None, locate: Any = None):
     """The editor for ``setting``: the method's defaults (:data:`METHOD_DEFAULTS`) where it says None.
-    ``source``: the object's mask in the unedited image (what a move carries)."""
+    ``source``: the object's mask in the unedited image (what a move carries); ``locate``: how a
+    move finds the object again to correct itself."""
     from ..sites import SITE_KEYS, UP_SITE_KEYS
 
     d = METHOD_DEFAULTS[setting.method]
@@ -182,7 +183,7 @@ def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, 
     if sites is not None:
         bank = next(iter(banks.values()))
         sites = tuple(s for s in sites if s in bank.meta.sites)
-    editor = make_editor(setting.method, banks, target, sites, edit_steps, 1.0, seed, source)
+    editor = make_editor(setting.method, banks, target, sites, edit_steps, 1.0, seed, source, locate)
     if setting.gain is not None:
         for attr in ("strength", "gain", "iterations"):  # steer, readout-guidance, probe-gradient
             if hasattr(editor, attr):
@@ -208,6 +209,8 @@ class _World:
         self.banks = load_intervention_banks(bundle.probes_dir(model_dir), expect_sites=self.model.sites())
         self.labeler = ToyLabeler.load(bundle.labelers_dir(model_dir))
         self.classifier = ToyClassifier.load(bundle.labelers_dir(model_dir))
+        # A move's correction finds the object with the same labeler the app uses.
+        self.locate = decoded_locator(self.model, lambda image: self.labeler(image)["mask"][0])
 
     def original(self, seed: int, steps: int):
         config = config_for(self.model, scene_from_seed(seed).prompt, seed, steps)
@@ -222,7 +225,7 @@ class _World:
         """The edited image of ``original``'s run; with ``keep`` every method, controls included, keeps
         the unedited run's latents outside the object's old mask and the target (and, for a move,
         where the object lands)."""
-        editor = build_editor(setting, self.banks, target, steps, config.seed, original.mask)
+        editor = build_editor(setting, self.banks, target, steps, config.seed, original.mask, self.locate)
         keep = keep_background(original.trajectory, original.mask, target, editor=editor) if keep else None
         states, seconds = _timed(guided_sample(self.model, config, [editor], keep=keep))
         return states[-1].image, seconds, editor
@@ -277,7 +280,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
                    defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
                    keep_margin=KEEP_MARGIN if keep else None,
                    move_keep_margin=MOVE_KEEP_MARGIN if keep and NEEDS_SOURCE & set(methods) else None,
-                   move_vacated_margin=LatentMoveEditor.vacated_margin if keep and NEEDS_SOURCE & set(methods) else None)
+                   move_vacated_margin=LatentMoveEditor.vacated_margin if keep and NEEDS_SOURCE & set(methods) else None,
+                   move_correct_after=LatentMoveEditor.correct_after if NEEDS_SOURCE & set(methods) else None)
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
     examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
@@ -306,6 +310,9 @@ def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], ste
         losses = getattr(editor, "losses", None)
         if losses:
             result["readout_loss"] = [float(v) for _, v in losses]
+        corrections = getattr(editor, "corrections", None)
+        if corrections is not None and getattr(editor, "locate", None) is not None:
+            result["corrected_px"] = [math.hypot(dx, dy) for _, dx, dy in corrections]
         if getattr(editor, "agreement", None):
             result["probe_agreement_before"] = float(np.mean([a[2] for a in editor.agreement]))
             result["probe_agreement_after"] = float(np.mean([a[3] for a in editor.agreement]))
@@ -342,6 +349,11 @@ def summarise_rows(results: Sequence[dict]) -> dict:
         "colour_kept": _mean([r["colour_kept"] for r in results]),
         "background_psnr": _mean([r["background_psnr"] for r in results]),
     }
+    corrected = [r["corrected_px"] for r in results if "corrected_px" in r]
+    if corrected:
+        lengths = [v for c in corrected for v in c]
+        out["corrections"] = {"trials": len(corrected), "corrected": sum(bool(c) for c in corrected),
+                              "median_px": float(np.median(lengths)) if lengths else 0.0}
     costs = [r["cost"] for r in results if "cost" in r]
     if costs:
         out["cost_vs_plain"] = float(np.median(costs))
@@ -363,6 +375,15 @@ def summarise(rows: Sequence[dict], methods: Sequence[str]) -> dict:
     if done:
         summary["plain_seconds"] = float(np.median([np.mean(r["plain_seconds"]) for r in done]))
     return summary
+
+
+def _corrections_text(summary: dict) -> str:
+    parts = []
+    for m in sorted(NEEDS_SOURCE):
+        c = summary["methods"].get(m, {}).get("corrections")
+        if c and c.get("trials"):
+            parts.append(f"{m}: {c['corrected']} of {c['trials']} trials corrected, by {c['median_px']:.1f} px (median)")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _pct(x: float | None) -> str:
@@ -402,6 +423,10 @@ def render_table(summary: dict) -> str:
                   "diffusion; `--keep-background`).", ""]
     elif "keep_background" in summary:
         lines += ["No method kept the background: each edited run denoised the whole latent (`--no-keep-background`).", ""]
+    if summary.get("move_correct_after"):
+        lines += [f"{' and '.join(sorted(NEEDS_SOURCE))} found the object again {summary['move_correct_after']} steps "
+                  "after the move (the shipped labeler on the decoded x0 prediction) and, if it stood off where the move "
+                  "sent it, moved it the rest of the way" + _corrections_text(summary) + ".", ""]
     rows = []
     for m, s in summary["methods"].items():
         name = f"{m} (control of {summary['controls'][m]})" if m in summary.get("controls", {}) else m

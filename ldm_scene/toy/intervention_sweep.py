@@ -18,14 +18,17 @@ from ..seeds import SWEEP_SEED0, TRIAL_SEED0
 from .intervention_eval import Setting, _num, _pct, _trial_target, _World, judge, summarise_rows
 from .quality import has_object
 
-#: The settings ``intervene-sweep`` tries: latent-move's step, its scaling to the target (``fit``)
-#: and the ring it frees around the old place (``vacated_margin``); readout-guidance's gain and
+#: The settings ``intervene-sweep`` tries: latent-move's step, its scaling to the target (``fit``),
+#: the ring it frees around the old place (``vacated_margin``) and its correction (none: ``locate``
+#: None; ``correct_after``); readout-guidance's gain and
 #: steps; steer's gain and outside share.
 SWEEP_GRID: tuple[Setting, ...] = (
     Setting("latent-move", "none", 0.4, 1.0), Setting("latent-move", "none", 0.6, 1.0),
     Setting("latent-move", "none", 0.6, 1.0, options=(("fit", False),)),
     Setting("latent-move", "none", 0.6, 1.0, options=(("vacated_margin", 0),)),
     Setting("latent-move", "none", 0.73, 1.0),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("locate", None),)),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("correct_after", 2),)),
     Setting("readout-guidance", "up", 1 / 3, 0.25), Setting("readout-guidance", "up", 1 / 3, 0.4),
     Setting("readout-guidance", "up", 1 / 3, 0.6), Setting("readout-guidance", "up", 1 / 2, 0.25),
     Setting("readout-guidance", "up", 1 / 2, 0.4), Setting("readout-guidance", "all", 1 / 3, 0.4),
@@ -73,6 +76,12 @@ def run_sweep(model_dir: Path, n: int, out: Path, grid: Sequence[Setting] = SWEE
     return rows
 
 
+def _option(name: str, value) -> str:
+    if name == "locate":
+        return "no correction" if value is None else "correction"
+    return f"{name} {value}"
+
+
 def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
     """sweep.md from sweep.json's rows (nothing typed by hand); * marks each method's shipped default."""
     lines = ["# Intervention settings on the toy model", "",
@@ -90,7 +99,7 @@ def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
             edited = "all" if (r["steps_fraction"] or 0) >= 1 else f"first {r['steps_fraction']:.2f}"
         table.append((f"{r['method']}{' *' if r.get('default') else ''}", r["sites"], edited, f"{r['gain']:g}",
                       "—" if r.get("outside") is None else format(r["outside"], "g"),
-                      ", ".join(f"{k} {v}" for k, v in (r.get("options") or {}).items()) or "—", r["n"],
+                      ", ".join(_option(k, v) for k, v in (r.get("options") or {}).items()) or "—", r["n"],
                       _pct(r["success_rate"]), _num(r["distance_px"], ".1f"), _num(r["iou_target"], ".3f"),
                       _pct(r["shape_kept"]), _pct(r["colour_kept"]), _num(r["background_psnr"], ".1f")))
     lines += markdown_table(("method", "sites", "steps edited", "gain", "outside share", "other", "trials", "success",

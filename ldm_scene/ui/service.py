@@ -411,7 +411,9 @@ class Service:
         (grown by :data:`~ldm_scene.edit_methods.KEEP_MARGIN` latent cells) every step keeps
         ``run``'s own latent, so the rest of the scene stays as it was.
         """
-        from ..intervention import InterventionError, default_edit_steps, intervene, keep_background, make_editor
+        from ..intervention import (
+            InterventionError, decoded_locator, default_edit_steps, intervene, keep_background, make_editor,
+        )
 
         model = self._require_model()
         targets.require_complete(run)
@@ -422,8 +424,11 @@ class Service:
         strength = finite_number(strength, "strength")
         edit_steps = default_edit_steps(run.config.steps, method)
         # Build the editor once up front so a missing probe or mask is reported before any model work.
+        # A move finds the object again (the labeler on the decoded x0) to correct where it landed.
+        labeler = self.labeler
+        locate = None if labeler is None else decoded_locator(model, lambda image: labeler(image[None])["foreground"][0])
         editor = make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed,
-                             run.foreground)
+                             run.foreground, locate)
         config = run.config
         edited = Run(config, run.sites, kind=f"intervene:{method}")
         foreground = {"foreground": run.sites["foreground"]} if "foreground" in run.sites else {}
@@ -435,7 +440,8 @@ class Service:
                 if len(run.trajectory) == run.num_steps == config.steps else None)
         with self._exclusive(), ExitStack() as stack:
             states = intervene(model, config, target, method, self.intervention_banks, steps=edit_steps,
-                               strength=strength, previews=True, readers=readers, keep=keep, source=run.foreground)
+                               strength=strength, previews=True, readers=readers, keep=keep, source=run.foreground,
+                               locate=locate)
             stack.callback(states.close)
             for state in states:
                 self._record(edited, state)
