@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_scene.training.site_groups import analyse, group_features, groups_figure, render_markdown
+from ldm_scene.training.site_groups import (
+    DEFAULT_GROUP_STEPS, analyse, group_features, groups_figure, parse_steps, render_markdown,
+)
 
 
 def test_group_features_concatenate_sites_on_the_finest_grid_in_order():
@@ -68,3 +70,15 @@ def test_analyse_needs_every_split():
     images = [im for im in _images(20) if im.split != "val"]
     with pytest.raises(ValueError, match="train, val and test"):
         analyse(images, (0,), {"cells": ("cells",)})
+
+
+def test_the_command_parses_and_checks_its_steps():
+    from ldm_scene.cli import build_parser
+
+    args = build_parser().parse_args(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--at", "3,5"])
+    assert args.command == "groups" and parse_steps(args.at, args.steps) == (2, 4)
+    assert parse_steps(None, 15) == DEFAULT_GROUP_STEPS == (2, 4, 14)
+    with pytest.raises(ValueError, match=r"\[16\] are outside the run's 15 steps"):
+        parse_steps("3,16", 15)
+    with pytest.raises(ValueError, match="comma list"):
+        parse_steps("three", 15)

@@ -239,13 +239,28 @@ def run(config, steps: Sequence[int] = DEFAULT_GROUP_STEPS, out: Path | None = N
     return result
 
 
+def parse_steps(text: str | None, num_steps: int) -> tuple[int, ...]:
+    """0-based steps from ``--at`` (a comma list of 1-based steps; None: :data:`DEFAULT_GROUP_STEPS`)."""
+    if not text:
+        steps = DEFAULT_GROUP_STEPS
+    else:
+        try:
+            steps = tuple(int(s) - 1 for s in text.split(","))
+        except ValueError:
+            raise ValueError(f"--at takes a comma list of steps such as 3,5,15, got {text!r}") from None
+    bad = [k + 1 for k in steps if not 0 <= k < num_steps]
+    if bad:
+        raise ValueError(f"steps {bad} are outside the run's {num_steps} steps (--at counts from 1)")
+    return tuple(dict.fromkeys(steps))
+
+
 def run_cli(args: "argparse.Namespace") -> int:
     from .config import RunConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    steps = parse_steps(args.at, args.steps)
     config = RunConfig(model=args.model, n=args.n, out=args.work, steps=args.steps, seed=args.seed, device=args.device)
-    steps = tuple(int(s) - 1 for s in args.at.split(",")) if args.at else DEFAULT_GROUP_STEPS
     result = run(config, steps, Path(args.out), resamples=args.bootstrap, progress=not args.no_progress)
     for k, row in result["per_step"].items():
         print(f"step {int(k) + 1}: labeler on x0 {row['labeler_on_x0']:.3f}, prompt-only {result['prompt_only']['dice']:.3f}; "
