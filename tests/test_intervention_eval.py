@@ -196,6 +196,26 @@ def test_summary_and_table_come_from_the_rows():
     assert "| 50% | 50% | 2.0 | 0.300 |" in line and line.endswith("| 1.40x |")
     assert any(x.startswith("| random-guidance (control of readout-guidance) | 0% |") for x in text.splitlines())
     assert "+50% success" in text
+    assert "move_chance" not in s  # only a move's control has the geometry's chance
+    rows[0]["random-move"], rows[1]["random-move"] = res(False, 18.0), res(True, 3.0)
+    s = summarise(rows, ("readout-guidance", "random-guidance", "random-move"))
+    # the unedited distances 20 and 6.4 px of 64: a random direction lands within 0.07 in 14.3% and 71.8% of angles
+    assert s["move_chance"] == pytest.approx((2 * np.arcsin(0.07 / (2 * 20 / 64)) + 2 * np.arcsin(0.07 / (2 * 0.1))) / np.pi / 2)
+    assert "by geometry alone" in render_table(s).lower()
+
+
+def test_the_chance_of_a_random_direction_landing_is_its_share_of_angles():
+    from ldm_scene.toy.intervention_eval import landing_chance, move_chance
+
+    # within half the radius every direction lands; at distance r / sqrt(2), 2 asin(1 / sqrt(2)) / pi = 1/2 of them
+    assert landing_chance(0.03) == 1.0 and landing_chance(0.035) == 1.0
+    assert landing_chance(0.07 / np.sqrt(2)) == pytest.approx(0.5)
+    assert landing_chance(0.07) == pytest.approx(1 / 3)  # 2 asin(1/2) / pi
+    # a Monte Carlo check of the closed form at the nudge's length (0.1 of the image)
+    angles = np.random.default_rng(0).uniform(0, 2 * np.pi, 200_000)
+    miss = np.hypot(0.1 * np.cos(angles) - 0.1, 0.1 * np.sin(angles))
+    assert landing_chance(0.1) == pytest.approx((miss <= 0.07).mean(), abs=0.005)
+    assert move_chance([0.07, None, 0.03]) == pytest.approx((1 / 3 + 1) / 2)
 
 
 # -- readout guidance on the tiny model ----------------------------------------------------------

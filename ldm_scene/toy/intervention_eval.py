@@ -266,14 +266,15 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
         header.write_text(json.dumps(run))
     examples_dir = out / "examples"
     examples_dir.mkdir(exist_ok=True)
-    for i in tqdm(range(n), desc="intervention trials", initial=sum(TRIAL_SEED0 + i in done for i in range(n))):
-        seed = TRIAL_SEED0 + i
-        if seed in done:
-            continue
-        row = _one_trial(world, seed, i, methods, steps, examples_dir if i < N_EXAMPLES else None, keep)
-        done[seed] = row
-        with log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    todo = [i for i in range(n) if TRIAL_SEED0 + i not in done]
+    with tqdm(total=n, initial=n - len(todo), desc="intervention trials") as bar:
+        for i in todo:
+            seed = TRIAL_SEED0 + i
+            row = _one_trial(world, seed, i, methods, steps, examples_dir if i < N_EXAMPLES else None, keep)
+            done[seed] = row
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.update(1)
     rows = [done[TRIAL_SEED0 + i] for i in range(n)]
     summary = summarise(rows, methods)
     summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
@@ -331,6 +332,27 @@ def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], ste
 
 # -- summaries -----------------------------------------------------------------------------------
 
+def landing_chance(distance: float | None, radius: float = SUCCESS_DISTANCE) -> float:
+    """The chance that a move by ``distance`` (the object's centroid to the target's, as a fraction of
+    the image size) in a uniformly random direction lands within ``radius`` of the target's centroid.
+
+    Landing at angle phi from the target's direction misses it by ``2 distance sin(phi / 2)``, so it
+    lands when ``phi <= 2 asin(radius / (2 distance))``: a share ``2 asin(radius / (2 distance)) / pi``
+    of the directions (all of them when ``distance <= radius / 2``).
+    """
+    if distance is None:
+        return float("nan")
+    if 2 * distance <= radius:
+        return 1.0
+    return 2 * math.asin(radius / (2 * distance)) / math.pi
+
+
+def move_chance(distances: Sequence[float | None]) -> float:
+    """The mean :func:`landing_chance` over trials: the success rate random-move reaches by geometry alone
+    (an upper bound: its shape and colour are not checked here)."""
+    return float(np.nanmean([landing_chance(d) for d in distances]))
+
+
 def _mean(values) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -372,6 +394,8 @@ def summarise(rows: Sequence[dict], methods: Sequence[str]) -> dict:
                                  for k in TARGET_KINDS if any(r["kind"] == k for r in done)}
     summary["kinds"] = {k: sum(r["kind"] == k for r in done) for k in TARGET_KINDS}
     summary["controls"] = {c: m for c, m in CONTROL_OF.items() if c in methods and m in methods}
+    if "random-move" in methods and done:
+        summary["move_chance"] = move_chance([r["unedited"]["distance"] for r in done])
     if done:
         summary["plain_seconds"] = float(np.median([np.mean(r["plain_seconds"]) for r in done]))
     return summary
@@ -445,6 +469,12 @@ def render_table(summary: dict) -> str:
         if a is not None and b is not None:
             lines += ["", f"{method} over its random-direction control: {a - b:+.0%} success "
                       f"({_pct(a)} against {_pct(b)})."]
+    if summary.get("move_chance") is not None:
+        lines += ["", f"By geometry alone, a move of the object's distance to the target in a uniformly random direction "
+                  f"lands within {summary['success_distance']:g} of the target's centroid in "
+                  f"{summary['move_chance']:.1%} of these trials (the mean over trials of 2 asin(r / 2d) / pi, d the "
+                  "trial's distance, r the success radius): the rate random-move would reach if every move landed "
+                  "exactly and kept shape and colour."]
     if summary.get("plain_seconds"):
         lines += ["", f"A plain generation took {summary['plain_seconds']:.2f} s (median) on this machine."]
     lines += ["", "![examples](examples.png)", ""]
