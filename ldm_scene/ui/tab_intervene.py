@@ -19,8 +19,9 @@ from .views import Run
 SHIFT, DRAW = "shift its mask", "draw a new mask"
 _METHOD_INFO = {
     "latent-move": "mid-run, carry the object's part of the latent from its mask to the target (scaled to a drawn "
-                   "target's size); denoising redraws the rest, and 4 steps later the object, found again by the "
-                   "labeler on the step's prediction, is moved the rest of the way (strength scales the distance)",
+                   "target's size); denoising redraws the rest, and, with a labeler (the toy model ships one), 4 "
+                   "steps later the object found again on the step's prediction is moved the rest of the way "
+                   "(strength scales the distance)",
     "readout-guidance": "early on, guide the latent so the foreground probe reads the target mask",
     "steer": "move activations along the probe's foreground direction",
     "probe-gradient": "the paper's method: optimise activations until the foreground probe reports the target",
