@@ -171,6 +171,18 @@ def test_background_psnr_looks_only_outside_both_masks():
     assert math.isnan(background_psnr(result, original, np.ones((64, 64), bool)))
 
 
+def test_grown_masks_reach_one_cell_further_in_every_direction():
+    from ldm_scene.toy.intervention_eval import grown
+
+    m = _box(top=10, left=10)
+    g = grown(m, 4)
+    rows, cols = np.nonzero(g)
+    r0, c0 = np.nonzero(m)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (r0.min() - 4, r0.max() + 4, c0.min() - 4, c0.max() + 4)
+    assert g[m].all() and g.sum() == (16 + 8) * (20 + 8)  # a box grows into a box
+    assert np.array_equal(grown(m, 0), m)
+
+
 def test_summary_and_table_come_from_the_rows():
     def res(success, d, cost=1.2):
         return {"success": success, "present": d is not None, "distance_px": d, "distance": None if d is None else d / 64,
@@ -193,7 +205,7 @@ def test_summary_and_table_come_from_the_rows():
     assert s["controls"] == {"random-guidance": "readout-guidance"}
     text = render_table(s)
     line = next(x for x in text.splitlines() if x.startswith("| readout-guidance |"))
-    assert "| 50% | 50% | 2.0 | 0.300 |" in line and line.endswith("| 1.40x |")
+    assert "| 50% | 50% | 2.0 | 0.300 |" in line and line.endswith("| 25.0 | — | 1.40x |")  # no beyond-cell PSNR here
     assert any(x.startswith("| random-guidance (control of readout-guidance) | 0% |") for x in text.splitlines())
     assert "+50% success" in text
     assert "move_chance" not in s  # only a move's control has the geometry's chance
