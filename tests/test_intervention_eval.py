@@ -320,6 +320,12 @@ def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     assert data["summary"] == json.loads(json.dumps(summary)) and len(data["trials"]) == 2
     done = [t for t in data["trials"] if "skipped" not in t]
     assert summary["n_evaluated"] == len(done) and list(summary["methods"]) == ["unedited", *methods]
+    assert summary["move_correct_after"] is None  # no move among the methods
+    # a move's settings are read off an editor built as the trials built theirs; its rows say what it corrected
+    moved = run_trials(TOY_MODEL_DIR, 1, tmp_path / "move", methods=("latent-move",))
+    assert (moved["move_correct_after"], moved["move_vacated_margin"], moved["move_keep_margin"]) == (4, 2, 0)
+    row = json.loads((tmp_path / "move" / "trials.jsonl").read_text().splitlines()[0])["latent-move"]
+    assert isinstance(row["corrected_px"], list) and isinstance(row["background_psnr_beyond_cell"], float)
     for m in methods:
         rows = [t[m] for t in done]
         s = summary["methods"][m]

@@ -42,11 +42,10 @@ from tqdm import tqdm
 
 from .. import bundle, metrics
 from ..intervention import (
-    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, decoded_locator, keep_background,
+    KEEP_MARGIN, METHOD_DEFAULTS, NEEDS_SOURCE, decoded_locator, keep_background,
     load_intervention_banks, make_editor, mask_image, side_by_side,
 )
 from ..intervention_methods import guided_sample
-from ..latent_move import LatentMoveEditor
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
     DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
     make_target, nudge_target, rectangle_mask, scaled_mask, shift_room, shift_target,
@@ -292,14 +291,25 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     summary = summarise(rows, methods)
     summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
                    defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
-                   keep_margin=KEEP_MARGIN if keep else None,
-                   move_keep_margin=MOVE_KEEP_MARGIN if keep and NEEDS_SOURCE & set(methods) else None,
-                   move_vacated_margin=LatentMoveEditor.vacated_margin if keep and NEEDS_SOURCE & set(methods) else None,
-                   move_correct_after=LatentMoveEditor.correct_after if NEEDS_SOURCE & set(methods) else None)
+                   keep_margin=KEEP_MARGIN if keep else None, **_move_settings(world, methods, steps, keep))
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
     examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
     return summary
+
+
+def _move_settings(world: _World, methods: Sequence[str], steps: int, keep: bool) -> dict:
+    """The move's settings as the trials' editors had them: read off an editor built the same way."""
+    moves = [m for m in methods if m in NEEDS_SOURCE]
+    if not moves:
+        return {"move_keep_margin": None, "move_vacated_margin": None, "move_correct_after": None}
+    h, w = world.model.image_size
+    mask = np.zeros((h, w), bool)
+    mask[: h // 2, : w // 2] = True
+    editor = build_editor(Setting(moves[0]), world.banks, np.roll(mask, w // 2, axis=1), steps, 0, mask, world.locate)
+    return {"move_keep_margin": editor.keep_margin if keep else None,
+            "move_vacated_margin": editor.vacated_margin if keep else None,
+            "move_correct_after": editor.correct_after if editor.locate is not None else None}
 
 
 def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], steps: int,
