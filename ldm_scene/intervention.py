@@ -264,6 +264,9 @@ def run_cli(args) -> int:
         "prompt": config.prompt, "seed": config.seed, "method": method, "keep_background": bool(args.keep_background),
         "iou_result_target": metrics.iou(after, target), "iou_result_original": metrics.iou(after, before),
     }
+    if getattr(editor, "locate", None) is not None:  # a move that corrects itself: by how much it did
+        summary["corrections"] = [{"after_step": step + 1, "dx": round(dx, 2), "dy": round(dy, 2)}
+                                  for step, dx, dy in editor.corrections]
     side_by_side([original, mask_image(before), mask_image(target), edited, mask_image(after)],
                  ["original", "its mask", "target", "edited", "result mask"]).save(out / "side_by_side.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -99,6 +99,8 @@ def test_intervene_on_the_toy_model_writes_masks_that_agree_with_its_summary(tmp
     assert masks["original"].any() and masks["original"].shape == (64, 64)
     assert np.array_equal(masks["target"], translate_mask(masks["original"], 20, 0))
     assert summary["method"] == "latent-move"
+    # the move corrected itself (the shipped labeler on the decoded x0) after step 14 of 15, or found no need
+    assert all(c["after_step"] == 14 for c in summary["corrections"]) and len(summary["corrections"]) <= 1
     assert summary["iou_result_target"] == pytest.approx(metrics.iou(masks["result"], masks["target"]))
     assert summary["iou_result_original"] == pytest.approx(metrics.iou(masks["result"], masks["original"]))
     for name in ("original.png", "edited.png", "side_by_side.png"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_scene.training.site_groups import (
-    DEFAULT_GROUP_STEPS, analyse, group_features, groups_figure, parse_steps, render_markdown,
+    analyse, group_features, groups_figure, parse_steps, render_markdown,
 )
 
 
@@ -62,7 +62,8 @@ def test_a_group_that_holds_the_layout_reads_it_and_beats_the_prompt():
     assert both["channels"] == 8 and both["grid"] == [8, 8] and both["over_noise"]["low"] > 0.2
     assert "over_noise" not in noise  # the first group is the reference
     text = render_markdown(result, "synthetic")
-    assert "| cells | 4 | 8x8 |" in text and "## Step 1" in text
+    assert "| cells | 4 | 8x8 |" in text and "## Step 1" in text  # the last step is detailed
+    assert "| 1 | 1.000 |" in text  # the Dice-per-step table: step, labeler on x0, then the groups
     groups_figure(result)
 
 
@@ -77,7 +78,7 @@ def test_the_command_parses_and_checks_its_steps():
 
     args = build_parser().parse_args(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--at", "3,5"])
     assert args.command == "groups" and parse_steps(args.at, args.steps) == (2, 4)
-    assert parse_steps(None, 15) == DEFAULT_GROUP_STEPS == (2, 4, 14)
+    assert parse_steps(None, 15) == tuple(range(15))
     with pytest.raises(ValueError, match=r"\[16\] are outside the run's 15 steps"):
         parse_steps("3,16", 15)
     with pytest.raises(ValueError, match="comma list"):

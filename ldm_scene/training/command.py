@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="where groups.json, groups.md and groups.png go (e.g. the probe folder)")
     g.add_argument("--work", default="runs/probe-groups", help="scratch folder (the run's fingerprint)")
     g.add_argument("--steps", type=int, default=15)
-    g.add_argument("--at", default=None, help="comma list of 1-based steps to analyse (default: 3,5,15)")
+    g.add_argument("--at", default=None, help="comma list of 1-based steps to analyse (default: every step)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bootstrap", type=int, default=1000)
     g.add_argument("--device", default=None)
