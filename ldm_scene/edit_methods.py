@@ -37,7 +37,7 @@ from .probes import CLASS_MEANS, ProbeBank
 from .sites import SITE_KEYS, UP_SITE_KEYS
 
 #: In order of preference: the first a probe folder supports is the default (the app's and the CLI's).
-#: The toy model's evaluation (weights/toy-scenes/intervention/README.md, 100 trials, edits keeping
+#: The toy model's evaluation (weights/toy-scenes/intervention/README.md, 200 trials, edits keeping
 #: the background) compares them, each beside its random-direction control.
 METHODS: tuple[str, ...] = ("latent-move", "readout-guidance", "steer", "probe-gradient", "random-move",
                             "random-guidance", "random-control")
