@@ -83,3 +83,39 @@ def test_the_command_parses_and_checks_its_steps():
         parse_steps("3,16", 15)
     with pytest.raises(ValueError, match="comma list"):
         parse_steps("three", 15)
+
+
+def test_the_shipped_probe_readme_links_the_groups_page_it_ships():
+    """The toy probe folder ships groups.md, and its README (re-rendered from metrics.json) links it."""
+    import json
+
+    from ldm_scene.models import TOY_MODEL_DIR
+    from ldm_scene.training.readme import render_readme
+
+    folder = TOY_MODEL_DIR / "probes"
+    if not (folder / "groups.md").is_file():
+        pytest.skip("the toy probe folder ships no groups.md")
+    readme = (folder / "README.md").read_text()
+    assert readme == render_readme(json.loads((folder / "metrics.json").read_text()), groups=True)
+    result = json.loads((folder / "groups.json").read_text())
+    assert result["n_test"] + result["n_train"] + result["n_val"] == result["n"] == 600
+
+
+def test_a_probe_folder_readme_gains_the_link_and_other_folders_are_left_alone(tmp_path):
+    import json
+    import shutil
+
+    from ldm_scene.models import TOY_MODEL_DIR
+    from ldm_scene.training.readme import render_readme
+    from ldm_scene.training.site_groups import link_groups_page
+
+    source = TOY_MODEL_DIR / "probes" / "metrics.json"
+    if not source.is_file():
+        pytest.skip("the toy probe folder ships no metrics.json")
+    assert not link_groups_page(tmp_path)  # no probe folder: nothing written
+    assert not (tmp_path / "README.md").exists()
+    shutil.copy(source, tmp_path / "metrics.json")
+    metrics = json.loads(source.read_text())
+    (tmp_path / "README.md").write_text(render_readme(metrics))
+    assert link_groups_page(tmp_path)
+    assert (tmp_path / "README.md").read_text() == render_readme(metrics, groups=True) != render_readme(metrics)

@@ -478,6 +478,8 @@ def test_metrics_schema_banks_figures_and_readme(reference, tiny_model):
     readme = (out / "README.md").read_text()
     assert readme == render_readme(metrics)
     assert "emergence.png" in readme and "strips.png" in readme and "controls.png" in readme
+    # the groups page is linked only where `probes groups` has written it beside the probes
+    assert "groups.md" not in readme and "[foreground probes over groups of sites](groups.md)" in render_readme(metrics, groups=True)
     fg = metrics["tasks"]["foreground"]
     assert f"`{fg['best_site']}`" in readme
     assert f"## Targets at step {STEPS} of {STEPS}" in readme  # step 5 of 15, read at the last of 3 steps

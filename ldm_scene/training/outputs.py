@@ -67,7 +67,7 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, An
 
         write_probe_figures(metrics, examples, ctx.out)
         save_figure(controls_figure(metrics), ctx.out / "controls.png")
-    write_text(ctx.out / "README.md", render_readme(metrics))
+    write_text(ctx.out / "README.md", render_readme(metrics, groups=(ctx.out / "groups.md").is_file()))
     return metrics
 
 

@@ -90,11 +90,12 @@ def _target_lines(m: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: int = 2) -> str:
+def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: int = 2, groups: bool = False) -> str:
     """The ``README.md`` of a probe directory, generated from ``metrics.json`` (no hand-written numbers).
 
     ``target_step`` (0-based, default 4: "step 5 of 15") and ``lead_step`` (default 2: step 3) are
-    the steps of the summary's tables; the targets section reads ``metrics["targets"]``.
+    the steps of the summary's tables; the targets section reads ``metrics["targets"]``. ``groups``:
+    the directory also holds ``groups.md`` (``ldm-scene probes groups``), which the figures line links.
     """
     m = metrics
     steps = int(m["num_steps"])
@@ -133,7 +134,8 @@ def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: i
         "",
         "Figures: [emergence](emergence.png) · [controls and margins](controls.png) · "
         + " · ".join(f"[{t} heat map](heatmap_{t}.png)" for t in m["tasks"])
-        + " · [readout strips](strips.png)",
+        + " · [readout strips](strips.png)"
+        + (" · [foreground probes over groups of sites](groups.md)" if groups else ""),
         "",
         "![emergence](emergence.png)",
         "",

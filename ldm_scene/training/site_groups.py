@@ -246,7 +246,19 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
                f"{gen.guidance_text}; the shipped probes read one site each (see README.md).")
     (out / "groups.md").write_text(render_markdown(result, context))
     groups_figure(result).savefig(out / "groups.png", dpi=120)
+    link_groups_page(out)
     return result
+
+
+def link_groups_page(folder: Path) -> bool:
+    """In a probe folder (``metrics.json`` and ``README.md`` there), re-render the README from the
+    metrics with a link to ``groups.md``; elsewhere do nothing. Returns whether it did."""
+    if not ((folder / "metrics.json").is_file() and (folder / "README.md").is_file()):
+        return False
+    from .readme import render_readme
+
+    (folder / "README.md").write_text(render_readme(json.loads((folder / "metrics.json").read_text()), groups=True))
+    return True
 
 
 def parse_steps(text: str | None, num_steps: int) -> tuple[int, ...]:
