@@ -74,8 +74,9 @@ def _no_hook_leaks(request):
 # --- tiers ------------------------------------------------------------------------------------
 
 #: Whole files in the slow tier: the shipped toy model end to end, training, concurrent clients of
-#: the served app, a real browser, the Dockerfile's environment, intervention trials.
+#: the served app, a real browser, the Dockerfile's environment, intervention trials, benchmarks.
 SLOW_FILES = frozenset({
+    "test_benchmarks.py",
     "test_browser.py",
     "test_dockerfile.py",
     "test_reliability.py",
