@@ -32,7 +32,9 @@ def _child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(args.threads)
     from ldm_scene.sampler import sample
-    from ldm_scene.training.pipeline import RunConfig, fit_image, new_fit_state, prepare
+    from ldm_scene.training.config import RunConfig
+    from ldm_scene.training.context import prepare
+    from ldm_scene.training.fit_pass import fit_image, new_fit_state
 
     labeler, prompts = None, None
     if args.model == "tiny":
