@@ -119,3 +119,14 @@ def test_a_probe_folder_readme_gains_the_link_and_other_folders_are_left_alone(t
     (tmp_path / "README.md").write_text(render_readme(metrics))
     assert link_groups_page(tmp_path)
     assert (tmp_path / "README.md").read_text() == render_readme(metrics, groups=True) != render_readme(metrics)
+
+
+def test_the_command_refuses_bad_steps_with_a_usage_message(capsys):
+    from ldm_scene.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--at", "3,99"])
+    assert exit_.value.code == 2 and "steps [99] are outside the run's 15 steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["probes", "groups", "--model", "toy", "--n", "2", "--out", "o"])
+    assert "--n must be at least 5" in capsys.readouterr().err

@@ -28,6 +28,21 @@ if TYPE_CHECKING:
     import argparse
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with parsed options that argparse cannot check, or None (``groups``: its ``--at`` and ``--n``)."""
+    if getattr(args, "command", None) != "groups":
+        return None
+    from .site_groups import parse_steps
+
+    if args.n < 5:
+        return "--n must be at least 5 (the images split into train, validation and test)"
+    try:
+        parse_steps(args.at, args.steps)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``probes`` command's options: its ``run`` and ``groups`` subcommands."""
     sub = parser.add_subparsers(dest="command", required=True)
