@@ -27,6 +27,7 @@ from .. import metrics
 from ..reports import markdown_table
 from ..sampler import decode
 from ..sites import SITE_KEYS, UP_SITE_KEYS
+from .controls import choose_threshold, grid_ceiling_scores
 from .fit import DEFAULT_PENALTY_GRID, RidgeStats, choose_penalty
 from .trace import generate_trace, label_images
 
@@ -74,12 +75,6 @@ def _readout(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, grid: tuple[int,
     return F.interpolate(z, size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _ceiling(mask: torch.Tensor, grid: tuple[int, int]) -> float:
-    pooled = F.adaptive_avg_pool2d(mask[None, None].float(), grid)
-    up = F.interpolate(pooled, size=tuple(mask.shape), mode="bilinear", align_corners=False)[0, 0]
-    return float(metrics.dice_rows((up > 0.5)[None], mask)[0])
-
-
 class _Image:
     """What the analysis keeps of one generated image: each site's activations at the chosen steps
     (float16), its final foreground mask and, for a test image, the labeler's mask of each step's x0."""
@@ -124,9 +119,10 @@ def analyse(images: Sequence[_Image], steps: Sequence[int], groups: Mapping[str,
     def dice(maps: Sequence[torch.Tensor], ims: Sequence[_Image], threshold: float) -> np.ndarray:
         return np.array([metrics.dice_rows((m > threshold)[None], im.mask)[0] for m, im in zip(maps, ims)])
 
+    val_masks = torch.stack([im.mask for im in val])
+
     def threshold_on_val(maps: Sequence[torch.Tensor]) -> float:
-        scores = [dice(maps, val, t).mean() for t in THRESHOLDS]
-        return float(THRESHOLDS[int(np.argmax(scores))])
+        return choose_threshold(torch.stack(list(maps)), val_masks, THRESHOLDS)[0]
 
     prompt_t = threshold_on_val([prompt_map(im) for im in val])
     prompt_only = dice([prompt_map(im) for im in test], test, prompt_t)
@@ -147,7 +143,7 @@ def analyse(images: Sequence[_Image], steps: Sequence[int], groups: Mapping[str,
             penalty, w, b, _ = choose_penalty(stats["train"], stats["val"], DEFAULT_PENALTY_GRID)
             t = threshold_on_val([_readout(w, b, feats[id(im)][0], grid, size) for im in val])
             scores = dice([_readout(w, b, feats[id(im)][0], grid, size) for im in test], test, t)
-            ceiling = float(np.mean([_ceiling(im.mask, grid) for im in test]))
+            ceiling = float(np.mean([grid_ceiling_scores("foreground", im.mask, [grid])[grid]["score"] for im in test]))
             row["groups"][name] = {
                 "dice": float(scores.mean()), "channels": channels, "grid": list(grid), "penalty": penalty,
                 "threshold": t, "grid_ceiling": ceiling, "over_ceiling": float(scores.mean() / ceiling),
