@@ -173,13 +173,18 @@ def decoded_locator(model: Model, find: Callable[[np.ndarray], np.ndarray]) -> C
     return locate
 
 
+def labeler_locator(model: Model, labeler: Callable[[np.ndarray], dict]) -> Callable[[torch.Tensor], "np.ndarray | None"]:
+    """:func:`decoded_locator` with a labeler (``[N, H, W, 3]`` images -> ``{"foreground": [N, H, W]}``,
+    as the shipped toy labeler): the object is where its foreground exceeds 0.5."""
+    return decoded_locator(model, lambda image: labeler(image[None])["foreground"][0])
+
+
 def model_locator(model: Model) -> Callable[[torch.Tensor], "np.ndarray | None"] | None:
-    """:func:`decoded_locator` with the labeler the model ships (None if it ships none)."""
+    """:func:`labeler_locator` with the labeler the model ships (None if it ships none)."""
     labeler_dir = model.extra_dir(bundle.LABELERS_DIR)
     if not bundle.has_labeler(labeler_dir):
         return None
-    labeler = bundle.load_labeler(labeler_dir)
-    return decoded_locator(model, lambda image: labeler(image)["mask"][0])
+    return labeler_locator(model, bundle.load_labeler(labeler_dir))
 
 
 def current_foreground(

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from ..intervention import METHOD_DEFAULTS
 from ..reports import markdown_table
 from ..seeds import SWEEP_SEED0, TRIAL_SEED0
-from .intervention_eval import Setting, _num, _pct, _trial_target, _World, judge, summarise_rows
+from .intervention_eval import Setting, _trial_target, _World, judge
+from .intervention_summary import _num, _pct, summarise_rows
 from .quality import has_object
 
 #: The settings ``intervene-sweep`` tries: latent-move's step, its scaling to the target (``fit``),

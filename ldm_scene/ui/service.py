@@ -412,7 +412,7 @@ class Service:
         ``run``'s own latent, so the rest of the scene stays as it was.
         """
         from ..intervention import (
-            InterventionError, decoded_locator, default_edit_steps, intervene, keep_background, make_editor,
+            InterventionError, default_edit_steps, intervene, keep_background, labeler_locator, make_editor,
         )
 
         model = self._require_model()
@@ -425,8 +425,7 @@ class Service:
         edit_steps = default_edit_steps(run.config.steps, method)
         # Build the editor once up front so a missing probe or mask is reported before any model work.
         # A move finds the object again (the labeler on the decoded x0) to correct where it landed.
-        labeler = self.labeler
-        locate = None if labeler is None else decoded_locator(model, lambda image: labeler(image[None])["foreground"][0])
+        locate = None if self.labeler is None else labeler_locator(model, self.labeler)
         editor = make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed,
                              run.foreground, locate)
         config = run.config
