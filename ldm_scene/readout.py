@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .metrics import dice, spearman
-from .probes import TASKS, ProbeBank, ProbeError
+from .probes import TASKS, GroupProbe, ProbeBank, ProbeError
 from .sites import as_hw
 from .upsample import nearest, nearest_array as upsample_nearest
 
@@ -49,8 +49,9 @@ __all__ = [
     "emergence",
 ]
 
-#: A task's site: one site for every step, or a site per step (``{step: site}``).
-SiteChoice = str | Mapping[int, str]
+#: A task's site: one site for every step, a site per step (``{step: site}``), or (foreground) a
+#: :class:`~ldm_scene.probes.GroupProbe` that reads its sites together.
+SiteChoice = str | Mapping[int, str] | GroupProbe
 K = TypeVar("K", bound=Hashable)
 
 # Matplotlib colour maps by task; depth is reversed so that near is bright, as MiDaS-style
@@ -60,10 +61,21 @@ _FOREGROUND_TINT = (255, 40, 40)
 
 
 def site_for_step(choice: SiteChoice, step: int) -> str | None:
-    """The site a task reads at ``step``: the one site, or the step's entry (None if absent)."""
+    """The site a task reads at ``step``: the one site, or the step's entry (None if absent, and for
+    a group probe, which reads several)."""
     if isinstance(choice, str):
         return choice
+    if isinstance(choice, GroupProbe):
+        return None
     return choice.get(int(step))
+
+
+def _chosen_sites(choice: SiteChoice) -> set[str]:
+    if isinstance(choice, str):
+        return {choice}
+    if isinstance(choice, GroupProbe):
+        return set(choice.sites)
+    return set(choice.values())
 
 
 # --- fused readout -------------------------------------------------------------------------------
@@ -222,11 +234,14 @@ class ProbeReader:
 
     ``banks`` maps task -> :class:`ProbeBank` (already on the model's device for speed; any device
     works). ``sites`` maps task -> a site key, or ``{step: site}`` for a per-step choice (e.g. the
-    best site at each step). Tasks in ``sites`` without a bank are refused; a step the chosen
-    site's probe does not cover is simply not reported. ``out_size`` is the ``(height, width)`` of
-    the returned maps; ``None`` keeps each site's own token grid (smallest; upsample for display
-    with :func:`upsample_nearest`). Tasks that read the same site at a step share one matmul
-    (:class:`StackedProbes`), and a step's maps reach the host in one copy when it is collected.
+    best site at each step), or for the foreground a :class:`~ldm_scene.probes.GroupProbe` (no bank
+    needed): its sites' activations are kept through the step and read together when it is
+    collected, at the image size it was fit at (bilinear). Tasks in ``sites`` without a bank are
+    refused; a step the chosen site's probe does not cover is simply not reported. ``out_size`` is
+    the ``(height, width)`` of the returned maps; ``None`` keeps each site's own token grid
+    (smallest; upsample for display with :func:`upsample_nearest`). Tasks that read the same site at
+    a step share one matmul (:class:`StackedProbes`), and a step's maps reach the host in one copy
+    when it is collected.
     """
 
     name = "probes"
@@ -237,32 +252,41 @@ class ProbeReader:
         sites: Mapping[str, SiteChoice],
         out_size: int | Sequence[int] | None = None,
     ) -> None:
-        missing = [t for t in sites if t not in banks]
+        self.groups: dict[str, GroupProbe] = {t: c for t, c in sites.items() if isinstance(c, GroupProbe)}
+        bad = [t for t in self.groups if t != "foreground"]
+        if bad:
+            raise ProbeError(f"a group probe reads the foreground, not {bad}")
+        missing = [t for t in sites if t not in banks and t not in self.groups]
         if missing:
             raise ProbeError(f"no probe bank for task(s) {missing}; loaded: {sorted(banks) or 'none'}")
         for task, choice in sites.items():
-            chosen = {choice} if isinstance(choice, str) else set(choice.values())
-            unknown = sorted(chosen - set(banks[task].sites))
+            if task in self.groups:
+                continue
+            unknown = sorted(_chosen_sites(choice) - set(banks[task].sites))
             if unknown:
                 raise ProbeError(
                     f"{task}: no probes at site(s) {unknown}; this bank has {', '.join(banks[task].sites)}"
                 )
-        self.banks = dict(banks)
-        self.choices = dict(sites)
+        self.banks = {t: b for t, b in banks.items() if t not in self.groups}
+        self.choices = {t: c for t, c in sites.items() if t not in self.groups}
         self.out_size = out_size
         used = set()
-        for choice in self.choices.values():
-            used |= {choice} if isinstance(choice, str) else set(choice.values())
+        for choice in sites.values():
+            used |= _chosen_sites(choice)
         bank_order = [s for bank in self.banks.values() for s in bank.sites]
+        bank_order += [s for g in self.groups.values() for s in g.sites]
         self.sites: tuple[str, ...] = tuple(dict.fromkeys(s for s in bank_order if s in used))
         covered: set[int] = set()
         for task, choice in self.choices.items():
             steps = self.banks[task].steps
             covered |= set(steps) if isinstance(choice, str) else {s for s in choice if s in steps}
+        for group in self.groups.values():
+            covered |= set(group.steps)
         self.steps: Collection[int] | None = frozenset(covered)
-        self._probes = StackedProbes({t: self.banks[t] for t in self.choices})
+        self._probes = StackedProbes(self.banks)
         self._plan: dict[tuple[str, int], tuple[str, ...]] = {}
         self._pending: list[Stacked] = []
+        self._group_acts: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.groups}
 
     def _tasks(self, site: str, step: int) -> tuple[str, ...]:
         """The tasks that read ``site`` at ``step`` (worked out once per pair)."""
@@ -279,12 +303,24 @@ class ProbeReader:
         tasks = self._tasks(site, step)
         if tasks:
             self._pending.extend(self._probes.stacked(site, step, activation[:1], tasks, self.out_size))
+        for task, group in self.groups.items():
+            if step in group.weights and site in group.sites:
+                self._group_acts[task][site] = activation[:1].detach()
 
     def collect(self, step: int) -> dict[str, np.ndarray]:
         """This step's maps ``{task: float32 [H, W]}`` (only tasks that had a probe here)."""
         pending, self._pending = self._pending, []
-        arrays = to_numpy(dict(enumerate(z for _, z in pending)))
-        return {task: arrays[i][0, row] for i, (tasks, _) in enumerate(pending) for row, task in enumerate(tasks)}
+        maps = {i: z for i, (_, z) in enumerate(pending)}
+        done = {}
+        for task, group in self.groups.items():
+            acts, self._group_acts[task] = self._group_acts[task], {}
+            if step in group.weights and all(s in acts for s in group.sites):
+                done[task] = len(maps)
+                maps[len(maps)] = group.readout(step, acts, self.out_size)[:, None]
+        arrays = to_numpy(maps)
+        out = {task: arrays[i][0, row] for i, (tasks, _) in enumerate(pending) for row, task in enumerate(tasks)}
+        out.update({task: arrays[i][0, 0] for task, i in done.items()})
+        return out
 
 
 # --- pictures ------------------------------------------------------------------------------------

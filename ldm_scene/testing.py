@@ -139,13 +139,36 @@ def random_banks(model, steps: int = APP_STEPS, seed: int = 0, model_id: str | N
     return banks
 
 
+def random_group_probe(model, steps: int = APP_STEPS, seed: int = 0, sites: tuple[str, ...] = UP_SITE_KEYS,
+                       model_id: str | None = None, scheduler: str = "LMSDiscreteScheduler"):
+    """A random foreground :class:`~ldm_scene.probes.GroupProbe` over ``sites`` of ``model`` at every
+    step, with metadata that fits it (thresholds 0.1 apart from 0.3 on)."""
+    from .probes import GroupProbe, ProbeMeta
+
+    info = {s.key: (s.channels, s.height, s.width) for s in model.sites()}
+    gen = torch.Generator().manual_seed(seed)
+    channels = sum(info[s][0] for s in sites)
+    meta = ProbeMeta("foreground", model_id or model.model_id, model.image_size, scheduler, steps,
+                     {s: info[s] for s in sites},
+                     training={"method": "random", "name": f"{len(sites)} test sites", "group": list(sites),
+                               "thresholds": {str(k): 0.3 + 0.1 * k for k in range(steps)}})
+    weights = {k: torch.randn(1, channels, generator=gen) / channels ** 0.5 for k in range(steps)}
+    biases = {k: torch.randn(1, generator=gen) * 0.1 + 0.3 for k in range(steps)}
+    return GroupProbe(meta, weights, biases)
+
+
 def write_probe_dir(model, folder: Path, steps: int = APP_STEPS, seed: int = 0, model_id: str | None = None,
-                    scheduler: str = "LMSDiscreteScheduler") -> Path:
-    """A probe folder as the app expects one: banks, class means, metrics.json, a README and a figure."""
+                    scheduler: str = "LMSDiscreteScheduler", group: bool = False) -> Path:
+    """A probe folder as the app expects one: banks, class means, metrics.json, a README and a figure
+    (and with ``group``, a foreground probe over the up-block sites read together)."""
+    from .probes import GROUP_FILE
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, bank in random_banks(model, steps, seed, model_id, scheduler).items():
         bank.save(folder / f"{name}.safetensors")
+    if group:
+        random_group_probe(model, steps, seed, model_id=model_id, scheduler=scheduler).save(folder / GROUP_FILE)
     # The layout ldm_scene.training writes: sites per step in best_site_per_step, their scores in best_per_step.
     metrics = {"steps": "0-based denoising-loop indices", "tasks": {
         "foreground": {"best_site": "up_blocks.3.attentions.0", "metric": "dice", "first_step_90pct": 2,

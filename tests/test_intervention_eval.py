@@ -136,6 +136,9 @@ def test_success_needs_the_centroid_within_seven_hundredths_of_the_image(offset,
     row, _ = judge(_scene(result), original, target, _Labeler(result), _Classifier("cube"))
     assert row["distance_px"] == pytest.approx(offset) and row["distance"] == pytest.approx(offset / 100)
     assert row["success"] is ok
+    # the object landed off its target: its pixels outside the target count in the background
+    # measure, and not once the result's own object is left out too (the ground is untouched here)
+    assert math.isfinite(row["background_psnr"]) and row["background_psnr_outside_objects"] is None  # inf: exact
     # the same place with another shape, another colour or no object never succeeds
     close = _box(shape, top=40, left=43, h=20, w=20)
     assert judge(_scene(close), original, target, _Labeler(close), _Classifier("cube"))[0]["success"]
@@ -205,7 +208,7 @@ def test_summary_and_table_come_from_the_rows():
     assert s["controls"] == {"random-guidance": "readout-guidance"}
     text = render_table(s)
     line = next(x for x in text.splitlines() if x.startswith("| readout-guidance |"))
-    assert "| 50% | 50% | 2.0 | 0.300 |" in line and line.endswith("| 25.0 | — | 1.40x |")  # no beyond-cell PSNR here
+    assert "| 50% | 50% | 2.0 | 0.300 |" in line and line.endswith("| 25.0 | — | — | 1.40x |")  # rows without the other two PSNRs
     assert any(x.startswith("| random-guidance (control of readout-guidance) | 0% |") for x in text.splitlines())
     assert "+50% success" in text
     assert "move_chance" not in s  # only a move's control has the geometry's chance

@@ -12,11 +12,15 @@ unpickles: a file that is not safetensors, or whose metadata does not fit the mo
 for, is refused with a :class:`ProbeError` that names the file and says what differs. The paper's
 released ``torch.save`` checkpoints are read by :func:`import_paper_checkpoints` with
 ``torch.load(weights_only=True)`` only.
+
+A :class:`GroupProbe` (``foreground_group.safetensors``) reads the foreground from several sites
+together, one linear map per step over their concatenated channels.
 """
 from __future__ import annotations
 
 from .bank import ProbeBank, class_means_bank
 from .directory import CLASS_MEANS, load_probe_dir, probe_path
+from .group import GROUP_FILE, GroupProbe, group_tokens
 from .meta import (
     DEPTH_MEAN,
     DEPTH_STD,
@@ -50,4 +54,7 @@ __all__ = [
     "paper_checkpoint_path",
     "import_paper_checkpoints",
     "class_means_bank",
+    "GroupProbe",
+    "GROUP_FILE",
+    "group_tokens",
 ]

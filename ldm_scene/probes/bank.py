@@ -236,30 +236,40 @@ class ProbeBank:
         expect_image_size: int | Sequence[int] | None,
         expect_num_steps: int | None,
     ) -> None:
-        meta = self.meta
-        if expect_image_size is not None:
-            want = as_hw(expect_image_size)
-            if want != meta.image_size:
-                raise ProbeError(
-                    f"probes were fit at {meta.image_size[0]}x{meta.image_size[1]} images, "
-                    f"the model generates {want[0]}x{want[1]}"
-                )
-        if expect_num_steps is not None and int(expect_num_steps) != meta.num_steps:
+        check_meta(self.meta, expect_sites, expect_image_size, expect_num_steps)
+
+
+def check_meta(
+    meta: ProbeMeta,
+    expect_sites: Sequence[SiteInfo] | None,
+    expect_image_size: int | Sequence[int] | None,
+    expect_num_steps: int | None,
+) -> None:
+    """Refuse (:class:`ProbeError`) probe metadata whose image size, step count or sites' channels
+    and grids differ from the expected ones (sites the model lacks are not checked here)."""
+    if expect_image_size is not None:
+        want = as_hw(expect_image_size)
+        if want != meta.image_size:
             raise ProbeError(
-                f"probes were fit for a {meta.num_steps}-step schedule, the sampler runs {int(expect_num_steps)} steps"
+                f"probes were fit at {meta.image_size[0]}x{meta.image_size[1]} images, "
+                f"the model generates {want[0]}x{want[1]}"
             )
-        for info in expect_sites or ():
-            if info.key not in meta.sites:
-                continue
-            c, h, w = meta.sites[info.key]
-            if c != info.channels:
-                raise ProbeError(
-                    f"probe for {info.key} expects {c} channels, the model has {info.channels}"
-                )
-            if (h, w) != (info.height, info.width):
-                raise ProbeError(
-                    f"probe for {info.key} expects a {h}x{w} grid, the model has {info.height}x{info.width}"
-                )
+    if expect_num_steps is not None and int(expect_num_steps) != meta.num_steps:
+        raise ProbeError(
+            f"probes were fit for a {meta.num_steps}-step schedule, the sampler runs {int(expect_num_steps)} steps"
+        )
+    for info in expect_sites or ():
+        if info.key not in meta.sites:
+            continue
+        c, h, w = meta.sites[info.key]
+        if c != info.channels:
+            raise ProbeError(
+                f"probe for {info.key} expects {c} channels, the model has {info.channels}"
+            )
+        if (h, w) != (info.height, info.width):
+            raise ProbeError(
+                f"probe for {info.key} expects a {h}x{w} grid, the model has {info.height}x{info.width}"
+            )
 
 
 def _check_safetensors_file(path: Path) -> None:

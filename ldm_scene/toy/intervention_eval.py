@@ -126,9 +126,11 @@ def grown(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 def judge(image: Image.Image, original: Original, target: np.ndarray, labeler: ToyLabeler,
           classifier: ToyClassifier, cell: int | None = None) -> tuple[dict, np.ndarray]:
-    """One result's row (see the module docstring) and its labeler mask. ``cell``: the pixels per latent
-    cell; given, the row also has the background PSNR outside both masks grown by one cell (what is
-    left of the background once the object's shadow and the decoder's spread across a cell are out)."""
+    """One result's row (see the module docstring) and its labeler mask. The background PSNR is outside the
+    original and target masks (the issue's measure) and, beside it, outside the result's object mask too
+    (the scene without the object wherever it landed). ``cell``: the pixels per latent cell; given, the
+    row also has the background PSNR outside both masks grown by one cell (what is left of the background
+    once the object's shadow and the decoder's spread across a cell are out)."""
     arr = np.asarray(image)
     mask = labeler(arr)["mask"][0]
     present = has_object(mask)
@@ -142,6 +144,10 @@ def judge(image: Image.Image, original: Original, target: np.ndarray, labeler: T
         "background_psnr": _finite(background_psnr(arr, np.asarray(original.image), original.mask, target)),
         "shape_kept": shape == original.shape, "colour_kept": colour == original.colour,
     }
+    # the scene proper: also outside where the result's object is, so an object that lands off its target
+    # counts against distance and IoU, not as damaged background
+    row["background_psnr_outside_objects"] = _finite(background_psnr(arr, np.asarray(original.image), original.mask,
+                                                                     target, mask))
     if cell:
         row["background_psnr_beyond_cell"] = _finite(background_psnr(
             arr, np.asarray(original.image), grown(original.mask, cell), grown(target, cell)))

@@ -58,6 +58,8 @@ def summarise_rows(results: Sequence[dict]) -> dict:
         "colour_kept": _mean([r["colour_kept"] for r in results]),
         "background_psnr": _mean([r["background_psnr"] for r in results]),
     }
+    if any("background_psnr_outside_objects" in r for r in results):
+        out["background_psnr_outside_objects"] = _mean([r.get("background_psnr_outside_objects") for r in results])
     if any("background_psnr_beyond_cell" in r for r in results):
         out["background_psnr_beyond_cell"] = _mean([r.get("background_psnr_beyond_cell") for r in results])
     corrected = [r["corrected_px"] for r in results if "corrected_px" in r]
@@ -120,7 +122,9 @@ def render_table(summary: dict) -> str:
         f"{summary['success_distance']:g} of the image size of the target's, with the unedited image's shape "
         "(shipped classifier) and colour (mean hue in its mask). Distance: between centroids, in pixels, over "
         "results with an object (DragBench's MD). Background PSNR: result against the unedited image, outside "
-        "the original and the target masks; beside it, outside both masks grown by one latent cell (the object's "
+        "the original and the target masks; beside it, outside the result's object as well (the scene without the "
+        "object wherever it landed: an object that lands off its target counts in distance and IoU, not here), "
+        "and outside both masks grown by one latent cell (the object's "
         "shadow and the decoder's spread across a cell border left out). Cost: median over trials of the edit's time over a plain generation's "
         "timed in the same trial. `unedited` scores the unedited image against the target (the do-nothing "
         "baseline); a `random-*` row is its method's edit along random directions of the same norm (for "
@@ -147,11 +151,13 @@ def render_table(summary: dict) -> str:
         rows.append((name, _pct(s["success_rate"]), _pct(s["object_present"]), _num(s["distance_px"], ".1f"),
                      _num(s["iou_target"], ".3f"), _num(s["iou_original"], ".3f"), _pct(s["shape_kept"]),
                      _pct(s["colour_kept"]), _num(s["background_psnr"], ".1f"),
+                     _num(s.get("background_psnr_outside_objects"), ".1f"),
                      _num(s.get("background_psnr_beyond_cell"), ".1f"),
                      _num(s.get("cost_vs_plain"), ".2f") + "x" if s.get("cost_vs_plain") is not None else "—"))
     lines += markdown_table(("method", "success", "object present", "centroid distance (px)", "IoU with target",
                              "IoU with original", "shape kept", "colour kept", "background PSNR (dB)",
-                             "beyond one latent cell (dB)", "cost / plain"), rows)
+                             "outside the result's object too (dB)", "beyond one latent cell (dB)", "cost / plain"),
+                            rows)
     kinds_done = [k for k in TARGET_KINDS if summary["kinds"].get(k)]
     lines += ["", "Success by target kind:", ""]
     lines += markdown_table(["method"] + [f"{k} ({summary['kinds'][k]})" for k in kinds_done],

@@ -1,7 +1,9 @@
 """Foreground probes over groups of sites read together: what reading several sites at once adds.
 
-The shipped probes read one site each, as the paper's do. ``ldm-scene probes groups`` fits one
-ridge foreground probe per *group* of sites at chosen steps: each site's self-attention output is
+The banks read one site each, as the paper's do. ``ldm-scene probes groups`` fits one ridge
+foreground probe per *group* of sites at chosen steps, and saves the :data:`SHIPPED_GROUP`'s as a
+:class:`~ldm_scene.probes.GroupProbe` (``foreground_group.safetensors``), which the app reads the
+foreground with by default: each site's self-attention output is
 resampled (bilinear) to the group's finest grid and the channels are concatenated per token, so the
 probe is still linear in the activations. The images, their split, labels and guidance are the
 probe run's (the same model, N and seed make the same records); the penalty and the threshold are
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from .. import metrics
 from ..reports import markdown_table
 from ..sampler import decode
+from ..probes import GROUP_FILE, GroupProbe, ProbeMeta, group_tokens
 from ..sites import SITE_KEYS, UP_SITE_KEYS
 from .controls import choose_threshold, grid_ceiling_scores
 from .fit import DEFAULT_PENALTY_GRID, RidgeStats, choose_penalty
@@ -44,6 +47,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     f"up blocks ({len(UP_SITE_KEYS)} sites)": UP_SITE_KEYS,
     f"all {len(SITE_KEYS)} sites": SITE_KEYS,
 }
+#: The group whose probe is saved (:data:`~ldm_scene.probes.GROUP_FILE`) for the app to read: every
+#: up-block site, the best group at the early steps (step 3: +0.27 Dice over prompt-only, where one site
+#: gives +0.23) at a third of all sites' channels.
+SHIPPED_GROUP = f"up blocks ({len(UP_SITE_KEYS)} sites)"
 #: 0-based steps whose margins groups.md details: steps 3 and 5 (where the probe targets are set);
 #: the last step is detailed too. Every analysed step is in its Dice table and figure.
 KEY_STEPS: tuple[int, ...] = (2, 4)
@@ -52,21 +59,10 @@ THRESHOLDS: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.91, 0.05), 2))
 
 
 def group_features(acts: Mapping[str, torch.Tensor], sites: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Tokens ``[h*w, C]`` of ``sites``' activations (each ``[T, C]`` on a square grid) on the finest
-    of their grids, coarser sites upsampled bilinearly, channels concatenated in ``sites`` order."""
-    grids = {s: int(round(acts[s].shape[0] ** 0.5)) for s in sites}
-    for s, n in grids.items():
-        if n * n != acts[s].shape[0]:
-            raise ValueError(f"site {s} has {acts[s].shape[0]} tokens, not a square grid")
-    size = max(grids.values())
-    parts = []
-    for s in sites:
-        n = grids[s]
-        g = acts[s].float().T.reshape(1, -1, n, n)
-        if n != size:
-            g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)
-        parts.append(g[0].reshape(g.shape[1], -1).T)
-    return torch.cat(parts, dim=1), (size, size)
+    """Tokens ``[h*w, C]`` of ``sites``' activations (each ``[T, C]``) read together, as a
+    :class:`~ldm_scene.probes.GroupProbe` reads them (:func:`~ldm_scene.probes.group_tokens`)."""
+    x, grid = group_tokens({s: acts[s][None] for s in sites}, sites)
+    return x[0], grid
 
 
 def _readout(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -98,8 +94,11 @@ def _margin(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict[str
 
 
 def analyse(images: Sequence[_Image], steps: Sequence[int], groups: Mapping[str, Sequence[str]] = GROUPS,
-            resamples: int = 1000, seed: int = 0, progress: bool = False) -> dict:
-    """Dice of each group's probe and of the baselines on the test images, per step; margins with intervals."""
+            resamples: int = 1000, seed: int = 0, progress: bool = False,
+            fits: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> dict:
+    """Dice of each group's probe and of the baselines on the test images, per step; margins with intervals.
+
+    ``fits``, when given, receives each ``(group, step)``'s probe: ``(w [1, C], b [1], threshold)``."""
     train = [im for im in images if im.split == "train"]
     val = [im for im in images if im.split == "val"]
     test = [im for im in images if im.split == "test"]
@@ -143,6 +142,8 @@ def analyse(images: Sequence[_Image], steps: Sequence[int], groups: Mapping[str,
             penalty, w, b, _ = choose_penalty(stats["train"], stats["val"], DEFAULT_PENALTY_GRID)
             t = threshold_on_val([_readout(w, b, feats[id(im)][0], grid, size) for im in val])
             scores = dice([_readout(w, b, feats[id(im)][0], grid, size) for im in test], test, t)
+            if fits is not None:
+                fits[(name, k)] = (w.reshape(1, -1).float(), b.reshape(1).float(), float(t))
             ceiling = float(np.mean([grid_ceiling_scores("foreground", im.mask, [grid])[grid]["score"] for im in test]))
             row["groups"][name] = {
                 "dice": float(scores.mean()), "channels": channels, "grid": list(grid), "penalty": penalty,
@@ -173,6 +174,9 @@ def render_markdown(result: dict, context: str) -> str:
              "threshold chosen on validation, Dice on test after bilinear upsampling. Margins: mean paired "
              "difference with its bootstrap 95% interval over test images.", "",
              f"Prompt-only baseline (each prompt's mean training mask): Dice {result['prompt_only']['dice']:.3f}.", "",
+             *([f"The probe of **{result['shipped']['group']}** at every step is saved as `{result['shipped']['file']}` "
+                "beside this page; the app reads the foreground with it by default (its *foreground site* menu "
+                "still offers each single site).", ""] if "shipped" in result else []),
              "![groups](groups.png)", "", "## Dice per step", ""]
     rows = [[str(int(k) + 1), f"{row['labeler_on_x0']:.3f}"] + [f"{row['groups'][n]['dice']:.3f}" for n in names]
             for k, row in result["per_step"].items()]
@@ -232,18 +236,49 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     if bad:
         raise ValueError(f"steps {bad} are outside the run's {config.steps} steps")
     images = [_Image(ctx, r, steps) for r in tqdm(ctx.records, desc="group probes: images", disable=not progress)]
-    result = analyse(images, steps, resamples=resamples, seed=config.seed, progress=progress)
+    fits: dict = {}
+    result = analyse(images, steps, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
     gen = ctx.generation(ctx.records[0])
-    result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text)
+    result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text,
+                  shipped={"group": SHIPPED_GROUP, "file": GROUP_FILE})
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "groups.json").write_text(json.dumps(result, indent=1))
     context = (f"Model `{config.model}`, {config.n} images from seed {config.seed}, {config.steps} steps, "
-               f"{gen.guidance_text}; the shipped probes read one site each (see README.md).")
+               f"{gen.guidance_text}; the probe banks read one site each (see README.md).")
     (out / "groups.md").write_text(render_markdown(result, context))
     groups_figure(result).savefig(out / "groups.png", dpi=120)
+    shipped_probe(ctx, result, fits).save(out / GROUP_FILE)
     link_groups_page(out)
     return result
+
+
+def shipped_probe(ctx: "RunContext", result: dict, fits: Mapping[tuple[str, int], tuple]) -> GroupProbe:
+    """The :data:`SHIPPED_GROUP`'s probe at every analysed step as a :class:`~ldm_scene.probes.GroupProbe`,
+    with what it was fit on and its test Dice in the metadata."""
+    sites = GROUPS[SHIPPED_GROUP]
+    info = {i.key: (i.channels, i.height, i.width) for i in ctx.sites}
+    steps = sorted(k for name, k in fits if name == SHIPPED_GROUP)
+    rows = {k: result["per_step"][str(k)]["groups"][SHIPPED_GROUP] for k in steps}
+    seeds = [r.seed for r in ctx.records]
+    g = ctx.guidance
+    meta = ProbeMeta(
+        task="foreground", model_id=ctx.model.model_id, image_size=ctx.image_size, scheduler=ctx.model.scheduler_name,
+        num_steps=ctx.config.steps, sites={s: info[s] for s in sites},
+        training={
+            "method": "group ridge", "name": SHIPPED_GROUP, "group": list(sites),
+            "thresholds": {str(k): fits[(SHIPPED_GROUP, k)][2] for k in steps},
+            "penalty": {str(k): rows[k]["penalty"] for k in steps},
+            "fit_on": "train images; penalty (validation MSE) and threshold (validation Dice) chosen on validation",
+            "targets": "the foreground fraction of each cell of the group's finest grid",
+            "readout_upsampling": "bilinear, then the step's threshold",
+            "n_train": result["n_train"], "n_val": result["n_val"], "n_test": result["n_test"],
+            "test_dice": {str(k): rows[k]["dice"] for k in steps},
+            "seeds": {"first": min(seeds), "count": len(seeds)},
+            "labeler": ctx.labeler.name, "guidance": g["guidance"], "late_guidance": g["late_guidance"],
+            "late_from": g["late_from"], "guidance_schedule": g["text"],
+        })
+    return GroupProbe(meta, {k: fits[(SHIPPED_GROUP, k)][0] for k in steps}, {k: fits[(SHIPPED_GROUP, k)][1] for k in steps})
 
 
 def link_groups_page(folder: Path) -> bool:
@@ -285,5 +320,5 @@ def run_cli(args: "argparse.Namespace") -> int:
             continue
         print(f"step {int(k) + 1}: labeler on x0 {row['labeler_on_x0']:.3f}, prompt-only {result['prompt_only']['dice']:.3f}; "
               + "; ".join(f"{n} {g['dice']:.3f}" for n, g in row["groups"].items()))
-    print(f"wrote groups.json, groups.md and groups.png to {args.out}")
+    print(f"wrote groups.json, groups.md, groups.png and {GROUP_FILE} ({SHIPPED_GROUP}) to {args.out}")
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import bundle
 from ..models import ALIASES, TOY_MODEL_DIR, Model, ModelLoadError, load_model
-from ..probes import CLASS_MEANS, TASKS, ProbeBank, load_probe_dir
+from ..probes import CLASS_MEANS, GROUP_FILE, TASKS, GroupProbe, ProbeBank, ProbeError, load_probe_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,27 @@ def load_probes(model: Model, folder: Path) -> tuple[dict[str, ProbeBank], dict[
     banks = {t: b for t, b in loaded.items() if t in TASKS}
     means = {t: loaded[t] for t in ("foreground", CLASS_MEANS) if t in loaded}
     return banks, means, refused
+
+
+def load_group_probe(model: Model, folder: Path) -> tuple[GroupProbe | None, list[str]]:
+    """The folder's foreground probe over a group of sites (:data:`~ldm_scene.probes.GROUP_FILE`), if
+    it has one that fits the model; one that does not is refused with the loader's message."""
+    path = folder / GROUP_FILE
+    if not path.is_file():
+        return None, []
+    try:
+        group = GroupProbe.load(path, expect_sites=model.sites(), expect_image_size=model.image_size)
+        if group.meta.model_id != model.model_id:
+            raise ProbeError(f"{path}: fit on model {group.meta.model_id!r}, the loaded model is {model.model_id!r}")
+        if group.meta.scheduler != model.scheduler_name:
+            raise ProbeError(f"{path}: fit on runs sampled with {group.meta.scheduler}, the loaded model samples "
+                             f"with {model.scheduler_name}")
+    except (ProbeError, OSError) as err:
+        return None, [f"A probe file does not fit this model and is not used: {err}"]
+    except Exception as err:  # noqa: BLE001 - as in load_probes: a bad file costs its readout, not the app
+        log.exception("loading %s failed", path)
+        return None, [f"`{path}` could not be read ({type(err).__name__}: {err}) and is not used."]
+    return group, []
 
 
 def load_metrics(folder: Path) -> tuple[dict[str, Any], str | None]:
@@ -88,6 +109,7 @@ class Parts:
     classifier: Any = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    group_probe: GroupProbe | None = None
 
 
 def load_parts(model_name: str, probe_dir: str | Path | None, device: Any, classifier: Any) -> Parts:
@@ -105,7 +127,7 @@ def load_parts(model_name: str, probe_dir: str | Path | None, device: Any, class
             problems.append("The embedded toy model is built by `python -m ldm_scene.toy train` into "
                             "`weights/toy-scenes` (see the README).")
         return Parts(None, problems=problems)
-    banks, means, metrics, folder = {}, {}, {}, None
+    banks, means, metrics, folder, group = {}, {}, {}, None, None
     if probe_dir is not None:
         folder = Path(probe_dir)
     else:
@@ -121,6 +143,8 @@ def load_parts(model_name: str, probe_dir: str | Path | None, device: Any, class
     else:
         banks, means, refused = load_probes(model, folder)
         problems.extend(refused)
+        group, refused_group = load_group_probe(model, folder)
+        problems.extend(refused_group)
         if not banks and not refused:
             problems.append(f"`{folder}` holds no probe files (`foreground/depth/shading.safetensors`).")
         metrics, metric_problem = load_metrics(folder)
@@ -131,4 +155,4 @@ def load_parts(model_name: str, probe_dir: str | Path | None, device: Any, class
         classifier = load_classifier(model, device, notes)
     elif classifier is False:
         classifier = None
-    return Parts(model, banks, means, metrics, folder, labeler, classifier, problems, notes)
+    return Parts(model, banks, means, metrics, folder, labeler, classifier, problems, notes, group)

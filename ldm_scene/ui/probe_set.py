@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..probes import TASKS, ProbeBank
+from ..probes import TASKS, GroupProbe, ProbeBank
 
 
 def task_metrics(metrics: Mapping[str, Any], task: str) -> dict[str, Any]:
@@ -66,6 +66,23 @@ def shipped_emergence(metrics: Mapping[str, Any]) -> dict[str, tuple[str, list[f
             scores = [float("nan") if v is None else float(v) for v in raw]
             out[task] = (str(entry.get("metric", "score")), scores)
     return out
+
+
+def group_test_dice(group: GroupProbe) -> list[float]:
+    """A group probe's test Dice per step from its metadata (``training.test_dice``, ``{step: dice}``,
+    as ``probes groups`` writes it), nan where a step has none; ``[]`` when it records none."""
+    raw = group.meta.training.get("test_dice")
+    if not isinstance(raw, Mapping):
+        return []
+    scores = [float("nan")] * group.meta.num_steps
+    for step, value in raw.items():
+        try:
+            k = int(step)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= k < len(scores) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            scores[k] = float(value)
+    return scores if any(v == v for v in scores) else []
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..attention import AttentionError, attention_reader
 from ..models import Model
-from ..probes import TASKS, ProbeBank
+from ..probes import TASKS, GroupProbe, ProbeBank
 from ..readout import ProbeReader, SiteChoice
 from ..sampler import (
     DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, GenerationError, check_prompt, config_for, decode,
@@ -41,7 +41,7 @@ from .inputs import ServiceError, finite_number, whole_number
 from .loading import load_parts
 from .prefetch import prefetched
 from .previews import PREVIEW_EVERY, decoded_live
-from .probe_set import best_per_step, readable_sites, shipped_emergence, task_metrics
+from .probe_set import best_per_step, group_test_dice, readable_sites, shipped_emergence, task_metrics
 from .results import Results, results_page
 from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
 
@@ -76,17 +76,25 @@ class Service:
         display_size: int = 256,
         examples_dir: Path = EXAMPLES_DIR,
         lock_timeout: float = 600.0,
+        group_probe: GroupProbe | None = None,
     ) -> None:
         self.model = model
         device = model.device if model is not None else torch.device("cpu")
         self.banks = {t: b.to(device) for t, b in (banks or {}).items()}
         self.intervention_banks = {t: b.to(device) for t, b in (intervention_banks or {}).items()}
+        self.notes = list(notes)
+        # A group probe is offered beside the foreground bank, for the same schedule length.
+        fg = self.banks.get("foreground")
+        if group_probe is not None and (fg is None or fg.meta.num_steps != group_probe.meta.num_steps):
+            self.notes.append(f"The foreground probe over {group_probe.name} is not used: it needs foreground.safetensors "
+                              "fit for the same number of steps beside it.")
+            group_probe = None
+        self.group_probe = group_probe.to(device) if group_probe is not None else None
         self.metrics = dict(metrics or {})
         self.probe_dir = probe_dir
         self.labeler = labeler
         self.classifier = classifier
         self.problems = list(problems)
-        self.notes = list(notes)
         size = max(model.image_size) if model is not None else display_size
         self.display_size = max(int(display_size), size)
         self.examples_dir = Path(examples_dir)
@@ -114,6 +122,7 @@ class Service:
         VGG-16, downloaded on first use), False none, or pass a classifier object.
         """
         p = load_parts(model_name, probe_dir, device, classifier)
+        kwargs.setdefault("group_probe", p.group_probe)
         return cls(p.model, p.banks, p.intervention_banks, p.metrics, p.probe_dir, p.labeler, p.classifier, p.problems,
                    p.notes, **kwargs)
 
@@ -156,6 +165,8 @@ class Service:
         parts = [f"Model **{self.model.model_id}** ({h}x{w} px, {self.model.device.type})"]
         if self.banks:
             parts.append(f"probes: {', '.join(self.banks)} (fit for {self.probe_steps}-step runs)")
+        if self.group_probe is not None:
+            parts.append(f"foreground also from {self.group_probe.name}")
         if self.classifier is not None:
             parts.append("classifier loaded")
         text = " · ".join(parts)
@@ -164,21 +175,31 @@ class Service:
             text += "\n\n" + "\n".join(f"- {p}" for p in issues)
         return text
 
+    def _group(self, task: str) -> GroupProbe | None:
+        return self.group_probe if task == "foreground" else None
+
     def site_choices(self, task: str) -> list[str]:
-        """The site options for a task: the per-step best (if the metrics say) and every probed site."""
+        """The site options for a task: the group probe (foreground, if loaded), the per-step best (if
+        the metrics say) and every probed site."""
         bank = self.banks.get(task)
         if bank is None:
             return []
         options = list(bank.sites)
         if self._best_per_step(task):
             options.insert(0, BEST_PER_STEP)
+        if (group := self._group(task)) is not None:
+            options.insert(0, group.name)
         return options
 
     def default_site(self, task: str) -> str | None:
-        """The best site for a task from metrics.json, else the finest-grid decoder site probed."""
+        """The group probe for the foreground where one is loaded (it reads the layout best, early
+        most of all); else the best site for a task from metrics.json, else the finest-grid decoder
+        site probed."""
         bank = self.banks.get(task)
         if bank is None:
             return None
+        if (group := self._group(task)) is not None:
+            return group.name
         best = task_metrics(self.metrics, task).get("best_site")
         if isinstance(best, str) and best in bank.sites:
             return best
@@ -202,9 +223,18 @@ class Service:
         """Why a prompt may not mean what it says to this model (shown as warnings, never refused)."""
         return prompts.prompt_warnings(self.vocabulary(), prompt)
 
-    def shipped_emergence(self) -> dict[str, tuple[str, list[float]]]:
-        """The probe set's test-split score per step at the best site, ``{task: (metric, scores)}``."""
-        return shipped_emergence(self.metrics)
+    def shipped_emergence(self, run: Run | None = None) -> dict[str, tuple[str, list[float]]]:
+        """The probe set's test-split score per step at the best site, ``{task: (metric, scores)}``;
+        for a ``run`` that read the foreground with the group probe, that probe's own test Dice."""
+        curves = shipped_emergence(self.metrics)
+        group = run.sites.get("foreground") if run is not None else None
+        if isinstance(group, GroupProbe):
+            scores = group_test_dice(group)
+            if scores:
+                curves["foreground"] = ("dice", scores)
+            else:  # another probe's curve would mislead
+                curves.pop("foreground", None)
+        return curves
 
     def _best_per_step(self, task: str) -> dict[int, str]:
         return best_per_step(self.metrics, self.banks.get(task), task)
@@ -245,7 +275,10 @@ class Service:
         out: dict[str, SiteChoice] = {}
         for task in self.banks:
             name = sites.get(task) or self.default_site(task)
-            if name == BEST_PER_STEP:
+            group = self._group(task)
+            if group is not None and name == group.name:
+                out[task] = group
+            elif name == BEST_PER_STEP:
                 per_step = self._best_per_step(task)
                 if not per_step:
                     raise ServiceError(f"{task}: the metrics name no best site per step; pick a site")

@@ -92,7 +92,7 @@ def live_values(service: Service, run: Run | None, finished: bool) -> list[Any]:
     curves = curves_figure(service, run.curves) if fresh else gr.skip()
     if not finished:
         return [curves, gr.skip(), gr.skip()]
-    return [curves, emergence_frame(run, service.shipped_emergence()), describe(run)]
+    return [curves, emergence_frame(run, service.shipped_emergence(run)), describe(run)]
 
 
 def stale_outputs(tab: ClassifierTab) -> list[Any]:
@@ -117,7 +117,7 @@ def wire(service: Service, tab: ClassifierTab, run_state: gr.State, ledger: RunL
             run.curves = service.classify(run)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        return curves_figure(service, run.curves), emergence_frame(run, service.shipped_emergence()), describe(run), run
+        return curves_figure(service, run.curves), emergence_frame(run, service.shipped_emergence(run)), describe(run), run
 
     tab.button.click(recompute, [run_state], [tab.curves, tab.emergence, tab.summary, run_state], api_name="classify",
                      concurrency_limit=1, concurrency_id=fields.MODEL_QUEUE)

@@ -54,6 +54,16 @@ def vocabulary_note(service: Service) -> str:
             "(\"a red cube\"), never where: the noise decides the place.")
 
 
+def site_note(service: Service) -> str:
+    """The line under the site menus: the schedule the probes were fit for, and what the defaults are."""
+    text = (f"Probes are fit for {service.probe_steps or '–'}-step runs; at other step counts the preview streams "
+            "without readouts. Default: the best site per task in the probe set's metrics")
+    if service.group_probe is not None:
+        text += (f"; for the foreground, one probe over **{service.group_probe.name}** (one linear map per step over "
+                 "their channels together); its scores beside single sites' are on the Results tab")
+    return text + "."
+
+
 def create(service: Service) -> GenerateTab:
     """Lay out the tab's components (events are wired in :func:`wire`)."""
     with gr.Row():
@@ -75,10 +85,7 @@ def create(service: Service) -> GenerateTab:
                         interactive=bool(choices), elem_id=f"site-{task}",
                         info=None if choices else "no probe for this task",
                     )
-                gr.Markdown(
-                    f"Probes are fit for {service.probe_steps or '–'}-step runs; at other step counts the "
-                    "preview streams without readouts. Default: the best site per task in the probe set's metrics."
-                )
+                gr.Markdown(site_note(service))
                 attention_sites = gr.Dropdown(
                     service.attention_choices(), value=DEFAULT_ATTENTION_GROUP if service.ready else None,
                     label="Cross-attention sites (per-word maps)", elem_id="attention-sites",
