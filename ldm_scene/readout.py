@@ -283,7 +283,7 @@ class ProbeReader:
         for group in self.groups.values():
             covered |= set(group.steps)
         self.steps: Collection[int] | None = frozenset(covered)
-        self._probes = StackedProbes(self.banks)
+        self._probes = StackedProbes({t: self.banks[t] for t in self.choices})
         self._plan: dict[tuple[str, int], tuple[str, ...]] = {}
         self._pending: list[Stacked] = []
         self._group_acts: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.groups}

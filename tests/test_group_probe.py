@@ -72,6 +72,17 @@ def test_group_tokens_upsample_coarse_sites_and_keep_the_order():
         group_tokens({"f": fine}, ("c", "f"))
 
 
+def test_the_fraction_site_by_site_equals_the_concatenated_tokens_map(tiny_model):
+    probe = random_group_probe(tiny_model, steps=1, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    acts = {s.key: torch.randn(2, s.tokens, s.channels, generator=gen) for s in tiny_model.sites()}
+    x, grid = group_tokens(acts, probe.sites)
+    want = (x @ probe.weights[0].T + probe.biases[0]).reshape(2, *grid)
+    torch.testing.assert_close(probe.fraction(0, acts), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ProbeError, match="expects"):
+        probe.fraction(0, {**acts, probe.sites[0]: acts[probe.sites[0]][:, :, :-1]})
+
+
 def test_readout_is_thresholded_at_one_half(tiny_model):
     probe = random_group_probe(tiny_model, steps=2)
     acts = {s.key: torch.randn(1, s.tokens, s.channels, generator=torch.Generator().manual_seed(1)) for s in tiny_model.sites()}

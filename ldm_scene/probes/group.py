@@ -139,20 +139,30 @@ class GroupProbe:
 
     # --- apply ----------------------------------------------------------------------------------
     def fraction(self, step: int, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The ridge readout ``[B, h, w]`` on the group's grid: each cell's predicted foreground fraction."""
+        """The ridge readout ``[B, h, w]`` on the group's grid: each cell's predicted foreground fraction.
+
+        Equal to ``group_tokens(acts) @ w.T + b``, computed site by site: bilinear resampling is linear
+        and acts on each channel alone, so each site's share of the weight is applied on the site's own
+        grid and only that one-channel map is resampled (not every channel)."""
         step = int(step)
         if step not in self.weights:
             raise ProbeError(f"no group probe at step {step} (it has steps {list(self.steps)})")
+        size = max(self.meta.sites[s][1] for s in self.sites)
+        w = self.weights[step]
+        out, start = None, 0
         for s in self.sites:
-            c, h, w = self.meta.sites[s]
+            c, h, width = self.meta.sites[s]
             a = acts.get(s)
-            if a is not None and a.ndim == 3 and (a.shape[1], a.shape[2]) != (h * w, c):
-                raise ProbeError(f"group probe expects {s} as {h * w} tokens x {c} channels, "
-                                 f"the activation is {a.shape[1]} x {a.shape[2]}")
-        x, grid = group_tokens(acts, self.sites)
-        w = self.weights[step].to(x.device)
-        z = x @ w.T + self.biases[step].to(x.device)
-        return z.reshape(x.shape[0], *grid)
+            if a is None:
+                raise ProbeError(f"the group reads {s}, which has no activation here")
+            if a.ndim != 3 or (a.shape[1], a.shape[2]) != (h * width, c):
+                raise ProbeError(f"group probe expects {s} as [B, {h * width}, {c}], the activation is {tuple(a.shape)}")
+            z = (a.float() @ w[:, start:start + c].to(a.device).T).reshape(a.shape[0], 1, h, width)
+            start += c
+            if (h, width) != (size, size):
+                z = F.interpolate(z, size=(size, size), mode="bilinear", align_corners=False)
+            out = z if out is None else out + z
+        return out[:, 0] + self.biases[step].to(out.device)
 
     def readout(self, step: int, acts: Mapping[str, torch.Tensor], out_size: int | Sequence[int] | None = None) -> torch.Tensor:
         """``[B, H, W]`` float32 in [0, 1], ``> 0.5`` where the fitted mask is: the fraction upsampled
