@@ -96,9 +96,35 @@ def test_the_shipped_probe_readme_links_the_groups_page_it_ships():
     if not (folder / "groups.md").is_file():
         pytest.skip("the toy probe folder ships no groups.md")
     readme = (folder / "README.md").read_text()
-    assert readme == render_readme(json.loads((folder / "metrics.json").read_text()), groups=True)
     result = json.loads((folder / "groups.json").read_text())
+    assert readme == render_readme(json.loads((folder / "metrics.json").read_text()), groups=result)
     assert result["n_test"] + result["n_train"] + result["n_val"] == result["n"] == 600
+    # its targets section says what the group probe the app reads meets, with the groups page's numbers
+    line = next(x for x in readme.splitlines() if x.startswith("- the foreground readout the app uses"))
+    step3 = result["per_step"]["2"]["groups"][result["shipped"]["group"]]
+    assert f"{step3['over_labeler_on_x0']['mean']:+.3f}" in line and line.count("**met**") + line.count("**not met**") == 4
+
+
+def test_the_group_targets_follow_the_numbers():
+    from ldm_scene.training.readme import _group_target_lines
+
+    targets = {"targets": [
+        {"name": "foreground Dice", "step": 4, "threshold": 0.85},
+        {"name": "foreground Dice / grid ceiling", "step": 4, "threshold": 0.9},
+        {"name": "foreground lead over the prompt-only baseline", "step": 2, "threshold": 0.25},
+        {"name": "foreground lead over the labeler on decoded x0", "step": 2, "threshold": 0.1}]}
+
+    def groups(dice, lead, low):
+        g = {"dice": dice, "over_ceiling": dice / 0.9, "grid": [16, 16], "grid_ceiling": 0.9,
+             "over_prompt_only": {"mean": lead, "low": low, "high": lead + 0.02},
+             "over_labeler_on_x0": {"mean": lead, "low": low, "high": lead + 0.02}}
+        return {"shipped": {"group": "g"}, "per_step": {"4": {"groups": {"g": g}}, "2": {"groups": {"g": g}}}}
+
+    [line] = _group_target_lines(targets, groups(0.86, 0.3, 0.27))
+    assert line.count("**met**") == 4 and "and by the interval's lower end" in line
+    [line] = _group_target_lines(targets, groups(0.80, 0.26, 0.24))
+    assert line.count("**not met**") == 2 and "but not by the interval's lower end" in line
+    assert _group_target_lines(targets, {"per_step": {}}) == []  # no saved group: no line
 
 
 def test_a_probe_folder_readme_gains_the_link_and_other_folders_are_left_alone(tmp_path):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from .. import bundle
 from . import evaluate as ev
 from . import report as rep
-from .readme import render_readme
+from .readme import groups_page, render_readme
 from .adam import load_adam
 from .config import _META_KEY
 from .context import RunContext, write_text
@@ -67,7 +67,7 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, An
 
         write_probe_figures(metrics, examples, ctx.out)
         save_figure(controls_figure(metrics), ctx.out / "controls.png")
-    write_text(ctx.out / "README.md", render_readme(metrics, groups=(ctx.out / "groups.md").is_file()))
+    write_text(ctx.out / "README.md", render_readme(metrics, groups=groups_page(ctx.out)))
     return metrics
 
 

@@ -37,6 +37,22 @@ def _margin(p: Mapping[str, Any], name: str, step: int) -> str:
     return f"{_fmt(value, sign=True)} [{_fmt(at_step(mg['ci95_low'], step), sign=True)}, {_fmt(at_step(mg['ci95_high'], step), sign=True)}]"
 
 
+def groups_page(folder: Any) -> bool | dict[str, Any]:
+    """What :func:`render_readme` is told of a probe folder's groups page: its ``groups.json`` where it
+    reads as a JSON object, else whether ``groups.md`` is there."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / "groups.json").read_text())
+        if isinstance(data, dict) and (folder / "groups.md").is_file():
+            return data
+    except (OSError, ValueError, RecursionError):
+        pass
+    return (folder / "groups.md").is_file()
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "not met"
 
@@ -90,12 +106,58 @@ def _target_lines(m: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: int = 2, groups: bool = False) -> str:
+def _group_target_lines(m: Mapping[str, Any], g: Mapping[str, Any]) -> list[str]:
+    """The foreground targets met or not by the group probe ``probes groups`` saved (``g``: groups.json),
+    at the steps and thresholds of the probe run's own targets; ``[]`` if it saved none."""
+    name = (g.get("shipped") or {}).get("group")
+    found = {t["name"]: t for t in m.get("targets", [])}
+    if not name or not found:
+        return []
+
+    def row(step: int) -> Mapping[str, Any] | None:
+        return ((g.get("per_step") or {}).get(str(step)) or {}).get("groups", {}).get(name)
+
+    def ci(x: Mapping[str, Any]) -> str:
+        return f"{_fmt(x['mean'], sign=True)} [{_fmt(x['low'], sign=True)}, {_fmt(x['high'], sign=True)}]"
+
+    def verdict(value: float, low: float | None, threshold: float) -> str:
+        text = f"target >= {threshold:g}: **{_met(value >= threshold)}**"
+        if value >= threshold and low is not None:
+            text += f", {'and' if low >= threshold else 'but not'} by the interval's lower end"
+        return text
+
+    parts = []
+    dice, ratio = found.get("foreground Dice"), found.get("foreground Dice / grid ceiling")
+    r = row(dice["step"]) if dice else None
+    if r:
+        text = f"Dice at step {dice['step'] + 1} {_fmt(r['dice'])} ({verdict(r['dice'], None, dice['threshold'])})"
+        if ratio:
+            text += (f", {_fmt(r['over_ceiling'])} of its {r['grid'][0]}x{r['grid'][1]} grid's ceiling {_fmt(r['grid_ceiling'])} "
+                     f"({verdict(r['over_ceiling'], None, ratio['threshold'])})")
+        parts.append(text)
+    for key, field in (("foreground lead over the prompt-only baseline", "over_prompt_only"),
+                       ("foreground lead over the labeler on decoded x0", "over_labeler_on_x0")):
+        t = found.get(key)
+        r = row(t["step"]) if t else None
+        if r and field in r:
+            what = "prompt-only (by the groups page's rule)" if field == "over_prompt_only" else "the labeler on x0"
+            parts.append(f"at step {t['step'] + 1} over {what} {ci(r[field])} "
+                         f"({verdict(r[field]['mean'], r[field]['low'], t['threshold'])})")
+    if not parts:
+        return []
+    return [f"- the foreground readout the app uses, **{name}** read together (`foreground_group.safetensors`, "
+            f"[groups.md](groups.md); fit on the training images alone): " + "; ".join(parts)]
+
+
+def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: int = 2,
+                  groups: bool | Mapping[str, Any] = False) -> str:
     """The ``README.md`` of a probe directory, generated from ``metrics.json`` (no hand-written numbers).
 
     ``target_step`` (0-based, default 4: "step 5 of 15") and ``lead_step`` (default 2: step 3) are
     the steps of the summary's tables; the targets section reads ``metrics["targets"]``. ``groups``:
-    the directory also holds ``groups.md`` (``ldm-scene probes groups``), which the figures line links.
+    the directory also holds ``groups.md`` (``ldm-scene probes groups``), which the figures line links;
+    given as that page's ``groups.json``, the targets section also says which targets the group probe
+    it saved meets.
     """
     m = metrics
     steps = int(m["num_steps"])
@@ -175,6 +237,8 @@ def render_readme(metrics: Mapping[str, Any], target_step: int = 4, lead_step: i
                              "probe − labeler on x0", "probe / grid ceiling"), rows)
     lines += ["", f"## Targets at step {tstep + 1} of {steps}", ""]
     lines += _target_lines(m)
+    if isinstance(groups, Mapping):
+        lines += _group_target_lines(m, groups)
     for name, p in panels.items():
         task = name.split("/")[0]
         t = m["tasks"][task]

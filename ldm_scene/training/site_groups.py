@@ -286,9 +286,10 @@ def link_groups_page(folder: Path) -> bool:
     metrics with a link to ``groups.md``; elsewhere do nothing. Returns whether it did."""
     if not ((folder / "metrics.json").is_file() and (folder / "README.md").is_file()):
         return False
-    from .readme import render_readme
+    from .readme import groups_page, render_readme
 
-    (folder / "README.md").write_text(render_readme(json.loads((folder / "metrics.json").read_text()), groups=True))
+    (folder / "README.md").write_text(render_readme(json.loads((folder / "metrics.json").read_text()),
+                                                    groups=groups_page(folder) or True))
     return True
 
 
