@@ -179,25 +179,32 @@ def labeler_locator(model: Model, labeler: Callable[[np.ndarray], dict]) -> Call
     return decoded_locator(model, lambda image: labeler(image[None])["foreground"][0])
 
 
-def model_locator(model: Model) -> Callable[[torch.Tensor], "np.ndarray | None"] | None:
-    """:func:`labeler_locator` with the labeler the model ships (None if it ships none)."""
+def model_labeler(model: Model) -> Callable[[np.ndarray], dict] | None:
+    """The labeler the model ships (None if it ships none), loaded once for every use in a run."""
     labeler_dir = model.extra_dir(bundle.LABELERS_DIR)
-    if not bundle.has_labeler(labeler_dir):
-        return None
-    return labeler_locator(model, bundle.load_labeler(labeler_dir))
+    return bundle.load_labeler(labeler_dir) if bundle.has_labeler(labeler_dir) else None
+
+
+def model_locator(model: Model, labeler: Callable[[np.ndarray], dict] | None = None
+                  ) -> Callable[[torch.Tensor], "np.ndarray | None"] | None:
+    """:func:`labeler_locator` with ``labeler``, by default the one the model ships (None if it ships none)."""
+    labeler = labeler if labeler is not None else model_labeler(model)
+    return None if labeler is None else labeler_locator(model, labeler)
 
 
 def current_foreground(
-    model: Model, image: Image.Image, banks: dict[str, ProbeBank], config: GenerationConfig, editors: Sequence = ()
+    model: Model, image: Image.Image, banks: dict[str, ProbeBank], config: GenerationConfig, editors: Sequence = (),
+    labeler: Callable[[np.ndarray], dict] | None = None,
 ) -> np.ndarray:
-    """The generated image's foreground: the model's labeler if it ships one, else the probe at the last step.
+    """The generated image's foreground: ``labeler``, by default the model's if it ships one, else the
+    probe at the last step.
 
     Without a labeler the probe reads the run's own activations, so the run that made ``image``
     is replayed with the same ``editors``.
     """
-    labeler_dir = model.extra_dir(bundle.LABELERS_DIR)
-    if bundle.has_labeler(labeler_dir):
-        return bundle.load_labeler(labeler_dir)(np.asarray(image))["mask"][0]
+    labeler = labeler if labeler is not None else model_labeler(model)
+    if labeler is not None:
+        return labeler(np.asarray(image))["mask"][0]
     if "foreground" not in banks:
         raise InterventionError("no labeler and no foreground probe to find the current object: pass --mask")
     from .capture import capture
@@ -250,18 +257,19 @@ def run_cli(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     states = list(sample(model, config))
     original = states[-1].image
-    before = current_foreground(model, original, banks, config)
+    labeler = model_labeler(model)
+    before = current_foreground(model, original, banks, config, labeler=labeler)
     if args.mask:
         target = prepare_target(Image.open(args.mask), model.image_size)
     else:
         target = translate_mask(before, args.dx, args.dy)
     edit_steps = default_edit_steps(config.steps, method)
-    locate = model_locator(model)
+    locate = model_locator(model, labeler)
     editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
     keep = keep_background([s.latent for s in states], before, target, editor=editor) if args.keep_background else None
     edited = [s.image for s in guided_sample(model, config, [editor], keep=keep)][-1]
     replay = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
-    after = current_foreground(model, edited, banks, config, editors=[replay])
+    after = current_foreground(model, edited, banks, config, editors=[replay], labeler=labeler)
     for name, im in (("original.png", original), ("edited.png", edited), ("target_mask.png", mask_image(target)),
                      ("original_mask.png", mask_image(before)), ("result_mask.png", mask_image(after))):
         im.save(out / name)
