@@ -8,7 +8,7 @@ and builds their editors (``make_editor``); this module reads target masks, runs
 """
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ def intervene(
     keep: KeepBackground | None = None,
     source: np.ndarray | None = None,
     locate: Callable[[torch.Tensor], "np.ndarray | None"] | None = None,
+    editor: Any = None,
 ) -> Iterator[StepState]:
     """Stream the edited denoising of ``config`` (same prompt and seed) towards ``target``.
 
@@ -119,7 +120,10 @@ def intervene(
     holds the unedited run's latents outside the object's old place and its target (for a method
     that moves the object, build it with the editor: :func:`keep_background`). ``source``: the
     object's current mask, for the methods in :data:`NEEDS_SOURCE`; ``locate``: how they find it
-    again to correct the move (:func:`decoded_locator`; None: no correction).
+    again to correct the move (:func:`decoded_locator`; None: no correction). ``editor``: one already
+    built by :func:`make_editor` from these same arguments and not yet used (a caller that built it up
+    front, to refuse bad input before any model work and to size ``keep``, passes it on rather than
+    building a second).
     """
     if target.shape != tuple(model.image_size):
         raise InterventionError(f"target mask is {target.shape}, the model draws {model.image_size}: use prepare_target")
@@ -127,7 +131,8 @@ def intervene(
     bad = [s for s in steps if not 0 <= int(s) < config.steps]
     if bad:
         raise InterventionError(f"edit steps {bad} are outside the run's {config.steps} steps")
-    editor = make_editor(method, banks, target, sites, steps, strength, config.seed, source, locate)
+    if editor is None:
+        editor = make_editor(method, banks, target, sites, steps, strength, config.seed, source, locate)
     return guided_sample(model, config, [editor], previews=previews, readers=readers, keep=keep)
 
 

@@ -456,7 +456,8 @@ class Service:
         targets.check_method(method, self.methods, self.intervention_banks, run)
         strength = finite_number(strength, "strength")
         edit_steps = default_edit_steps(run.config.steps, method)
-        # Build the editor once up front so a missing probe or mask is reported before any model work.
+        # Build the editor up front so a missing probe or mask is reported before any model work (and
+        # the kept background is sized by it); intervene uses this one.
         # A move finds the object again (the labeler on the decoded x0) to correct where it landed.
         locate = None if self.labeler is None else labeler_locator(model, self.labeler)
         editor = make_editor(method, self.intervention_banks, target, None, edit_steps, strength, run.config.seed,
@@ -473,7 +474,7 @@ class Service:
         with self._exclusive(), ExitStack() as stack:
             states = intervene(model, config, target, method, self.intervention_banks, steps=edit_steps,
                                strength=strength, previews=True, readers=readers, keep=keep, source=run.foreground,
-                               locate=locate)
+                               locate=locate, editor=editor)
             stack.callback(states.close)
             for state in states:
                 self._record(edited, state)
