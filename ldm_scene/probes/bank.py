@@ -202,29 +202,11 @@ class ProbeBank:
         expect_image_size: int | Sequence[int] | None,
         expect_num_steps: int | None,
     ) -> "ProbeBank":
-        _check_safetensors_file(path)
-        try:
-            # safe_open parses the header in Rust (bounded nesting, offsets checked against the
-            # file) and reads each tensor without unpickling anything.
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                if METADATA_KEY not in metadata:
-                    raise ProbeError(
-                        f"no '{METADATA_KEY}' entry in the safetensors metadata: not an ldm_scene probe file"
-                    )
-                meta = ProbeMeta.from_json(metadata[METADATA_KEY])
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except SafetensorError as exc:
-            raise ProbeError(_describe_safetensors_error(exc)) from exc
+        meta, tensors = read_probe_file(path)
         weights, biases = {}, {}
         for name, tensor in tensors.items():
             site, step, kind = parse_tensor_name(name)
-            if not tensor.is_floating_point():
-                raise ProbeError(f"tensor {name!r} has dtype {tensor.dtype}, expected a float type")
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                # A NaN or infinite weight turns every readout and edit into NaN (a black image).
-                raise ProbeError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or infinity) of {tensor.numel()}")
+            check_values(name, tensor)
             (weights if kind == "weight" else biases)[(site, step)] = tensor
         bank = cls(meta, weights, biases)
         bank._check_expectations(expect_sites, expect_image_size, expect_num_steps)
@@ -237,6 +219,36 @@ class ProbeBank:
         expect_num_steps: int | None,
     ) -> None:
         check_meta(self.meta, expect_sites, expect_image_size, expect_num_steps)
+
+
+def read_probe_file(path: Path) -> tuple[ProbeMeta, dict[str, torch.Tensor]]:
+    """The :class:`ProbeMeta` and the tensors of a probe file; :class:`ProbeError` (the caller adds the
+    path) when it is not a safetensors file or its metadata is missing or not a probe description."""
+    _check_safetensors_file(path)
+    try:
+        # safe_open parses the header in Rust (bounded nesting, offsets checked against the
+        # file) and reads each tensor without unpickling anything.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if METADATA_KEY not in metadata:
+                raise ProbeError(
+                    f"no '{METADATA_KEY}' entry in the safetensors metadata: not an ldm_scene probe file"
+                )
+            meta = ProbeMeta.from_json(metadata[METADATA_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as exc:
+        raise ProbeError(_describe_safetensors_error(exc)) from exc
+    return meta, tensors
+
+
+def check_values(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a probe tensor that is not floating point or holds a NaN or an infinity."""
+    if not tensor.is_floating_point():
+        raise ProbeError(f"tensor {name!r} has dtype {tensor.dtype}, expected a float type")
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        # A NaN or infinite weight turns every readout and edit into NaN (a black image).
+        raise ProbeError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or infinity) of {tensor.numel()}")
 
 
 def check_meta(

@@ -24,11 +24,10 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..sites import SiteInfo, as_hw
-from .bank import _check_safetensors_file, _describe_safetensors_error, check_meta
+from .bank import check_meta, check_values, read_probe_file
 from .meta import METADATA_KEY, ProbeError, ProbeMeta
 
 #: Where a probe folder keeps its group probe.
@@ -195,26 +194,13 @@ class GroupProbe:
         non-finite value, or sites, image size or step count other than the expected ones."""
         path = Path(path)
         try:
-            _check_safetensors_file(path)
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    metadata = f.metadata() or {}
-                    if METADATA_KEY not in metadata:
-                        raise ProbeError(f"no '{METADATA_KEY}' entry in the safetensors metadata: not an ldm_scene probe file")
-                    meta = ProbeMeta.from_json(metadata[METADATA_KEY])
-                    tensors = {name: f.get_tensor(name) for name in f.keys()}
-            except SafetensorError as exc:
-                raise ProbeError(_describe_safetensors_error(exc)) from exc
+            meta, tensors = read_probe_file(path)
             weights, biases = {}, {}
             for name, tensor in tensors.items():
                 m = _TENSOR.match(name)
                 if m is None:
                     raise ProbeError(f"tensor name {name!r} is not 'group.step<NN>.weight|bias'")
-                if not tensor.is_floating_point():
-                    raise ProbeError(f"tensor {name!r} has dtype {tensor.dtype}, expected a float type")
-                bad = int((~torch.isfinite(tensor)).sum())
-                if bad:
-                    raise ProbeError(f"tensor {name!r} has {bad} non-finite value(s) (NaN or infinity) of {tensor.numel()}")
+                check_values(name, tensor)
                 (weights if m["kind"] == "weight" else biases)[int(m["step"])] = tensor
             probe = cls(meta, weights, biases)
             check_meta(meta, expect_sites, expect_image_size, expect_num_steps)
