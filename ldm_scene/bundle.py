@@ -8,9 +8,11 @@ to ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``:
 | ``probes/<task>.safetensors``, ``probes/metrics.json`` | probe banks and their evaluation | ``ldm-scene probes run`` |
 | ``labelers/labeler.safetensors`` (+ ``.json``) | the toy world's labeler network (mask, depth, shading) | ``ldm-scene toy train`` |
 | ``labelers/classifier.safetensors`` (+ ``.json``) | the toy world's shape classifier (VGG-16's role) | ``ldm-scene toy train`` |
+| ``probes/foreground_group.safetensors``, ``probes/groups.{json,md,png}`` | the foreground probe over the up-block sites read together (the app's default foreground readout) and the page that scores it | ``ldm-scene probes groups`` |
 | ``ldm_scene.json`` | settings: the model's own guidance schedule | ``ldm-scene toy guidance-sweep --apply`` |
 
-This module is the only one that spells those names, and the only way the core (training,
+This module spells those names (the probe files inside ``probes/`` are named by :mod:`ldm_scene.probes`,
+the groups page by :mod:`ldm_scene.training.site_groups`), and is the only way the core (training,
 classify, intervention, the app) reaches the toy world's networks and renderer (:mod:`ldm_scene.toy`):
 everything else asks here. Loaders import the toy package only when called.
 """

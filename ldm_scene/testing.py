@@ -142,7 +142,7 @@ def random_banks(model, steps: int = APP_STEPS, seed: int = 0, model_id: str | N
 def random_group_probe(model, steps: int = APP_STEPS, seed: int = 0, sites: tuple[str, ...] = UP_SITE_KEYS,
                        model_id: str | None = None, scheduler: str = "LMSDiscreteScheduler"):
     """A random foreground :class:`~ldm_scene.probes.GroupProbe` over ``sites`` of ``model`` at every
-    step, with metadata that fits it (thresholds 0.1 apart from 0.3 on)."""
+    step, with metadata that fits it (thresholds from 0.3 up to 0.7)."""
     from .probes import GroupProbe, ProbeMeta
 
     info = {s.key: (s.channels, s.height, s.width) for s in model.sites()}
@@ -151,7 +151,7 @@ def random_group_probe(model, steps: int = APP_STEPS, seed: int = 0, sites: tupl
     meta = ProbeMeta("foreground", model_id or model.model_id, model.image_size, scheduler, steps,
                      {s: info[s] for s in sites},
                      training={"method": "random", "name": f"{len(sites)} test sites", "group": list(sites),
-                               "thresholds": {str(k): 0.3 + 0.1 * k for k in range(steps)}})
+                               "thresholds": {str(k): 0.3 + 0.4 * k / steps for k in range(steps)}})
     weights = {k: torch.randn(1, channels, generator=gen) / channels ** 0.5 for k in range(steps)}
     biases = {k: torch.randn(1, generator=gen) * 0.1 + 0.3 for k in range(steps)}
     return GroupProbe(meta, weights, biases)

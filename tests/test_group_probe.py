@@ -232,6 +232,75 @@ def test_a_group_file_for_another_model_costs_only_itself(tiny_model, tmp_path):
     assert svc.group_probe is None and any(GROUP_FILE in p for p in svc.problems)
 
 
+def _with_training(probe, steps=None, **training):
+    from dataclasses import replace
+
+    meta = replace(probe.meta, training={**probe.meta.training, **training})
+    keep = probe.steps if steps is None else steps
+    return GroupProbe(meta, {k: probe.weights[k] for k in keep}, {k: probe.biases[k] for k in keep})
+
+
+def test_a_group_that_does_not_match_the_foreground_bank_is_left_out_with_a_note(tiny_model):
+    from ldm_scene.testing import random_banks
+    from ldm_scene.ui.service import Service
+
+    banks = random_banks(tiny_model)
+    banks = {t: b for t, b in banks.items() if t in ("foreground", "depth", "shading")}
+    group = random_group_probe(tiny_model)
+    assert Service(tiny_model, banks, group_probe=group).group_probe is not None
+    cases = {
+        "only steps": _with_training(group, steps=(1, 2)),  # a probe for some steps would leave others blank
+        "labeler": _with_training(group, labeler="another labeler"),  # left behind when the probes were refit
+        "seeds": _with_training(group, seeds={"first": 5, "count": 10}),
+        "foreground.safetensors": group,  # no foreground bank beside it
+    }
+    for needle, probe in cases.items():
+        svc = Service(tiny_model, banks if needle != "foreground.safetensors" else {"depth": banks["depth"]},
+                      group_probe=probe)
+        assert svc.group_probe is None and any(needle in n and probe.name in n for n in svc.notes), needle
+        assert svc.default_site("depth") is not None  # the rest of the probe set still reads
+
+
+def test_a_reader_with_a_group_and_banks_reads_each_as_it_reads_alone(tiny_model):
+    from ldm_scene.testing import random_banks
+
+    steps = 3
+    banks = {t: b for t, b in random_banks(tiny_model, steps=steps, seed=1).items() if t in ("depth", "shading")}
+    group = random_group_probe(tiny_model, steps=steps, seed=2)
+    site = UP_SITE_KEYS[4]
+    config = GenerationConfig("a red cube", seed=5, steps=steps)
+    reader = ProbeReader(banks, {"foreground": group, "depth": site, "shading": UP_SITE_KEYS[0]})
+    with capture(tiny_model.unet, SITE_KEYS) as cap:
+        states = list(sample(tiny_model, config, readers=[reader], decode_final=False))
+    for state in states:
+        got = state.readouts["probes"]
+        assert set(got) == {"foreground", "depth", "shading"}
+        acts = {s: cap.values[(s, state.step)][:1] for s in group.sites}
+        np.testing.assert_allclose(got["foreground"], group.readout(state.step, acts)[0].numpy(), rtol=1e-5, atol=1e-6)
+        grid = tiny_model.site(site)
+        want = banks["depth"].readout(site, state.step, cap.values[(site, state.step)][:1], (grid.height, grid.width))[0]
+        np.testing.assert_allclose(got["depth"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_command_saves_the_probe_only_when_it_analysed_every_step(tiny_model, tmp_path, capsys):
+    from ldm_scene.training.config import RunConfig
+    from ldm_scene.training.site_groups import run
+
+    from test_training import LumaLabeler
+
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\n")
+    config = RunConfig(model="tiny", n=10, out=str(tmp_path / "work"), steps=3, seed=0, device="cpu",
+                       prompts=str(tmp_path / "prompts.txt"))
+    run(config, (1,), tmp_path / "some", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model)
+    assert (tmp_path / "some" / "groups.json").is_file() and not (tmp_path / "some" / GROUP_FILE).exists()
+    assert "not written" in capsys.readouterr().out
+    result = run(config, None, tmp_path / "all", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model)
+    probe = GroupProbe.load(tmp_path / "all" / GROUP_FILE)
+    assert probe.steps == (0, 1, 2) and result["shipped"]["file"] == GROUP_FILE
+    for k in probe.steps:  # the file holds the fits the page scores
+        assert probe.meta.training["test_dice"][str(k)] == result["per_step"][str(k)]["groups"][SHIPPED_GROUP]["dice"]
+
+
 def test_the_shipped_group_probe_fits_the_toy_model_and_its_report():
     from pathlib import Path
 

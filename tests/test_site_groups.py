@@ -156,3 +156,19 @@ def test_the_command_refuses_bad_steps_with_a_usage_message(capsys):
     with pytest.raises(SystemExit):
         main(["probes", "groups", "--model", "toy", "--n", "2", "--out", "o"])
     assert "--n must be at least 5" in capsys.readouterr().err
+
+
+def test_the_groups_page_claims_a_shipped_probe_only_where_its_file_is(tmp_path):
+    import json
+
+    from ldm_scene.training.readme import groups_page
+
+    assert groups_page(tmp_path) is False  # no page at all
+    (tmp_path / "groups.md").write_text("# groups\n")
+    assert groups_page(tmp_path) is True  # a page without its json: linked, nothing more
+    (tmp_path / "groups.json").write_text(json.dumps({"shipped": {"group": "g", "file": "foreground_group.safetensors"}}))
+    assert "shipped" not in groups_page(tmp_path)  # the file it names is not there
+    (tmp_path / "foreground_group.safetensors").write_bytes(b"x")
+    assert groups_page(tmp_path)["shipped"]["group"] == "g"
+    (tmp_path / "groups.json").write_text("[" * 100000)  # unreadable: the page is still linked
+    assert groups_page(tmp_path) is True

@@ -7,7 +7,8 @@ probe is still one linear map per step, a weight ``[1, sum C]`` and a bias: a ri
 the foreground fraction of each cell (``ldm-scene probes groups`` fits it and writes
 :data:`GROUP_FILE`). Its threshold per step was chosen on validation images. :meth:`GroupProbe.readout`
 upsamples the fraction bilinearly to the image size (as the fit was scored) and shifts it by the
-threshold, ``p = clip(z - threshold + 0.5, 0, 1)``, so ``p > 0.5`` is exactly the fitted mask and
+threshold, ``p = clip(z - threshold + 0.5, 0, 1)`` (kept on the right side of 0.5 where float
+rounding would put it on it), so ``p > 0.5`` is exactly the fitted mask and
 the map is drawn and scored as the single-site foreground probabilities are.
 
 The file holds tensors ``group.step<NN>.weight`` / ``.bias`` and a :class:`~.meta.ProbeMeta`
@@ -170,7 +171,11 @@ class GroupProbe:
         with torch.no_grad():
             z = self.fraction(step, acts)[:, None]
             z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)[:, 0]
-            return (z - self.thresholds[int(step)] + 0.5).clamp(0.0, 1.0)
+            t = self.thresholds[int(step)]
+            p = (z - t + 0.5).clamp(0.0, 1.0)
+            # exactly the fitted mask, even where z - t is too small to move 0.5 in float32
+            above = torch.full_like(p, 0.5).nextafter(torch.ones_like(p))
+            return torch.where(z > t, torch.maximum(p, above), torch.minimum(p, torch.full_like(p, 0.5)))
 
     # --- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

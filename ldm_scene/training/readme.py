@@ -47,6 +47,10 @@ def groups_page(folder: Any) -> bool | dict[str, Any]:
     try:
         data = json.loads((folder / "groups.json").read_text())
         if isinstance(data, dict) and (folder / "groups.md").is_file():
+            shipped = data.get("shipped")
+            if not (isinstance(shipped, dict) and isinstance(shipped.get("file"), str)
+                    and (folder / Path(shipped["file"]).name).is_file()):
+                data.pop("shipped", None)  # no probe file beside the page: no line says the app reads one
             return data
     except (OSError, ValueError, RecursionError):
         pass

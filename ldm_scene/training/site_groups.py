@@ -226,11 +226,13 @@ def groups_figure(result: dict):
 
 
 def run(config, steps: Sequence[int] | None = None, out: Path | None = None, resamples: int = 1000,
-        progress: bool = True) -> dict:
-    """Generate the probe run's images, fit every group's probe at ``steps``, write groups.json/.md/.png to ``out``."""
+        progress: bool = True, labeler=None, model=None) -> dict:
+    """Generate the probe run's images, fit every group's probe at ``steps``, write groups.json/.md/.png to ``out``
+    and, when every step was analysed, the :data:`SHIPPED_GROUP`'s probe (``labeler``, ``model``: as
+    :func:`~.context.prepare` takes them; default: the run's own)."""
     from .context import prepare
 
-    ctx = prepare(config)
+    ctx = prepare(config, labeler, model)
     steps = tuple(range(config.steps)) if steps is None else tuple(steps)
     bad = [k for k in steps if not 0 <= k < config.steps]
     if bad:
@@ -239,8 +241,9 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     fits: dict = {}
     result = analyse(images, steps, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
     gen = ctx.generation(ctx.records[0])
-    result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text,
-                  shipped={"group": SHIPPED_GROUP, "file": GROUP_FILE})
+    result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text)
+    if set(steps) == set(range(config.steps)):
+        result["shipped"] = {"group": SHIPPED_GROUP, "file": GROUP_FILE}
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "groups.json").write_text(json.dumps(result, indent=1))
@@ -248,7 +251,10 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
                f"{gen.guidance_text}; the probe banks read one site each (see README.md).")
     (out / "groups.md").write_text(render_markdown(result, context))
     groups_figure(result).savefig(out / "groups.png", dpi=120)
-    shipped_probe(ctx, result, fits).save(out / GROUP_FILE)
+    if set(steps) == set(range(config.steps)):
+        shipped_probe(ctx, result, fits).save(out / GROUP_FILE)
+    else:  # the app reads the foreground at every step: a probe for some steps would leave the others blank
+        print(f"{GROUP_FILE} not written: it is saved only when every step is analysed (no --at)")
     link_groups_page(out)
     return result
 

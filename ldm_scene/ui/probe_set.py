@@ -68,6 +68,33 @@ def shipped_emergence(metrics: Mapping[str, Any]) -> dict[str, tuple[str, list[f
     return out
 
 
+#: What a group probe and the foreground bank beside it must share to be read as one probe set: the
+#: images (first seed and count), the labels and the guidance schedule they were fit under.
+_SHARED_FIT = ("seeds", "labeler", "guidance_schedule")
+
+
+def group_mismatch(group: GroupProbe, bank: ProbeBank | None) -> str | None:
+    """Why ``group`` should not be read beside the foreground ``bank`` (None when it may): no bank,
+    another schedule length, steps the bank reads that the group does not, or a fit on other images,
+    labels or guidance (a group file left behind when the probes were fit again)."""
+    if bank is None:
+        return "it needs foreground.safetensors beside it"
+    if bank.meta.num_steps != group.meta.num_steps:
+        return (f"it was fit for {group.meta.num_steps}-step runs, the foreground probes for "
+                f"{bank.meta.num_steps}-step runs")
+    missing = sorted(set(bank.steps) - set(group.steps))
+    if missing:
+        return f"it reads only steps {[s + 1 for s in group.steps]}, not {[s + 1 for s in missing]}"
+    ours, theirs = group.meta.training, bank.meta.training
+    for key in _SHARED_FIT:
+        a, b = ours.get(key), theirs.get(key)
+        if key == "seeds" and isinstance(a, Mapping) and isinstance(b, Mapping):
+            a, b = (a.get("first"), a.get("count")), (b.get("first"), b.get("count"))
+        if a != b:
+            return f"it was fit with {key.replace('_', ' ')} {a!r}, the foreground probes with {b!r}; run probes groups again"
+    return None
+
+
 def group_test_dice(group: GroupProbe) -> list[float]:
     """A group probe's test Dice per step from its metadata (``training.test_dice``, ``{step: dice}``,
     as ``probes groups`` writes it), nan where a step has none; ``[]`` when it records none."""

@@ -41,7 +41,7 @@ from .inputs import ServiceError, finite_number, whole_number
 from .loading import load_parts
 from .prefetch import prefetched
 from .previews import PREVIEW_EVERY, decoded_live
-from .probe_set import best_per_step, group_test_dice, readable_sites, shipped_emergence, task_metrics
+from .probe_set import best_per_step, group_mismatch, group_test_dice, readable_sites, shipped_emergence, task_metrics
 from .results import Results, results_page
 from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
 
@@ -83,11 +83,10 @@ class Service:
         self.banks = {t: b.to(device) for t, b in (banks or {}).items()}
         self.intervention_banks = {t: b.to(device) for t, b in (intervention_banks or {}).items()}
         self.notes = list(notes)
-        # A group probe is offered beside the foreground bank, for the same schedule length.
-        fg = self.banks.get("foreground")
-        if group_probe is not None and (fg is None or fg.meta.num_steps != group_probe.meta.num_steps):
-            self.notes.append(f"The foreground probe over {group_probe.name} is not used: it needs foreground.safetensors "
-                              "fit for the same number of steps beside it.")
+        # A group probe is offered beside the foreground bank it was fit with (same images, labels, guidance).
+        why = group_mismatch(group_probe, self.banks.get("foreground")) if group_probe is not None else None
+        if why:
+            self.notes.append(f"The foreground probe over {group_probe.name} is not used: {why}.")
             group_probe = None
         self.group_probe = group_probe.to(device) if group_probe is not None else None
         self.metrics = dict(metrics or {})
