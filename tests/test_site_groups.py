@@ -172,3 +172,20 @@ def test_the_groups_page_claims_a_shipped_probe_only_where_its_file_is(tmp_path)
     assert groups_page(tmp_path)["shipped"]["group"] == "g"
     (tmp_path / "groups.json").write_text("[" * 100000)  # unreadable: the page is still linked
     assert groups_page(tmp_path) is True
+
+
+def test_the_analysis_streams_its_images_in_two_passes():
+    """From a source it asks for the training and validation images, then the validation and test
+    ones, each once, and holds none between: the same result as from the images in memory."""
+    images = _images(60, steps=(0,))
+    groups = {"cells": ("cells",), "both": ("noise", "cells")}
+    calls = []
+
+    def source(splits):
+        calls.append(set(splits))
+        return (im for im in images if im.split in splits)
+
+    streamed = analyse(source, (0,), groups, resamples=50)
+    assert calls == [{"train", "val"}, {"val", "test"}]
+    assert streamed == analyse(images, (0,), groups, resamples=50)
+    assert streamed["n_train"] + streamed["n_val"] + streamed["n_test"] == len(images)

@@ -13,12 +13,19 @@ prompt-only baseline (the mean mask of the training images with the same prompt,
 chosen on validation), the labeler on the decoded x0 prediction of that step, and the group's grid
 ceiling (the exact mask pooled to the grid and upsampled back); margins carry paired bootstrap
 95% intervals over test images.
+
+The images are generated in two passes (training and validation images to fit, then validation
+and test images to score), so only one image's activations are held at a time; what stays is each
+group's ridge statistics per step and split (``C x C`` float64). For SD v1.4 at 512 px, N images'
+activations at every step would be some 23 MB per image and step; the up-block group's statistics
+are 0.36 GB per step and split (C = 6720), the all-sites group's 1.25 GB (C = 12480): pick steps
+with ``--at`` there.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -93,69 +100,101 @@ def _margin(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict[str
     return {"mean": float(mean), "low": float(low), "high": float(high)}
 
 
-def analyse(images: Sequence[_Image], steps: Sequence[int], groups: Mapping[str, Sequence[str]] = GROUPS,
+Images = Sequence[_Image] | Callable[[frozenset], Iterable[_Image]]
+
+
+def analyse(images: Images, steps: Sequence[int], groups: Mapping[str, Sequence[str]] = GROUPS,
             resamples: int = 1000, seed: int = 0, progress: bool = False,
             fits: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> dict:
     """Dice of each group's probe and of the baselines on the test images, per step; margins with intervals.
 
-    ``fits``, when given, receives each ``(group, step)``'s probe: ``(w [1, C], b [1], threshold)``."""
-    train = [im for im in images if im.split == "train"]
-    val = [im for im in images if im.split == "val"]
-    test = [im for im in images if im.split == "test"]
-    if not (train and val and test):
-        raise ValueError(f"need train, val and test images, got {len(train)}, {len(val)}, {len(test)}")
-    size = tuple(test[0].mask.shape)
+    ``images``: the images in memory, or ``source(splits)`` yielding the images of those splits afresh
+    on each call. Two passes, so that one image's activations are held at a time: the training and
+    validation images accumulate each (group, step)'s ridge statistics (the penalty chosen on
+    validation MSE); then the validation and test images are read out, each at every threshold, and
+    the threshold with the best mean validation Dice scores the test images. ``fits``, when given,
+    receives each ``(group, step)``'s probe: ``(w [1, C], b [1], threshold)``."""
+    source = images if callable(images) else (lambda splits: (im for im in images if im.split in splits))
+    cuts = torch.tensor(THRESHOLDS, dtype=torch.float32)
+
+    def at_thresholds(m: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        """Dice of ``m > t`` with ``mask`` for every ``t`` in :data:`THRESHOLDS`."""
+        return metrics.dice_rows(m[None] > cuts.to(m.dtype)[:, None, None], mask)
+
+    # pass 1: the training and validation images fit every (group, step)
+    stats: dict[tuple[int, str], dict[str, RidgeStats]] = {}
+    grids: dict[str, tuple[int, int]] = {}
+    train_masks: dict[str, list[torch.Tensor]] = {}
+    count = {"train": 0, "val": 0, "test": 0}
+    for im in tqdm(source(frozenset({"train", "val"})), desc="group probes: fitting images", disable=not progress):
+        count[im.split] += 1
+        if im.split == "train":
+            train_masks.setdefault(im.prompt, []).append(im.mask)
+        for k in steps:
+            for name, sites in groups.items():
+                x, grids[name] = group_features(im.acts[k], sites)
+                pair = stats.setdefault((k, name), {"train": RidgeStats(x.shape[1], 1), "val": RidgeStats(x.shape[1], 1)})
+                y = F.adaptive_avg_pool2d(im.mask[None, None].float(), grids[name]).reshape(-1, 1)
+                pair[im.split].update(x, y)
+    if not (count["train"] and count["val"]):
+        raise ValueError(f"need train, val and test images, got {count['train']}, {count['val']} and (not read yet) test")
+    solved = {key: choose_penalty(pair["train"], pair["val"], DEFAULT_PENALTY_GRID)[:3] for key, pair in stats.items()}
     # prompt-only: each prompt's mean training mask (the mean over all training images for an unseen prompt)
-    prior = torch.stack([im.mask.float() for im in train]).mean(0)
-    sums: dict[str, list[torch.Tensor]] = {}
-    for im in train:
-        sums.setdefault(im.prompt, []).append(im.mask.float())
-    by_prompt = {p: torch.stack(v).mean(0) for p, v in sums.items()}
+    prior = torch.stack([m.float() for ms in train_masks.values() for m in ms]).mean(0)
+    by_prompt = {p: torch.stack([m.float() for m in ms]).mean(0) for p, ms in train_masks.items()}
 
-    def prompt_map(im: _Image) -> torch.Tensor:
-        return by_prompt.get(im.prompt, prior)
+    # pass 2: the validation and test images, read out at every threshold
+    rows: dict[str, dict] = {"val": {}, "test": {}}
+    x0: dict[int, list[float]] = {k: [] for k in steps}
+    ceilings: dict[tuple[int, int], list[float]] = {}
+    for im in tqdm(source(frozenset({"val", "test"})), desc="group probes: scoring images", disable=not progress):
+        if im.split == "test":
+            count["test"] += 1
+        kept, size = rows[im.split], tuple(im.mask.shape)
+        kept.setdefault("prompt", []).append(at_thresholds(by_prompt.get(im.prompt, prior), im.mask))
+        for k in steps:
+            if im.split == "test":
+                x0[k].append(float(metrics.dice_rows(im.x0_masks[k][None], im.mask)[0]))
+            for name, sites in groups.items():
+                x, grid = group_features(im.acts[k], sites)
+                _, w, b = solved[(k, name)]
+                kept.setdefault((k, name), []).append(at_thresholds(_readout(w, b, x, grid, size), im.mask))
+        if im.split == "test":
+            for grid in set(grids.values()):
+                ceilings.setdefault(grid, []).append(grid_ceiling_scores("foreground", im.mask, [grid])[grid]["score"])
+    if not count["test"]:
+        raise ValueError(f"need train, val and test images, got {count['train']}, {count['val']}, 0")
 
-    def dice(maps: Sequence[torch.Tensor], ims: Sequence[_Image], threshold: float) -> np.ndarray:
-        return np.array([metrics.dice_rows((m > threshold)[None], im.mask)[0] for m, im in zip(maps, ims)])
+    def chosen(key) -> tuple[float, np.ndarray]:
+        """The threshold with the best mean validation Dice (ties: the lowest) and the test Dice at it."""
+        i = int(np.argmax(np.stack(rows["val"][key]).mean(axis=0)))
+        return float(THRESHOLDS[i]), np.stack(rows["test"][key])[:, i]
 
-    val_masks = torch.stack([im.mask for im in val])
-
-    def threshold_on_val(maps: Sequence[torch.Tensor]) -> float:
-        return choose_threshold(torch.stack(list(maps)), val_masks, THRESHOLDS)[0]
-
-    prompt_t = threshold_on_val([prompt_map(im) for im in val])
-    prompt_only = dice([prompt_map(im) for im in test], test, prompt_t)
-    out: dict = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "steps": list(steps),
+    prompt_t, prompt_only = chosen("prompt")
+    out: dict = {"n_train": count["train"], "n_val": count["val"], "n_test": count["test"], "steps": list(steps),
                  "groups": {name: list(sites) for name, sites in groups.items()},
                  "prompt_only": {"dice": float(prompt_only.mean()), "threshold": prompt_t}, "per_step": {}}
-    for k in tqdm(steps, desc="group probes: fits", disable=not progress):
-        x0 = np.array([metrics.dice_rows(im.x0_masks[k][None], im.mask)[0] for im in test])
-        row: dict = {"labeler_on_x0": float(x0.mean()), "groups": {}}
-        for name, sites in groups.items():
-            feats = {id(im): group_features(im.acts[k], sites) for im in images}
-            channels = next(iter(feats.values()))[0].shape[1]
-            grid = next(iter(feats.values()))[1]
-            stats = {"train": RidgeStats(channels, 1), "val": RidgeStats(channels, 1)}
-            for im in train + val:
-                y = F.adaptive_avg_pool2d(im.mask[None, None].float(), grid).reshape(-1, 1)
-                stats[im.split].update(feats[id(im)][0], y)
-            penalty, w, b, _ = choose_penalty(stats["train"], stats["val"], DEFAULT_PENALTY_GRID)
-            t = threshold_on_val([_readout(w, b, feats[id(im)][0], grid, size) for im in val])
-            scores = dice([_readout(w, b, feats[id(im)][0], grid, size) for im in test], test, t)
+    first = next(iter(groups))
+    for k in steps:
+        labeler = np.array(x0[k])
+        row: dict = {"labeler_on_x0": float(labeler.mean()), "groups": {}}
+        scored: dict[str, np.ndarray] = {}
+        for name in groups:
+            penalty, w, b = solved[(k, name)]
+            t, scores = chosen((k, name))
             if fits is not None:
-                fits[(name, k)] = (w.reshape(1, -1).float(), b.reshape(1).float(), float(t))
-            ceiling = float(np.mean([grid_ceiling_scores("foreground", im.mask, [grid])[grid]["score"] for im in test]))
+                fits[(name, k)] = (w.reshape(1, -1).float(), b.reshape(1).float(), t)
+            grid = grids[name]
+            ceiling = float(np.mean(ceilings[grid]))
             row["groups"][name] = {
-                "dice": float(scores.mean()), "channels": channels, "grid": list(grid), "penalty": penalty,
+                "dice": float(scores.mean()), "channels": int(w.numel()), "grid": list(grid), "penalty": penalty,
                 "threshold": t, "grid_ceiling": ceiling, "over_ceiling": float(scores.mean() / ceiling),
                 "over_prompt_only": _margin(scores, prompt_only, resamples, seed),
-                "over_labeler_on_x0": _margin(scores, x0, resamples, seed),
+                "over_labeler_on_x0": _margin(scores, labeler, resamples, seed),
             }
-            first = next(iter(groups))
             if name != first:
-                row["groups"][name]["over_" + first] = _margin(scores, row["_scores"][first], resamples, seed)
-            row.setdefault("_scores", {})[name] = scores
-        row.pop("_scores")
+                row["groups"][name]["over_" + first] = _margin(scores, scored[first], resamples, seed)
+            scored[name] = scores
         out["per_step"][str(k)] = row
     return out
 
@@ -237,9 +276,11 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     bad = [k for k in steps if not 0 <= k < config.steps]
     if bad:
         raise ValueError(f"steps {bad} are outside the run's {config.steps} steps")
-    images = [_Image(ctx, r, steps) for r in tqdm(ctx.records, desc="group probes: images", disable=not progress)]
+    def source(splits: frozenset) -> Iterable[_Image]:  # each pass generates its images again
+        return (_Image(ctx, r, steps) for r in ctx.records if r.split in splits)
+
     fits: dict = {}
-    result = analyse(images, steps, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
+    result = analyse(source, steps, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
     gen = ctx.generation(ctx.records[0])
     result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text)
     if set(steps) == set(range(config.steps)):
