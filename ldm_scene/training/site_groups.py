@@ -17,9 +17,9 @@ ceiling (the exact mask pooled to the grid and upsampled back); margins carry pa
 The images are generated in two passes (training and validation images to fit, then validation
 and test images to score), so only one image's activations are held at a time; what stays is each
 group's ridge statistics per step and split (``C x C`` float64). For SD v1.4 at 512 px, N images'
-activations at every step would be some 23 MB per image and step; the up-block group's statistics
-are 0.36 GB per step and split (C = 6720), the all-sites group's 1.25 GB (C = 12480): pick steps
-with ``--at`` there.
+activations would be some 23 MB per image and step; the statistics are 0.36 GB per step and split
+for the up-block group (C = 6720) and 1.25 GB for the all-sites group (C = 12480), about 49 GB for
+the four groups at 15 steps (``--at`` reads fewer steps, and then writes no probe file).
 """
 from __future__ import annotations
 
