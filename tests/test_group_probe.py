@@ -111,6 +111,13 @@ def test_the_reader_during_sampling_equals_the_offline_readout(tiny_model):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_only_a_short_plain_name_from_the_file_reaches_the_page(tiny_model):
+    probe = random_group_probe(tiny_model, steps=1)
+    assert _with_training(probe, name="up blocks (9 sites)").name == "up blocks (9 sites) read together"
+    for name in ("<img src=x onerror=alert(1)>", "[link](http://x)", "x" * 61, "", 7):
+        assert _with_training(probe, name=name).name == f"{len(UP_SITE_KEYS)} sites read together"
+
+
 def test_a_group_reads_the_foreground_only(tiny_model):
     probe = random_group_probe(tiny_model, steps=2)
     with pytest.raises(ProbeError, match="reads the foreground"):

@@ -34,6 +34,8 @@ from .meta import METADATA_KEY, ProbeError, ProbeMeta
 #: Where a probe folder keeps its group probe.
 GROUP_FILE = "foreground_group.safetensors"
 _TENSOR = re.compile(r"^group\.step(?P<step>\d+)\.(?P<kind>weight|bias)$")
+#: A name the app shows as it is: letters, digits, spaces and ``()._,-``, at most 60 characters.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9 ()._,-]{1,60}")
 
 
 def group_tokens(acts: Mapping[str, torch.Tensor], sites: Sequence[str]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -126,9 +128,12 @@ class GroupProbe:
 
     @property
     def name(self) -> str:
-        """How the app lists it: ``"<N> sites read together"`` unless the metadata names it."""
+        """How the app lists it: ``"<name> read together"`` with the metadata's name where it is a short
+        plain label (the file is untrusted and the name reaches the page), else ``"<N> sites read together"``."""
         name = self.meta.training.get("name")
-        return f"{name} read together" if isinstance(name, str) and name else f"{len(self.sites)} sites read together"
+        if isinstance(name, str) and _PLAIN_NAME.fullmatch(name):
+            return f"{name} read together"
+        return f"{len(self.sites)} sites read together"
 
     def __repr__(self) -> str:
         return f"GroupProbe({self.name!r}, {len(self.sites)} sites, {self.channels} channels, steps {list(self.steps)})"
