@@ -73,6 +73,12 @@ def shipped_emergence(metrics: Mapping[str, Any]) -> dict[str, tuple[str, list[f
 _SHARED_FIT = ("seeds", "labeler", "guidance_schedule")
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A metadata value as the page may show it (the files are untrusted): its repr, cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def group_mismatch(group: GroupProbe, bank: ProbeBank | None) -> str | None:
     """Why ``group`` should not be read beside the foreground ``bank`` (None when it may): no bank,
     another schedule length, steps the bank reads that the group does not, or a fit on other images,
@@ -91,7 +97,8 @@ def group_mismatch(group: GroupProbe, bank: ProbeBank | None) -> str | None:
         if key == "seeds" and isinstance(a, Mapping) and isinstance(b, Mapping):
             a, b = (a.get("first"), a.get("count")), (b.get("first"), b.get("count"))
         if a != b:
-            return f"it was fit with {key.replace('_', ' ')} {a!r}, the foreground probes with {b!r}; run probes groups again"
+            return (f"it was fit with {key.replace('_', ' ')} {_shown(a)}, the foreground probes with {_shown(b)}; "
+                    "run probes groups again")
     return None
 
 
