@@ -301,6 +301,9 @@ def test_the_command_saves_the_probe_only_when_it_analysed_every_step(tiny_model
     run(config, (1,), tmp_path / "some", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model)
     assert (tmp_path / "some" / "groups.json").is_file() and not (tmp_path / "some" / GROUP_FILE).exists()
     assert "not written" in capsys.readouterr().out
+    run(config, None, tmp_path / "none", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model,
+        groups={"one": (SITE_KEYS[-1],)})  # every step, but without the app's group: no file
+    assert not (tmp_path / "none" / GROUP_FILE).exists() and "not written" in capsys.readouterr().out
     result = run(config, None, tmp_path / "all", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model)
     probe = GroupProbe.load(tmp_path / "all" / GROUP_FILE)
     assert probe.steps == (0, 1, 2) and result["shipped"]["file"] == GROUP_FILE

@@ -83,6 +83,10 @@ def test_the_command_parses_and_checks_its_steps():
         parse_steps("3,16", 15)
     with pytest.raises(ValueError, match="comma list"):
         parse_steps("three", 15)
+    from ldm_scene.training.site_groups import GROUPS, SHIPPED_GROUP, parse_groups
+    assert parse_groups(None) == GROUPS and list(parse_groups("all,up")) == [SHIPPED_GROUP, list(GROUPS)[-1]]
+    with pytest.raises(ValueError, match="site, up2, up, all"):
+        parse_groups("up,most")
 
 
 def test_the_shipped_probe_readme_links_the_groups_page_it_ships():
@@ -156,6 +160,9 @@ def test_the_command_refuses_bad_steps_with_a_usage_message(capsys):
     with pytest.raises(SystemExit):
         main(["probes", "groups", "--model", "toy", "--n", "2", "--out", "o"])
     assert "--n must be at least 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--groups", "most"])
+    assert "--groups takes a comma list" in capsys.readouterr().err
 
 
 def test_the_groups_page_claims_a_shipped_probe_only_where_its_file_is(tmp_path):

@@ -29,15 +29,16 @@ if TYPE_CHECKING:
 
 
 def check_args(args: argparse.Namespace) -> str | None:
-    """What is wrong with parsed options that argparse cannot check, or None (``groups``: its ``--at`` and ``--n``)."""
+    """What is wrong with parsed options that argparse cannot check, or None (``groups``: its ``--at``, ``--groups`` and ``--n``)."""
     if getattr(args, "command", None) != "groups":
         return None
-    from .site_groups import parse_steps
+    from .site_groups import parse_groups, parse_steps
 
     if args.n < 5:
         return "--n must be at least 5 (the images split into train, validation and test)"
     try:
         parse_steps(args.at, args.steps)
+        parse_groups(args.groups)
     except ValueError as err:
         return str(err)
     return None
@@ -85,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--work", default="runs/probe-groups", help="scratch folder (the run's fingerprint)")
     g.add_argument("--steps", type=int, default=15)
     g.add_argument("--at", default=None, help="comma list of 1-based steps to analyse (default: every step)")
+    g.add_argument("--groups", default=None,
+                   help="comma list of site, up2, up, all: the best single site, up_blocks.2's 3 sites, the 9 up-block "
+                        "sites (the probe the app reads), every site (default: all four; fewer keep less in memory)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bootstrap", type=int, default=1000)
     g.add_argument("--device", default=None)

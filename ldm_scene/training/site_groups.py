@@ -37,7 +37,7 @@ from ..reports import markdown_table
 from ..sampler import decode
 from ..probes import GROUP_FILE, GroupProbe, ProbeMeta, group_tokens
 from ..sites import SITE_KEYS, UP_SITE_KEYS
-from .controls import choose_threshold, grid_ceiling_scores
+from .controls import grid_ceiling_scores
 from .fit import DEFAULT_PENALTY_GRID, RidgeStats, choose_penalty
 from .trace import generate_trace, label_images
 
@@ -54,6 +54,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     f"up blocks ({len(UP_SITE_KEYS)} sites)": UP_SITE_KEYS,
     f"all {len(SITE_KEYS)} sites": SITE_KEYS,
 }
+#: Short names for :data:`GROUPS` on the command line (``--groups``), in the same order.
+GROUP_IDS: dict[str, str] = dict(zip(("site", "up2", "up", "all"), GROUPS))
 #: The group whose probe is saved (:data:`~ldm_scene.probes.GROUP_FILE`) for the app to read: every
 #: up-block site, the best group at the early steps (step 3: +0.27 Dice over prompt-only, where one site
 #: gives +0.23) at a third of all sites' channels.
@@ -265,10 +267,10 @@ def groups_figure(result: dict):
 
 
 def run(config, steps: Sequence[int] | None = None, out: Path | None = None, resamples: int = 1000,
-        progress: bool = True, labeler=None, model=None) -> dict:
-    """Generate the probe run's images, fit every group's probe at ``steps``, write groups.json/.md/.png to ``out``
-    and, when every step was analysed, the :data:`SHIPPED_GROUP`'s probe (``labeler``, ``model``: as
-    :func:`~.context.prepare` takes them; default: the run's own)."""
+        progress: bool = True, labeler=None, model=None, groups: Mapping[str, Sequence[str]] = GROUPS) -> dict:
+    """Generate the probe run's images, fit each of ``groups``' probes at ``steps``, write groups.json/.md/.png to
+    ``out`` and, when every step was analysed and it is among ``groups``, the :data:`SHIPPED_GROUP`'s probe
+    (``labeler``, ``model``: as :func:`~.context.prepare` takes them; default: the run's own)."""
     from .context import prepare
 
     ctx = prepare(config, labeler, model)
@@ -276,14 +278,16 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     bad = [k for k in steps if not 0 <= k < config.steps]
     if bad:
         raise ValueError(f"steps {bad} are outside the run's {config.steps} steps")
+    ships = set(steps) == set(range(config.steps)) and SHIPPED_GROUP in groups
+
     def source(splits: frozenset) -> Iterable[_Image]:  # each pass generates its images again
         return (_Image(ctx, r, steps) for r in ctx.records if r.split in splits)
 
     fits: dict = {}
-    result = analyse(source, steps, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
+    result = analyse(source, steps, groups, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
     gen = ctx.generation(ctx.records[0])
     result.update(model=config.model, n=config.n, seed=config.seed, num_steps=config.steps, guidance=gen.guidance_text)
-    if set(steps) == set(range(config.steps)):
+    if ships:
         result["shipped"] = {"group": SHIPPED_GROUP, "file": GROUP_FILE}
     out = Path(out or config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,10 +296,11 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
                f"{gen.guidance_text}; the probe banks read one site each (see README.md).")
     (out / "groups.md").write_text(render_markdown(result, context))
     groups_figure(result).savefig(out / "groups.png", dpi=120)
-    if set(steps) == set(range(config.steps)):
+    if ships:
         shipped_probe(ctx, result, fits).save(out / GROUP_FILE)
     else:  # the app reads the foreground at every step: a probe for some steps would leave the others blank
-        print(f"{GROUP_FILE} not written: it is saved only when every step is analysed (no --at)")
+        print(f"{GROUP_FILE} not written: it is saved only when every step is analysed (no --at) "
+              f"and the {SHIPPED_GROUP} group is among --groups")
     link_groups_page(out)
     return result
 
@@ -355,6 +360,17 @@ def parse_steps(text: str | None, num_steps: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(steps))
 
 
+def parse_groups(text: str | None) -> dict[str, tuple[str, ...]]:
+    """The :data:`GROUPS` named by ``--groups`` (a comma list of :data:`GROUP_IDS`; None: all), in their order."""
+    if not text:
+        return dict(GROUPS)
+    chosen = [g.strip() for g in text.split(",")]
+    unknown = [g for g in chosen if g not in GROUP_IDS]
+    if unknown:
+        raise ValueError(f"--groups takes a comma list of {', '.join(GROUP_IDS)}, got {', '.join(unknown)}")
+    return {GROUP_IDS[g]: GROUPS[GROUP_IDS[g]] for g in GROUP_IDS if g in chosen}
+
+
 def run_cli(args: "argparse.Namespace") -> int:
     from .config import RunConfig
 
@@ -362,11 +378,13 @@ def run_cli(args: "argparse.Namespace") -> int:
         torch.set_num_threads(args.threads)
     steps = parse_steps(args.at, args.steps)
     config = RunConfig(model=args.model, n=args.n, out=args.work, steps=args.steps, seed=args.seed, device=args.device)
-    result = run(config, steps, Path(args.out), resamples=args.bootstrap, progress=not args.no_progress)
+    result = run(config, steps, Path(args.out), resamples=args.bootstrap, progress=not args.no_progress,
+                 groups=parse_groups(args.groups))
     for k, row in result["per_step"].items():
         if int(k) not in KEY_STEPS and int(k) != max(int(j) for j in result["per_step"]):
             continue
         print(f"step {int(k) + 1}: labeler on x0 {row['labeler_on_x0']:.3f}, prompt-only {result['prompt_only']['dice']:.3f}; "
               + "; ".join(f"{n} {g['dice']:.3f}" for n, g in row["groups"].items()))
-    print(f"wrote groups.json, groups.md, groups.png and {GROUP_FILE} ({SHIPPED_GROUP}) to {args.out}")
+    wrote = f" and {GROUP_FILE} ({SHIPPED_GROUP})" if "shipped" in result else ""
+    print(f"wrote groups.json, groups.md, groups.png{wrote} to {args.out}")
     return 0
