@@ -19,7 +19,8 @@ and test images to score), so only one image's activations are held at a time; w
 group's ridge statistics per step and split (``C x C`` float64). For SD v1.4 at 512 px, N images'
 activations would be some 23 MB per image and step; the statistics are 0.36 GB per step and split
 for the up-block group (C = 6720) and 1.25 GB for the all-sites group (C = 12480), about 49 GB for
-the four groups at 15 steps (``--at`` reads fewer steps, and then writes no probe file).
+the four groups at 15 steps, about 11 GB for ``--groups up`` alone (``--at`` reads fewer steps, and
+then writes no probe file).
 """
 from __future__ import annotations
 
