@@ -179,6 +179,9 @@ class ProbeBank:
         expect_sites: Sequence[SiteInfo] | None = None,
         expect_image_size: int | Sequence[int] | None = None,
         expect_num_steps: int | None = None,
+        *,
+        expect_model_id: str | None = None,
+        expect_scheduler: str | None = None,
     ) -> "ProbeBank":
         """Read a bank written by :meth:`save`, refusing anything that does not fit.
 
@@ -186,39 +189,25 @@ class ProbeBank:
         truncated, empty), lacks or has malformed metadata, has another format version, a tensor
         name that does not parse or a tensor of the wrong shape; and when its sites' channels or
         grids differ from ``expect_sites`` (sites the file has but ``expect_sites`` lacks are not
-        checked), or its image size or step count differ from the expected ones.
+        checked), or its image size, step count, model or sampler differ from the expected ones.
         """
         path = Path(path)
         try:
-            return cls._load(path, expect_sites, expect_image_size, expect_num_steps)
+            bank = cls._load(path)
+            check_meta(bank.meta, expect_sites, expect_image_size, expect_num_steps, expect_model_id, expect_scheduler)
+            return bank
         except ProbeError as exc:
             raise ProbeError(f"{path}: {exc}") from exc.__cause__
 
     @classmethod
-    def _load(
-        cls,
-        path: Path,
-        expect_sites: Sequence[SiteInfo] | None,
-        expect_image_size: int | Sequence[int] | None,
-        expect_num_steps: int | None,
-    ) -> "ProbeBank":
+    def _load(cls, path: Path) -> "ProbeBank":
         meta, tensors = read_probe_file(path)
         weights, biases = {}, {}
         for name, tensor in tensors.items():
             site, step, kind = parse_tensor_name(name)
             check_values(name, tensor)
             (weights if kind == "weight" else biases)[(site, step)] = tensor
-        bank = cls(meta, weights, biases)
-        bank._check_expectations(expect_sites, expect_image_size, expect_num_steps)
-        return bank
-
-    def _check_expectations(
-        self,
-        expect_sites: Sequence[SiteInfo] | None,
-        expect_image_size: int | Sequence[int] | None,
-        expect_num_steps: int | None,
-    ) -> None:
-        check_meta(self.meta, expect_sites, expect_image_size, expect_num_steps)
+        return cls(meta, weights, biases)
 
 
 def read_probe_file(path: Path) -> tuple[ProbeMeta, dict[str, torch.Tensor]]:
@@ -256,9 +245,12 @@ def check_meta(
     expect_sites: Sequence[SiteInfo] | None,
     expect_image_size: int | Sequence[int] | None,
     expect_num_steps: int | None,
+    expect_model_id: str | None = None,
+    expect_scheduler: str | None = None,
 ) -> None:
-    """Refuse (:class:`ProbeError`) probe metadata whose image size, step count or sites' channels
-    and grids differ from the expected ones (sites the model lacks are not checked here)."""
+    """Refuse (:class:`ProbeError`) probe metadata whose image size, step count, sites' channels and
+    grids (sites the model lacks are not checked here), model or sampler (a probe reads the
+    activations of one sampler's trajectory) differ from the expected ones."""
     if expect_image_size is not None:
         want = as_hw(expect_image_size)
         if want != meta.image_size:
@@ -282,6 +274,11 @@ def check_meta(
             raise ProbeError(
                 f"probe for {info.key} expects a {h}x{w} grid, the model has {info.height}x{info.width}"
             )
+    if expect_model_id is not None and meta.model_id != expect_model_id:
+        raise ProbeError(f"fit on model {meta.model_id!r}, the loaded model is {expect_model_id!r}")
+    if expect_scheduler is not None and meta.scheduler != expect_scheduler:
+        raise ProbeError(f"fit on runs sampled with {meta.scheduler}, the loaded model samples with "
+                         f"{expect_scheduler}; fit the probes again for this model")
 
 
 def _check_safetensors_file(path: Path) -> None:

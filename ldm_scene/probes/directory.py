@@ -49,12 +49,8 @@ def load_probe_dir(
         if not path.is_file():
             continue
         try:
-            bank = ProbeBank.load(path, expect_sites, expect_image_size, expect_num_steps)
-            if expect_model_id is not None and bank.meta.model_id != expect_model_id:
-                raise ProbeError(f"{path}: fit on model {bank.meta.model_id!r}, the loaded model is {expect_model_id!r}")
-            if expect_scheduler is not None and bank.meta.scheduler != expect_scheduler:
-                raise ProbeError(f"{path}: fit on runs sampled with {bank.meta.scheduler}, the loaded model samples with "
-                                 f"{expect_scheduler}; fit the probes again for this model")
+            bank = ProbeBank.load(path, expect_sites, expect_image_size, expect_num_steps,
+                                  expect_model_id=expect_model_id, expect_scheduler=expect_scheduler)
             if bank.meta.task != _MEANS_FILES.get(task, task):
                 expected = f"{path.name} must hold task {_MEANS_FILES[task]!r}" if task in _MEANS_FILES else \
                     f"the file name says {task!r}"

@@ -198,10 +198,12 @@ class GroupProbe:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_sites: Sequence[SiteInfo] | None = None,
-             expect_image_size: int | Sequence[int] | None = None, expect_num_steps: int | None = None) -> "GroupProbe":
+             expect_image_size: int | Sequence[int] | None = None, expect_num_steps: int | None = None, *,
+             expect_model_id: str | None = None, expect_scheduler: str | None = None) -> "GroupProbe":
         """Read a file written by :meth:`save`, refusing what does not fit (:class:`ProbeError`, naming
         the file): not safetensors, bad metadata, a tensor of another name, dtype or shape, a
-        non-finite value, or sites, image size or step count other than the expected ones."""
+        non-finite value, or sites, image size, step count, model or sampler other than the expected
+        ones (:func:`~.bank.check_meta`, as for a bank)."""
         path = Path(path)
         try:
             meta, tensors = read_probe_file(path)
@@ -213,7 +215,7 @@ class GroupProbe:
                 check_values(name, tensor)
                 (weights if m["kind"] == "weight" else biases)[int(m["step"])] = tensor
             probe = cls(meta, weights, biases)
-            check_meta(meta, expect_sites, expect_image_size, expect_num_steps)
+            check_meta(meta, expect_sites, expect_image_size, expect_num_steps, expect_model_id, expect_scheduler)
             if expect_sites is not None:
                 known = {i.key for i in expect_sites}
                 missing = [s for s in probe.sites if s not in known]

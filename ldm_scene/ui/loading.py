@@ -45,12 +45,8 @@ def load_group_probe(model: Model, folder: Path) -> tuple[GroupProbe | None, lis
     if not path.is_file():
         return None, []
     try:
-        group = GroupProbe.load(path, expect_sites=model.sites(), expect_image_size=model.image_size)
-        if group.meta.model_id != model.model_id:
-            raise ProbeError(f"{path}: fit on model {group.meta.model_id!r}, the loaded model is {model.model_id!r}")
-        if group.meta.scheduler != model.scheduler_name:
-            raise ProbeError(f"{path}: fit on runs sampled with {group.meta.scheduler}, the loaded model samples "
-                             f"with {model.scheduler_name}")
+        group = GroupProbe.load(path, expect_sites=model.sites(), expect_image_size=model.image_size,
+                                expect_model_id=model.model_id, expect_scheduler=model.scheduler_name)
     except (ProbeError, OSError) as err:
         return None, [f"A probe file does not fit this model and is not used: {err}"]
     except Exception as err:  # noqa: BLE001 - as in load_probes: a bad file costs its readout, not the app
