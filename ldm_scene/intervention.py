@@ -190,10 +190,9 @@ def model_labeler(model: Model) -> Callable[[np.ndarray], dict] | None:
     return bundle.load_labeler(labeler_dir) if bundle.has_labeler(labeler_dir) else None
 
 
-def model_locator(model: Model, labeler: Callable[[np.ndarray], dict] | None = None
-                  ) -> Callable[[torch.Tensor], "np.ndarray | None"] | None:
-    """:func:`labeler_locator` with ``labeler``, by default the one the model ships (None if it ships none)."""
-    labeler = labeler if labeler is not None else model_labeler(model)
+def model_locator(model: Model) -> Callable[[torch.Tensor], "np.ndarray | None"] | None:
+    """:func:`labeler_locator` with the labeler the model ships (None if it ships none)."""
+    labeler = model_labeler(model)
     return None if labeler is None else labeler_locator(model, labeler)
 
 
@@ -269,7 +268,7 @@ def run_cli(args) -> int:
     else:
         target = translate_mask(before, args.dx, args.dy)
     edit_steps = default_edit_steps(config.steps, method)
-    locate = model_locator(model, labeler)
+    locate = None if labeler is None else labeler_locator(model, labeler)
     editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
     keep = keep_background([s.latent for s in states], before, target, editor=editor) if args.keep_background else None
     edited = [s.image for s in guided_sample(model, config, [editor], keep=keep)][-1]

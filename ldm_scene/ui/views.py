@@ -21,9 +21,9 @@ class Run:
     ``previews[s]`` is the decoded x0 prediction after step ``s``, or None where the live stream did
     not decode it (it decodes every few steps; ``latents[s]``, the x0 prediction itself, lets the
     service decode it later: :meth:`~.service.Service.decode_previews`); ``readouts[s]`` the probe
-    maps at their sites' grids (a group probe's at the image size). ``foreground`` is the finished image's object mask at image size (from
-    the model's labeler, else the foreground probe at the last step), which the Intervene tab
-    moves. ``reference`` holds what each step is scored against for the emergence curves.
+    maps at their sites' grids (a group probe's at the image size). ``foreground`` is the finished
+    image's object mask at image size (from the model's labeler, else the foreground probe at the
+    last step), which the Intervene tab moves. ``reference`` holds what each step is scored against for the emergence curves.
     ``started`` is the wall-clock time the run began (the page tells a stopped run from an old one).
     ``attention_sites`` are the cross-attention sites read for the per-word maps.
     """
