@@ -41,14 +41,14 @@ from .inputs import ServiceError, finite_number, whole_number
 from .loading import load_parts
 from .prefetch import prefetched
 from .previews import PREVIEW_EVERY, decoded_live
-from .probe_set import best_per_step, group_mismatch, group_test_dice, readable_sites, shipped_emergence, task_metrics
+from .probe_set import group_mismatch, readable_sites
+from .site_menu import BEST_PER_STEP, SiteMenu  # noqa: F401  (BEST_PER_STEP re-exported)
 from .results import Results, results_page
 from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa: F401  (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "examples"
 #: The site choice that reads, at each step, the site that scored best at that step (metrics.json).
-BEST_PER_STEP = "best site at each step"
 #: The UI's limits (the library allows more; a public app should not run 200 steps per click).
 MAX_UI_STEPS = 50
 
@@ -90,6 +90,7 @@ class Service:
             group_probe = None
         self.group_probe = group_probe.to(device) if group_probe is not None else None
         self.metrics = dict(metrics or {})
+        self.menu = SiteMenu(self.banks, self.metrics, self.group_probe)
         self.probe_dir = probe_dir
         self.labeler = labeler
         self.classifier = classifier
@@ -174,38 +175,16 @@ class Service:
             text += "\n\n" + "\n".join(f"- {p}" for p in issues)
         return text
 
-    def _group(self, task: str) -> GroupProbe | None:
-        return self.group_probe if task == "foreground" else None
-
     def site_choices(self, task: str) -> list[str]:
-        """The site options for a task: the group probe (foreground, if loaded), the per-step best (if
-        the metrics say) and every probed site."""
-        bank = self.banks.get(task)
-        if bank is None:
-            return []
-        options = list(bank.sites)
-        if self._best_per_step(task):
-            options.insert(0, BEST_PER_STEP)
-        if (group := self._group(task)) is not None:
-            options.insert(0, group.name)
-        return options
+        """The site options for a task (:meth:`.site_menu.SiteMenu.choices`)."""
+        return self.menu.choices(task)
 
     def default_site(self, task: str) -> str | None:
-        """The group probe for the foreground where one is loaded (it reads the layout best, early
-        most of all); else the best site for a task from metrics.json, else the finest-grid decoder
-        site probed."""
-        bank = self.banks.get(task)
-        if bank is None:
-            return None
-        if (group := self._group(task)) is not None:
-            return group.name
-        best = task_metrics(self.metrics, task).get("best_site")
-        if isinstance(best, str) and best in bank.sites:
-            return best
-        return max(bank.sites, key=lambda s: (bank.meta.sites[s][1], s.startswith("up_blocks"), s))
+        """The site a task reads unless the page says otherwise (:meth:`.site_menu.SiteMenu.default`)."""
+        return self.menu.default(task)
 
     def default_sites(self) -> dict[str, str]:
-        return {t: s for t in self.banks if (s := self.default_site(t)) is not None}
+        return self.menu.defaults()
 
     def examples(self) -> list[list[Any]]:
         """``[prompt, seed, steps, guidance]`` rows from ``examples/prompts.json`` this model can read."""
@@ -223,20 +202,8 @@ class Service:
         return prompts.prompt_warnings(self.vocabulary(), prompt)
 
     def shipped_emergence(self, run: Run | None = None) -> dict[str, tuple[str, list[float]]]:
-        """The probe set's test-split score per step at the best site, ``{task: (metric, scores)}``;
-        for a ``run`` that read the foreground with the group probe, that probe's own test Dice."""
-        curves = shipped_emergence(self.metrics)
-        group = run.sites.get("foreground") if run is not None else None
-        if isinstance(group, GroupProbe):
-            scores = group_test_dice(group)
-            if scores:
-                curves["foreground"] = ("dice", scores)
-            else:  # another probe's curve would mislead
-                curves.pop("foreground", None)
-        return curves
-
-    def _best_per_step(self, task: str) -> dict[int, str]:
-        return best_per_step(self.metrics, self.banks.get(task), task)
+        """The probe set's test-split curves, the group probe's where ``run`` read the foreground with it."""
+        return self.menu.shipped_emergence(run.sites if run is not None else None)
 
     def attention_choices(self) -> list[str]:
         """The attention-site options: the groups of :data:`.choices.ATTENTION_GROUPS`, then each site."""
@@ -267,28 +234,7 @@ class Service:
 
     def resolve_sites(self, sites: Mapping[str, str | None] | None) -> dict[str, SiteChoice]:
         """Turn the UI's per-task site names into reader choices; defaults where a task has none."""
-        sites = dict(sites or {})
-        unknown = sorted(set(sites) - set(TASKS))
-        if unknown:
-            raise ServiceError(f"unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
-        out: dict[str, SiteChoice] = {}
-        for task in self.banks:
-            name = sites.get(task) or self.default_site(task)
-            group = self._group(task)
-            if group is not None and name == group.name:
-                out[task] = group
-            elif name == BEST_PER_STEP:
-                per_step = self._best_per_step(task)
-                if not per_step:
-                    raise ServiceError(f"{task}: the metrics name no best site per step; pick a site")
-                out[task] = per_step
-            elif name in self.banks[task].sites:
-                out[task] = name
-            else:
-                raise ServiceError(
-                    f"{task}: no probe at site {name!r}; choose one of {', '.join(self.site_choices(task))}"
-                )
-        return out
+        return self.menu.resolve(sites)
 
     # --- model work --------------------------------------------------------------------------
     @contextmanager
