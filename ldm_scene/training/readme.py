@@ -4,7 +4,9 @@ Steps are 0-based in ``metrics.json`` and 1-based in the README ("step 5 of 15" 
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..reports import markdown_table
@@ -40,9 +42,6 @@ def _margin(p: Mapping[str, Any], name: str, step: int) -> str:
 def groups_page(folder: Any) -> bool | dict[str, Any]:
     """What :func:`render_readme` is told of a probe folder's groups page: its ``groups.json`` where it
     reads as a JSON object, else whether ``groups.md`` is there."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     try:
         data = json.loads((folder / "groups.json").read_text())
