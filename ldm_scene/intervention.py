@@ -137,7 +137,7 @@ def intervene(
 
 
 def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None, target: np.ndarray,
-                    margin: int | None = None, editor: object = None) -> KeepBackground:
+                    margin: int | None = None, editor: object = None, image: Image.Image | None = None) -> KeepBackground:
     """A :class:`~ldm_scene.intervention_methods.KeepBackground` for an edit from ``source`` (the
     object's mask in the unedited image; None: unknown) to ``target``; ``reference``: the unedited
     run's latent after each step (``StepState.latent``, same prompt and seed).
@@ -145,7 +145,8 @@ def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None
     ``editor``: the edit's editor, if it says more: a move frees where the object lands
     (``moved``, which reaches outside a drawn target of another shape) and the object's old place
     grown by its ``vacated_margin`` cells, and its ``keep_margin`` replaces :data:`KEEP_MARGIN`
-    unless ``margin`` is given.
+    unless ``margin`` is given. ``image``: the unedited run's final image, pasted back on the edited
+    one outside the free cells (:meth:`~ldm_scene.intervention_methods.KeepBackground.paste_back`).
     """
     free = np.asarray(target, bool) if source is None else np.asarray(source, bool) | np.asarray(target, bool)
     moved = getattr(editor, "moved", None)
@@ -155,8 +156,9 @@ def keep_background(reference: Sequence[torch.Tensor], source: np.ndarray | None
         margin = getattr(editor, "keep_margin", KEEP_MARGIN)
     vacated_margin = getattr(editor, "vacated_margin", None)
     if source is None or vacated_margin is None:
-        return KeepBackground(list(reference), free, margin)
-    return KeepBackground(list(reference), free, margin, vacated=np.asarray(source, bool), vacated_margin=vacated_margin)
+        return KeepBackground(list(reference), free, margin, image=image)
+    return KeepBackground(list(reference), free, margin, vacated=np.asarray(source, bool), vacated_margin=vacated_margin,
+                          image=image)
 
 
 def load_intervention_banks(probe_dir, expect_sites=None, expect_scheduler: str | None = None) -> dict[str, ProbeBank]:
@@ -270,7 +272,8 @@ def run_cli(args) -> int:
     edit_steps = default_edit_steps(config.steps, method)
     locate = None if labeler is None else labeler_locator(model, labeler)
     editor = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
-    keep = keep_background([s.latent for s in states], before, target, editor=editor) if args.keep_background else None
+    keep = (keep_background([s.latent for s in states], before, target, editor=editor, image=original)
+            if args.keep_background else None)
     edited = [s.image for s in guided_sample(model, config, [editor], keep=keep)][-1]
     replay = make_editor(method, banks, target, None, edit_steps, 1.0, config.seed, before, locate)
     after = current_foreground(model, edited, banks, config, editors=[replay], labeler=labeler)

@@ -26,12 +26,13 @@ random direction of the same RMS, drawn per step (no gradient is computed then).
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .activation_editors import grid_target
 from .probes import ProbeBank
@@ -217,8 +218,12 @@ class KeepBackground:
     image-size mask), grown by ``margin`` cells, is set back to the unedited run's latent at that
     step (``reference[step]``, the sampler's ``StepState.latent`` of the same prompt and seed).
     The edit then repaints only where the object was and where it goes; the rest of the scene is
-    the unedited run's, up to what the decoder spreads across a cell's border. Nothing here knows
-    the model: it reads latent shapes only, so it runs on SD v1.4 as it is.
+    the unedited run's, up to what the decoder spreads across a cell's border. Given ``image`` (the
+    unedited run's final image), :meth:`paste_back` removes that spread too: outside the free cells
+    the edited image takes the unedited one's pixels, with a ramp of ``2 * feather`` pixels (``feather``
+    by default half a cell) beyond them, so no seam shows (as an inpainting pipeline pastes its input
+    back outside the mask). Nothing here knows the model: it reads latent shapes only, so it runs on
+    SD v1.4 as it is.
     """
 
     reference: Sequence[torch.Tensor]
@@ -228,6 +233,10 @@ class KeepBackground:
     #: :attr:`~ldm_scene.latent_move.LatentMoveEditor.vacated_margin`); None: none.
     vacated: np.ndarray | None = None
     vacated_margin: int = 0
+    #: The unedited run's final image; None: :meth:`paste_back` leaves the edited image as it is.
+    image: Image.Image | None = None
+    #: Half the pixels the paste-back ramps over beyond the free cells; None: half a latent cell.
+    feather: int | None = None
     _cells: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -243,6 +252,30 @@ class KeepBackground:
         if self.vacated is not None:
             cells = torch.maximum(cells, free_cells(self.vacated, grid, self.vacated_margin))
         return cells
+
+    def alpha(self, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """``[H, W]`` float in 0..1 at the image ``size``: 1 on the free cells' pixels, falling linearly
+        to 0 over the ``2 * feather`` pixels beyond them (the edited image's share in :meth:`paste_back`)."""
+        cells = self.cells(grid)
+        free = F.interpolate(cells, size=size, mode="nearest")
+        r = max(1, size[0] // grid[0] // 2) if self.feather is None else int(self.feather)
+        if r > 0:
+            # grown by r, then a box mean of the same radius: 1 up to the free cells' edge, 0 from 2r beyond
+            free = F.avg_pool2d(F.max_pool2d(free, 2 * r + 1, stride=1, padding=r), 2 * r + 1, stride=1, padding=r,
+                                count_include_pad=False)
+        return free[0, 0].clamp(0, 1).numpy()
+
+    def paste_back(self, edited: Image.Image, grid: tuple[int, int]) -> Image.Image:
+        """``edited`` (the edited run's final image) with the unedited ``image``'s pixels outside the
+        free cells of the latent ``grid`` (feathered, :meth:`alpha`); ``edited`` itself without ``image``."""
+        if self.image is None:
+            return edited
+        if self.image.size != edited.size:
+            raise ValueError(f"the unedited image is {self.image.size}, the edited one {edited.size}")
+        a = self.alpha(grid, (edited.size[1], edited.size[0]))[..., None]
+        mine, theirs = (np.asarray(im.convert("RGB"), np.float32) for im in (edited, self.image))
+        mixed = a * mine + (1 - a) * theirs
+        return Image.fromarray(np.clip(np.round(mixed), 0, 255).astype(np.uint8))
 
     def __call__(self, step: int, latent: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         if step >= len(self.reference):
@@ -267,7 +300,8 @@ def guided_sample(
     (:class:`~ldm_scene.latent_move.LatentMoveEditor`) rewrites the latent after each step;
     other editors pass through unchanged. ``readers`` go to the sampler as they are; ``keep``
     blends each step's latent with the unedited run's outside the region the edit may change
-    (after any ``after_step`` editor).
+    (after any ``after_step`` editor), and pastes the unedited image back there on the final image
+    when it holds one (:meth:`KeepBackground.paste_back`).
     """
     movers = [e for e in editors if hasattr(e, "after_step")]
     if movers and float(model.pipe.scheduler.init_noise_sigma) <= 1.0:
@@ -284,5 +318,8 @@ def guided_sample(
             attach = getattr(editor, "attached", None)
             if attach is not None:
                 stack.enter_context(attach(model.unet))
-        yield from sample(model, config, readers=readers, editors=[e for e in editors if e.sites],
-                          previews=previews, decode_final=decode_final, blend=blend)
+        for state in sample(model, config, readers=readers, editors=[e for e in editors if e.sites],
+                            previews=previews, decode_final=decode_final, blend=blend):
+            if state.image is not None and keep is not None:
+                state = replace(state, image=keep.paste_back(state.image, tuple(state.latent.shape[-2:])))
+            yield state

@@ -9,8 +9,9 @@ the object), after one chosen step:
 1. the step's x0 prediction is split from the rest of the latent (``latent = x0 + sigma * eps``
    for the sigma-parameterised schedulers this project samples with: Euler, LMS);
 2. the object's cells (its mask, pooled to the latent grid, grown by ``dilate`` cells) are cut
-   out of x0 and the hole is filled by harmonic interpolation of the surrounding background
-   (each hole cell the mean of its neighbours, to convergence);
+   out of x0 and the hole is filled from the surrounding background along each row
+   (:func:`row_fill`: a horizon or a table's edge goes on through the hole where it was), or by
+   harmonic interpolation (``fill="harmonic"``: each hole cell the mean of its neighbours);
 3. the object's x0 and its share of the noise are translated (bilinear, sub-cell) by the
    displacement from the mask's centroid to the target's, and pasted over the filled x0; with
    ``fit`` (the default) they are first scaled about the centroid to the target's area, so a
@@ -96,6 +97,35 @@ def harmonic_fill(x: torch.Tensor, hole: torch.Tensor, iterations: int = 200) ->
     return out
 
 
+def row_fill(x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[1, C, h, w]`` with the cells where ``hole`` ``[1, 1, h, w]`` is 1 filled along their
+    row: linearly between the nearest known cells to the left and right, with the one known side's
+    value where the hole reaches the frame's edge; a row with no known cell is filled harmonically
+    (:func:`harmonic_fill`, from the rows above and below).
+
+    A scene's long edges run across the frame (a horizon, a floor's or a table's edge): filled along
+    rows they go on through the hole where they were, where a harmonic fill blurs them into a gradient
+    that the run then redraws a cell or so off (:attr:`LatentMoveEditor.fill`)."""
+    h, w = x.shape[-2:]
+    known = hole[0, 0] < 0.5
+    cols = torch.arange(w, device=x.device).expand(h, w)
+    left = torch.where(known, cols, -1).cummax(dim=1).values  # nearest known cell at or left of each cell
+    right = torch.where(known, cols, w).flip(1).cummin(dim=1).values.flip(1)  # ... at or right of it
+    has_left, has_right = left >= 0, right < w
+    lx = x.gather(-1, left.clamp(0, w - 1).expand_as(x))
+    rx = x.gather(-1, right.clamp(0, w - 1).expand_as(x))
+    t = ((cols - left).float() / (right - left).clamp_min(1).float()).to(x.dtype)
+    between = (1 - t) * lx + t * rx
+    filled = torch.where(has_left & has_right, between, torch.where(has_left, lx, rx))
+    if not (has_left | has_right).all():
+        filled = torch.where(has_left | has_right, filled, harmonic_fill(x, hole))
+    return torch.where(known, x, filled)
+
+
+#: How :func:`carry` fills the object's old place in x0: by name.
+FILLS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"rows": row_fill, "harmonic": harmonic_fill}
+
+
 #: The most ``fit`` scales the object by (and 1 / it, the least).
 MAX_FIT_SCALE = 2.0
 
@@ -124,8 +154,19 @@ class LatentMoveEditor:
     fit: bool = True
     #: Latent cells around the object's old place that :func:`~ldm_scene.intervention.keep_background`
     #: also leaves free: what the mask misses there (the object's shadow, its soft edge), held at
-    #: the unedited run's latents, makes the run draw the object back where it was.
-    vacated_margin: int = 2
+    #: the unedited run's latents, makes the run draw the object back where it was. The default frees
+    #: exactly what the move cuts out of x0 (``dilate`` cells around the mask).
+    vacated_margin: int = 1
+    #: How the object's old place in x0 is filled before the run resumes (:data:`FILLS`): "rows"
+    #: (:func:`row_fill`) or "harmonic" (:func:`harmonic_fill`). On 120 trials with seeds apart from
+    #: the evaluation's and the sweep's (the background kept; background PSNR outside the old and
+    #: target masks): harmonic fill, 2 cells freed, 90% success at 22.5 dB on the first 40 (the
+    #: horizon redrawn a pixel off across the hole); rows, 2 cells freed, 86.7% at 24.2 dB on all 120;
+    #: rows, 1 cell freed, 85.0% at 25.0 dB (the 10 trials that differ are shape flips, 6 one way
+    #: and 4 the other); the unedited image pasted back outside the free cells
+    #: (:meth:`~ldm_scene.intervention_methods.KeepBackground.paste_back`): 86.7% at 24.5 dB and
+    #: 84.2% at 25.6 dB. Its control (random-move) stays at 14.2% in each.
+    fill: str = "rows"
     #: (dx, dy) in pixels, set at construction (the control's is the method's turned by a random angle).
     displacement: tuple[float, float] = field(init=False)
     _centroid: tuple[float, float] = field(init=False, repr=False)
@@ -160,6 +201,8 @@ class LatentMoveEditor:
             raise ValueError(f"the object's mask is {source.shape} and the target {target.shape}: they must match")
         if self.vacated_margin < 0:
             raise ValueError(f"vacated_margin must be >= 0, got {self.vacated_margin}")
+        if self.fill not in FILLS:
+            raise ValueError(f"fill must be one of {sorted(FILLS)}, got {self.fill!r}")
         if self.correct_after < 1:
             raise ValueError(f"correct_after must be >= 1 step, got {self.correct_after}")
         self.source, self.target = source, target
@@ -207,7 +250,8 @@ class LatentMoveEditor:
         corrected ``correct_after`` steps later if the object is found off its goal."""
         if step == self.at and self.displacement != (0.0, 0.0):
             self.edited.append(step)
-            return carry(latent, x0, self.source, self.displacement, self.scale, self._centroid, self.dilate)
+            return carry(latent, x0, self.source, self.displacement, self.scale, self._centroid, self.dilate,
+                         self.fill)
         if self.locate is not None and step == self.at + self.correct_after and self.edited:
             found = self.locate(x0)
             if found is None or not np.asarray(found).any():
@@ -221,15 +265,16 @@ class LatentMoveEditor:
                 return latent
             self.edited.append(step)
             self.corrections.append((step, dx, dy))
-            return carry(latent, x0, found, (dx, dy), 1.0, (fx, fy), self.dilate)
+            return carry(latent, x0, found, (dx, dy), 1.0, (fx, fy), self.dilate, self.fill)
         return latent
 
 
 def carry(latent: torch.Tensor, x0: torch.Tensor, mask: np.ndarray, displacement: tuple[float, float],
-          scale: float, centroid: tuple[float, float], dilate: int = 1) -> torch.Tensor:
+          scale: float, centroid: tuple[float, float], dilate: int = 1, fill: str = "rows") -> torch.Tensor:
     """``latent`` (``[1, C, h, w]``, ``= x0 + noise``) with the content under ``mask`` (bool, image
-    size; grown by ``dilate`` cells) cut out of x0, the hole filled harmonically, and the content (x0
-    and its noise) scaled by ``scale`` about ``centroid`` and moved by ``displacement`` (pixels)."""
+    size; grown by ``dilate`` cells) cut out of x0, the hole filled (``fill``, a name in
+    :data:`FILLS`), and the content (x0 and its noise) scaled by ``scale`` about ``centroid`` and
+    moved by ``displacement`` (pixels)."""
     h, w = latent.shape[-2:]
     cell_x, cell_y = mask.shape[1] / w, mask.shape[0] / h
     dx, dy = displacement[0] / cell_x, displacement[1] / cell_y
@@ -241,6 +286,6 @@ def carry(latent: torch.Tensor, x0: torch.Tensor, mask: np.ndarray, displacement
     x0 = x0.float()
     noise = latent.float() - x0
     landed = warp(hole, dx, dy, scale, cx, cy).clamp(0, 1)
-    new_x0 = harmonic_fill(x0, hole) * (1 - landed) + warp(x0, dx, dy, scale, cx, cy) * landed
+    new_x0 = FILLS[fill](x0, hole) * (1 - landed) + warp(x0, dx, dy, scale, cx, cy) * landed
     new_noise = noise * (1 - landed) + warp(noise, dx, dy, scale, cx, cy) * landed
     return (new_x0 + new_noise).to(latent.dtype)

@@ -325,9 +325,18 @@ def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     done = [t for t in data["trials"] if "skipped" not in t]
     assert summary["n_evaluated"] == len(done) and list(summary["methods"]) == ["unedited", *methods]
     assert summary["move_correct_after"] is None  # no move among the methods
-    # a move's settings are read off an editor built as the trials built theirs; its rows say what it corrected
+    # a move's settings are those its trials' editors recorded; its rows say what it corrected
+    from ldm_scene.latent_move import LatentMoveEditor
+
     moved = run_trials(TOY_MODEL_DIR, 1, tmp_path / "move", methods=("latent-move",))
-    assert (moved["move_correct_after"], moved["move_vacated_margin"], moved["move_keep_margin"]) == (4, 2, 0)
+    assert (moved["move_correct_after"], moved["move_vacated_margin"], moved["move_keep_margin"], moved["move_fill"]) == (
+        LatentMoveEditor.correct_after, LatentMoveEditor.vacated_margin, 0, "rows")
+    readme = (tmp_path / "move" / "README.md").read_text()
+    assert "filled the object's old place in the x0 prediction along rows" in readme
+    assert moved["paste_back"] and "took the unedited image's pixels outside those cells" in readme
+    # a rerun with other move settings does not reuse these trials: the editor's defaults are part of the resume key
+    run = json.loads((tmp_path / "move" / "run.json").read_text())
+    assert run["move_defaults"]["fill"] == "rows" and run["move_defaults"]["vacated_margin"] == LatentMoveEditor.vacated_margin
     row = json.loads((tmp_path / "move" / "trials.jsonl").read_text().splitlines()[0])["latent-move"]
     assert isinstance(row["corrected_px"], list) and isinstance(row["background_psnr_beyond_cell"], float)
     for m in methods:

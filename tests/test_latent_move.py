@@ -13,7 +13,7 @@ from ldm_scene.intervention import (
 )
 from ldm_scene.intervention_methods import free_cells, guided_sample
 from ldm_scene.latent_move import (
-    MAX_FIT_SCALE, LatentMoveEditor, harmonic_fill, mask_centroid, shifted_mask, translate, warp,
+    MAX_FIT_SCALE, LatentMoveEditor, carry, harmonic_fill, mask_centroid, row_fill, shifted_mask, translate, warp,
 )
 from ldm_scene.sampler import GenerationConfig, sample
 
@@ -67,6 +67,48 @@ def test_harmonic_fill_restores_a_linear_field_and_leaves_the_rest():
     filled = harmonic_fill(damaged, hole, iterations=400)
     assert torch.allclose(filled, field, atol=1e-3)
     assert torch.equal(filled[..., hole[0, 0] == 0], damaged[..., hole[0, 0] == 0])
+
+
+def test_row_fill_carries_a_horizon_through_the_hole_where_harmonic_fill_blurs_it():
+    """A horizon (sky above row 6, ground below, each with a gradient across the frame) behind a
+    hole: filled along rows, every hole cell gets its own row's value, so the edge stays on its row;
+    harmonic fill mixes the rows above and below into a gradient (what the run redraws off the row)."""
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    field = torch.stack([torch.where(ys < 6, 2.0, -1.0) + 0.1 * xs, torch.where(ys < 6, -0.5, 0.5) - 0.05 * xs])[None]
+    hole = torch.zeros(1, 1, 16, 16)
+    hole[..., 3:10, 5:11] = 1
+    damaged = field * (1 - hole) + 9.0 * hole
+    filled = row_fill(damaged, hole)
+    assert torch.allclose(filled, field, atol=1e-5)  # linear along each row: given back exactly
+    assert torch.equal(filled[..., hole[0, 0] == 0], damaged[..., hole[0, 0] == 0])
+    blurred = harmonic_fill(damaged, hole, iterations=400)
+    assert (blurred - field)[..., 5:7, 5:11].abs().max() > 0.5  # the rows beside the edge mixed
+
+
+def test_row_fill_at_the_frame_edge_and_on_a_row_with_nothing_known():
+    x = torch.arange(2 * 6 * 8, dtype=torch.float32).reshape(1, 2, 6, 8)
+    hole = torch.zeros(1, 1, 6, 8)
+    hole[..., 1, 5:] = 1  # reaches the right edge: the nearest known cell's value
+    hole[..., 2, :3] = 1  # reaches the left edge
+    hole[..., 4, :] = 1  # the whole row: harmonic, from the rows above and below
+    filled = row_fill(x, hole)
+    assert torch.equal(filled[..., 1, 5:], x[..., 1, 4:5].expand(-1, -1, 3))
+    assert torch.equal(filled[..., 2, :3], x[..., 2, 3:4].expand(-1, -1, 3))
+    assert torch.allclose(filled[..., 4, :], harmonic_fill(x, hole)[..., 4, :])
+    assert ((filled[..., 4, :] > x[..., 3, :]) & (filled[..., 4, :] < x[..., 5, :])).all()  # between its neighbours
+
+
+def test_carry_fills_the_old_place_with_the_named_fill():
+    x0, noise = _scene()
+    mask = np.zeros((64, 64), bool)
+    mask[12:24, 8:20] = True  # cells 3-5 x 2-4 at 4 px per cell
+    for fill, fn in (("rows", row_fill), ("harmonic", harmonic_fill)):
+        out = carry(x0 + noise, x0, mask, (32.0, 0.0), 1.0, (14.0, 18.0), dilate=0, fill=fill)
+        hole = torch.zeros(1, 1, 16, 16)
+        hole[..., 3:6, 2:5] = 1
+        assert torch.allclose((out - noise)[..., 3:6, 2:5], fn(x0, hole)[..., 3:6, 2:5], atol=1e-4)
+    with pytest.raises(ValueError, match="fill"):
+        LatentMoveEditor(mask, np.roll(mask, 8, axis=1), at=3, fill="nearest")
 
 
 def _scene(h=16, w=16):
@@ -261,6 +303,49 @@ def test_on_the_tiny_model_the_move_changes_only_what_follows_its_step(tiny_mode
     assert not torch.equal(edited[1].latent[..., cells], plain[1].latent[..., cells])
     for mine, theirs in zip(edited[1:], plain[1:]):
         assert torch.equal(mine.latent[..., ~cells], theirs.latent[..., ~cells])
+
+
+def test_paste_back_keeps_the_unedited_pixels_outside_the_free_cells_with_a_ramp_of_half_a_cell():
+    from PIL import Image
+
+    from ldm_scene.intervention_methods import KeepBackground
+
+    free = np.zeros((64, 64), bool)
+    free[21:30, 22:27] = True  # latent cells 5-7 x 5-6 at 4 px per cell: pixels 20-31 x 20-27
+    unedited = Image.fromarray(np.full((64, 64, 3), 40, np.uint8))
+    edited = Image.fromarray(np.full((64, 64, 3), 240, np.uint8))
+    keep = KeepBackground([torch.zeros(1, 4, 16, 16)], free, 0, image=unedited)
+    alpha = keep.alpha((16, 16), (64, 64))
+    assert (alpha[20:32, 20:28] == 1).all()  # the free cells' pixels: the edit's
+    ring = np.zeros((64, 64), bool)
+    ring[16:36, 16:32] = True
+    assert (alpha[~ring] == 0).all()  # nothing beyond 4 px (2 x half a cell) from them
+    column = alpha[20:36, 24]
+    assert (np.diff(column[11:]) <= 0).all() and 0 < column[13] < 1  # a ramp down, no step
+    out = np.asarray(keep.paste_back(edited, (16, 16)))
+    assert (out[20:32, 20:28] == 240).all() and (out[~ring] == 40).all()
+    assert np.asarray(KeepBackground([torch.zeros(1, 4, 16, 16)], free).paste_back(edited, (16, 16))).min() == 240
+    with pytest.raises(ValueError, match="unedited image"):
+        keep.paste_back(edited.resize((32, 32)), (16, 16))
+
+
+def test_on_the_tiny_model_the_final_image_is_the_unedited_one_outside_the_free_cells(tiny_model):
+    """Given the unedited image, the edited run's final image is pasted back on it: identical beyond
+    the ramp around the free cells, the edited run's own image on them; without it, nothing pasted."""
+    config = GenerationConfig("a red cube", seed=3, steps=STEPS)
+    h, w = tiny_model.image_size
+    source, target = _box(h, w, 0, 0, h // 4), _box(h, w, h // 2, w // 2, h // 4)
+    plain = list(sample(tiny_model, config))
+    runs = {}
+    for name, image in (("bare", None), ("pasted", plain[-1].image)):
+        editor = make_editor("latent-move", {}, target, steps=(1,), source=source)
+        keep = keep_background([s.latent for s in plain], source, target, editor=editor, image=image)
+        runs[name] = np.asarray(list(guided_sample(tiny_model, config, [editor], keep=keep))[-1].image, np.int16)
+    alpha = keep.alpha(tuple(plain[-1].latent.shape[-2:]), (h, w))
+    unedited = np.asarray(plain[-1].image, np.int16)
+    assert np.array_equal(runs["pasted"][alpha == 0], unedited[alpha == 0])
+    assert np.array_equal(runs["pasted"][alpha == 1], runs["bare"][alpha == 1])
+    assert not np.array_equal(runs["bare"][alpha == 0], unedited[alpha == 0])  # the decoder's spread, now gone
 
 
 def test_on_the_tiny_model_the_correction_reads_the_decoded_x0_and_moves_the_rest_of_the_way(tiny_model):

@@ -665,6 +665,12 @@ def test_intervention_keeps_the_original_latents_outside_the_edit(service, run, 
     for mine, theirs in zip(edited.trajectory, run.trajectory):
         assert torch.equal(mine[..., ~cells], theirs[..., ~cells])
     assert not torch.equal(edited.trajectory[-1][..., cells], run.trajectory[-1][..., cells])
+    # and the unedited image is pasted back on the edited one beyond the ramp around those cells
+    size = (h // grid[0]) // 2
+    near = torch.nn.functional.max_pool2d(torch.nn.functional.interpolate(cells[None, None].float(), size=(h, w)),
+                                          4 * size + 3, stride=1, padding=2 * size + 1)[0, 0].bool().numpy()
+    assert not near.all()
+    assert np.array_equal(np.asarray(edited.image)[~near], np.asarray(run.image)[~near])
 
 
 def test_a_move_without_an_object_says_so_and_names_the_other_methods(service, run, tiny_model):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +46,7 @@ from ..intervention import (
     load_intervention_banks, make_editor, mask_image,
 )
 from ..intervention_methods import guided_sample
+from ..latent_move import LatentMoveEditor
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
     DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
     make_target, nudge_target, rectangle_mask, scaled_mask, shift_room, shift_target,
@@ -244,9 +245,17 @@ class _World:
         the unedited run's latents outside the object's old mask and the target (and, for a move,
         where the object lands)."""
         editor = build_editor(setting, self.banks, target, steps, config.seed, original.mask, self.locate)
-        keep = keep_background(original.trajectory, original.mask, target, editor=editor) if keep else None
+        keep = (keep_background(original.trajectory, original.mask, target, editor=editor, image=original.image)
+                if keep else None)
         states, seconds = _timed(guided_sample(self.model, config, [editor], keep=keep))
         return states[-1].image, seconds, editor
+
+
+def editor_defaults(cls: type) -> dict:
+    """A dataclass editor's plain (number, string, bool) field defaults: what its trials ran with
+    unless a setting says otherwise."""
+    return {f.name: f.default for f in fields(cls)
+            if f.default is not MISSING and isinstance(f.default, (int, float, str, bool))}
 
 
 def _trial_target(seed: int, index: int, mask: np.ndarray) -> tuple[str, np.ndarray, dict]:
@@ -263,15 +272,18 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     the same model, steps, scheduler, methods and ``keep`` skips the trials already there.
     ``scheduler`` (a diffusers scheduler class) replaces the model's own for every generation of
     the trials. ``keep``: every method (controls included) keeps the unedited run's latents outside
-    the object's old mask and the target (:func:`~ldm_scene.intervention.keep_background`).
+    the object's old mask and the target (:func:`~ldm_scene.intervention.keep_background`) and pastes
+    the unedited image back there on its final image.
     """
     world = _World(Path(model_dir), scheduler)
     methods = tuple(methods)
     out.mkdir(parents=True, exist_ok=True)
-    # The resume key: trials of another model, schedule, guidance or method set are not reused.
+    # The resume key: trials of another model, schedule, guidance, method set or method settings are not reused.
     run = {"model": str(model_dir), "steps": steps, "scheduler": world.model.scheduler_name, "methods": list(methods),
            "seed0": TRIAL_SEED0, "keep_background": keep,
-           "guidance": config_for(world.model, "a", 0, steps).guidance_text}
+           "guidance": config_for(world.model, "a", 0, steps).guidance_text,
+           "defaults": {m: vars(METHOD_DEFAULTS[m]) for m in methods},
+           "move_defaults": editor_defaults(LatentMoveEditor)}
     log, header = out / "trials.jsonl", out / "run.json"
     done: dict[int, dict] = {}
     if resume and log.exists() and header.exists() and json.loads(header.read_text()) == run:
@@ -296,26 +308,32 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     rows = [done[TRIAL_SEED0 + i] for i in range(n)]
     summary = summarise(rows, methods)
     summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
-                   defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep,
-                   keep_margin=KEEP_MARGIN if keep else None, **_move_settings(world, methods, steps, keep))
+                   defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep, paste_back=keep,
+                   keep_margin=KEEP_MARGIN if keep else None, **_move_settings(rows, methods))
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
     examples_figure(rows[:N_EXAMPLES], methods, examples_dir, out / "examples.png")
     return summary
 
 
-def _move_settings(world: _World, methods: Sequence[str], steps: int, keep: bool) -> dict:
-    """The move's settings as the trials' editors had them: read off an editor built the same way."""
-    moves = [m for m in methods if m in NEEDS_SOURCE]
-    if not moves:
-        return {"move_keep_margin": None, "move_vacated_margin": None, "move_correct_after": None}
-    h, w = world.model.image_size
-    mask = np.zeros((h, w), bool)
-    mask[: h // 2, : w // 2] = True
-    editor = build_editor(Setting(moves[0]), world.banks, np.roll(mask, w // 2, axis=1), steps, 0, mask, world.locate)
-    return {"move_keep_margin": editor.keep_margin if keep else None,
-            "move_vacated_margin": editor.vacated_margin if keep else None,
-            "move_correct_after": editor.correct_after if editor.locate is not None else None}
+def move_settings(editor: Any, keep: bool) -> dict:
+    """The settings a move's editor ran with, as a trial records them: the background it frees (with
+    ``keep``), its correction (None without a ``locate``) and how it fills the object's old place."""
+    return {"keep_margin": editor.keep_margin if keep else None,
+            "vacated_margin": editor.vacated_margin if keep else None,
+            "correct_after": editor.correct_after if editor.locate is not None else None,
+            "fill": editor.fill}
+
+
+def _move_settings(rows: Sequence[dict], methods: Sequence[str]) -> dict:
+    """The summary's ``move_*`` fields: the settings the trials' move editors recorded (the first
+    trial that ran a move; every trial of one run builds its editors alike); None without a move."""
+    for row in rows:
+        for m in methods:
+            settings = row.get(m, {}).get("move") if m in NEEDS_SOURCE else None
+            if settings is not None:
+                return {f"move_{k}": v for k, v in settings.items()}
+    return {"move_keep_margin": None, "move_vacated_margin": None, "move_correct_after": None, "move_fill": None}
 
 
 def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], steps: int,
@@ -340,6 +358,8 @@ def _one_trial(world: _World, seed: int, index: int, methods: Sequence[str], ste
         losses = getattr(editor, "losses", None)
         if losses:
             result["readout_loss"] = [float(v) for _, v in losses]
+        if method in NEEDS_SOURCE:
+            result["move"] = move_settings(editor, keep)
         corrections = getattr(editor, "corrections", None)
         if corrections is not None and getattr(editor, "locate", None) is not None:
             result["corrected_px"] = [math.hypot(dx, dy) for _, dx, dy in corrections]

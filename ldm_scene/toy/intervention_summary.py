@@ -138,9 +138,15 @@ def render_table(summary: dict) -> str:
                 f"grown by {moves}" + ("" if vacated is None else f", and the old mask grown by {vacated}") + ")")
         lines += [f"Every method, controls included, kept the unedited run's latents outside the object's old mask and "
                   f"the target grown by {summary.get('keep_margin')} latent cell(s){also}, at every step (blended latent "
-                  "diffusion; `--keep-background`).", ""]
+                  "diffusion; `--keep-background`)"
+                  + (", and its final image took the unedited image's pixels outside those cells, feathered over "
+                     "one cell beyond them (`KeepBackground.paste_back`)" if summary.get("paste_back") else "") + ".", ""]
     elif "keep_background" in summary:
         lines += ["No method kept the background: each edited run denoised the whole latent (`--no-keep-background`).", ""]
+    if summary.get("move_fill"):
+        lines += [f"{' and '.join(sorted(NEEDS_SOURCE))} filled the object's old place in the x0 prediction "
+                  + ("along rows (each hole cell interpolated between the nearest background cells left and right)"
+                     if summary["move_fill"] == "rows" else f"by the {summary['move_fill']} fill") + ".", ""]
     if summary.get("move_correct_after"):
         lines += [f"{' and '.join(sorted(NEEDS_SOURCE))} found the object again {summary['move_correct_after']} steps "
                   "after the move (the shipped labeler on the decoded x0 prediction) and, if it stood off where the move "

@@ -20,13 +20,16 @@ from .intervention_summary import _num, _pct, summarise_rows
 from .quality import has_object
 
 #: The settings ``intervene-sweep`` tries: latent-move's step, its scaling to the target (``fit``),
-#: the ring it frees around the old place (``vacated_margin``) and its correction (none: ``locate``
+#: the ring it frees around the old place (``vacated_margin``), how it fills that place (``fill``) and its correction (none: ``locate``
 #: None; ``correct_after``); readout-guidance's gain and
 #: steps; steer's gain and outside share.
 SWEEP_GRID: tuple[Setting, ...] = (
     Setting("latent-move", "none", 0.4, 1.0), Setting("latent-move", "none", 0.6, 1.0),
     Setting("latent-move", "none", 0.6, 1.0, options=(("fit", False),)),
     Setting("latent-move", "none", 0.6, 1.0, options=(("vacated_margin", 0),)),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("vacated_margin", 2),)),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("fill", "harmonic"),)),
+    Setting("latent-move", "none", 0.6, 1.0, options=(("fill", "harmonic"), ("vacated_margin", 2))),
     Setting("latent-move", "none", 0.73, 1.0),
     Setting("latent-move", "none", 0.6, 1.0, options=(("locate", None),)),
     Setting("latent-move", "none", 0.6, 1.0, options=(("correct_after", 2),)),
@@ -90,7 +93,8 @@ def render_sweep(rows: Sequence[dict], steps: int = 15) -> str:
              f"{SWEEP_SEED0:,} (the evaluation's start at {TRIAL_SEED0:,}), {steps} steps"
              f"{', ' + rows[0]['guidance'] if rows and rows[0].get('guidance') else ''}; targets and success as in "
              "the evaluation. * marks the method's shipped default."
-             + (" Every edit kept the background (the unedited run's latents outside the old mask and the target)."
+             + (" Every edit kept the background (the unedited run's latents outside the old mask and the target, "
+                "and the unedited image pasted back outside them on the final image)."
                 if rows and rows[0].get("keep_background") else ""), ""]
     table = []
     for r in rows:

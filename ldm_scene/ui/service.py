@@ -414,7 +414,7 @@ class Service:
         # The reader is hooked before the editor, so it sees each site's activation as the UNet made it.
         readers = [ProbeReader({"foreground": self.banks["foreground"]}, readable)] if readable else []
         # Outside the object's old place and its target the edited run keeps the original's latents.
-        keep = (keep_background(run.trajectory, run.foreground, target, editor=editor)
+        keep = (keep_background(run.trajectory, run.foreground, target, editor=editor, image=run.image)
                 if len(run.trajectory) == run.num_steps == config.steps else None)
         with self._exclusive(), ExitStack() as stack:
             states = intervene(model, config, target, method, self.intervention_banks, steps=edit_steps,
