@@ -16,8 +16,8 @@ ceiling (the exact mask pooled to the grid and upsampled back); margins carry pa
 
 The images are generated in two passes (training and validation images to fit, then validation
 and test images to score), so only one image's activations are held at a time; what stays is each
-group's ridge statistics per step and split (``C x C`` float64). For SD v1.4 at 512 px, N images'
-activations would be some 23 MB per image and step; the statistics are 0.36 GB per step and split
+group's ridge statistics per step and split (``C x C`` float64); of the image, only the chosen groups'
+sites are kept. For SD v1.4 at 512 px, N images' activations would be some 23 MB per image and step; the statistics are 0.36 GB per step and split
 for the up-block group (C = 6720) and 1.25 GB for the all-sites group (C = 12480), about 49 GB for
 the four groups at 15 steps, about 11 GB for ``--groups up`` alone (``--at`` reads fewer steps, and
 then writes no probe file).
@@ -82,13 +82,14 @@ def _readout(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, grid: tuple[int,
 
 
 class _Image:
-    """What the analysis keeps of one generated image: each site's activations at the chosen steps
-    (float16), its final foreground mask and, for a test image, the labeler's mask of each step's x0."""
+    """What the analysis keeps of one generated image: the activations of ``sites`` (default: every
+    site) at the chosen steps (float16), its final foreground mask and, for a test image, the
+    labeler's mask of each step's x0."""
 
-    def __init__(self, ctx: "RunContext", record, steps: Sequence[int]):
+    def __init__(self, ctx: "RunContext", record, steps: Sequence[int], sites: Sequence[str] = SITE_KEYS):
         trace = generate_trace(ctx, record)
         self.split, self.prompt = record.split, record.prompt
-        self.acts = {k: {s: trace.acts[s][k].to(torch.float16).cpu() for s in SITE_KEYS} for k in steps}
+        self.acts = {k: {s: trace.acts[s][k].to(torch.float16).cpu() for s in sites} for k in steps}
         fg = label_images(ctx, trace.image[None], [record.seed])["foreground"][0]
         self.mask = torch.from_numpy(np.asarray(fg) > 0.5)
         self.x0_masks: dict[int, torch.Tensor] = {}
@@ -281,8 +282,10 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
         raise ValueError(f"steps {bad} are outside the run's {config.steps} steps")
     ships = set(steps) == set(range(config.steps)) and SHIPPED_GROUP in groups
 
+    sites = [k for k in SITE_KEYS if any(k in group for group in groups.values())]  # what the groups read
+
     def source(splits: frozenset) -> Iterable[_Image]:  # each pass generates its images again
-        return (_Image(ctx, r, steps) for r in ctx.records if r.split in splits)
+        return (_Image(ctx, r, steps, sites) for r in ctx.records if r.split in splits)
 
     fits: dict = {}
     result = analyse(source, steps, groups, resamples=resamples, seed=config.seed, progress=progress, fits=fits)
