@@ -290,6 +290,8 @@ def test_a_reader_with_a_group_and_banks_reads_each_as_it_reads_alone(tiny_model
 
 
 def test_the_command_saves_the_probe_only_when_it_analysed_every_step(tiny_model, tmp_path, capsys):
+    from dataclasses import replace
+
     from ldm_scene.training.config import RunConfig
     from ldm_scene.training.site_groups import run
 
@@ -304,6 +306,10 @@ def test_the_command_saves_the_probe_only_when_it_analysed_every_step(tiny_model
     run(config, None, tmp_path / "none", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model,
         groups={"one": (SITE_KEYS[-1],)})  # every step, but without the app's group: no file
     assert not (tmp_path / "none" / GROUP_FILE).exists() and "not written" in capsys.readouterr().out
+    run(replace(config, train_fraction=0.6, out=str(tmp_path / "work-split")), None, tmp_path / "split", resamples=20,
+        progress=False,
+        labeler=LumaLabeler(), model=tiny_model)  # every step and group, but not the banks' split: no file
+    assert not (tmp_path / "split" / GROUP_FILE).exists() and "--train-fraction 0.4" in capsys.readouterr().out
     result = run(config, None, tmp_path / "all", resamples=20, progress=False, labeler=LumaLabeler(), model=tiny_model)
     probe = GroupProbe.load(tmp_path / "all" / GROUP_FILE)
     assert probe.steps == (0, 1, 2) and result["shipped"]["file"] == GROUP_FILE

@@ -163,6 +163,10 @@ def test_the_command_refuses_bad_steps_with_a_usage_message(capsys):
     with pytest.raises(SystemExit):
         main(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--groups", "most"])
     assert "--groups takes a comma list" in capsys.readouterr().err
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(SystemExit):
+            main(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--train-fraction", bad])
+        assert "--train-fraction must lie between 0 and 1" in capsys.readouterr().err
 
 
 def test_the_groups_page_claims_a_shipped_probe_only_where_its_file_is(tmp_path):

@@ -36,6 +36,8 @@ def check_args(args: argparse.Namespace) -> str | None:
 
     if args.n < 5:
         return "--n must be at least 5 (the images split into train, validation and test)"
+    if not 0 < args.train_fraction < 1:
+        return f"--train-fraction must lie between 0 and 1 (the rest of the images test the probes), got {args.train_fraction}"
     try:
         parse_steps(args.at, args.steps)
         parse_groups(args.groups)
@@ -90,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma list of site, up2, up, all: the best single site, up_blocks.2's 3 sites, the 9 up-block "
                         "sites (the probe the app reads), every site (default: all four; fewer keep less in memory)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train-fraction", type=float, default=0.4,
+                   help="share of the images that fit the probes (a fifth of it validates), the rest test them; "
+                        "the probe file is written only at the probe run's 0.4, the split its banks were fit on")
     g.add_argument("--bootstrap", type=int, default=1000)
     g.add_argument("--device", default=None)
     g.add_argument("--threads", type=int, default=None)

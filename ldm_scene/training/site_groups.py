@@ -273,6 +273,7 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     """Generate the probe run's images, fit each of ``groups``' probes at ``steps``, write groups.json/.md/.png to
     ``out`` and, when every step was analysed and it is among ``groups``, the :data:`SHIPPED_GROUP`'s probe
     (``labeler``, ``model``: as :func:`~.context.prepare` takes them; default: the run's own)."""
+    from .config import RunConfig
     from .context import prepare
 
     ctx = prepare(config, labeler, model)
@@ -280,7 +281,9 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     bad = [k for k in steps if not 0 <= k < config.steps]
     if bad:
         raise ValueError(f"steps {bad} are outside the run's {config.steps} steps")
-    ships = set(steps) == set(range(config.steps)) and SHIPPED_GROUP in groups
+    # the app reads the file beside the probe banks: only a fit on their split (the default) may ship
+    same_split = config.train_fraction == RunConfig.train_fraction and config.val_fraction == RunConfig.val_fraction
+    ships = set(steps) == set(range(config.steps)) and SHIPPED_GROUP in groups and same_split
 
     sites = [k for k in SITE_KEYS if any(k in group for group in groups.values())]  # what the groups read
 
@@ -303,8 +306,8 @@ def run(config, steps: Sequence[int] | None = None, out: Path | None = None, res
     if ships:
         shipped_probe(ctx, result, fits).save(out / GROUP_FILE)
     else:  # the app reads the foreground at every step: a probe for some steps would leave the others blank
-        print(f"{GROUP_FILE} not written: it is saved only when every step is analysed (no --at) "
-              f"and the {SHIPPED_GROUP} group is among --groups")
+        print(f"{GROUP_FILE} not written: it is saved only when every step is analysed (no --at), "
+              f"the {SHIPPED_GROUP} group is among --groups and the images split as the probe run's (--train-fraction 0.4)")
     link_groups_page(out)
     return result
 
@@ -381,7 +384,8 @@ def run_cli(args: "argparse.Namespace") -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = parse_steps(args.at, args.steps)
-    config = RunConfig(model=args.model, n=args.n, out=args.work, steps=args.steps, seed=args.seed, device=args.device)
+    config = RunConfig(model=args.model, n=args.n, out=args.work, steps=args.steps, seed=args.seed, device=args.device,
+                       train_fraction=args.train_fraction)
     result = run(config, steps, Path(args.out), resamples=args.bootstrap, progress=not args.no_progress,
                  groups=parse_groups(args.groups))
     for k, row in result["per_step"].items():
