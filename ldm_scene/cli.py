@@ -91,7 +91,7 @@ def _intervene_arguments(iv: argparse.ArgumentParser) -> None:
     iv.add_argument("--probes", default=None, help="probe directory (default: the model's probes/)")
     iv.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
                     help="hold the unedited run's latents outside the object's old place and its target "
-                         "(blended latent diffusion; default on)")
+                         "(blended latent diffusion) and paste the unedited image back there on the result (default on)")
     iv.add_argument("--device", default=None)
     iv.add_argument("--out", required=True)
 

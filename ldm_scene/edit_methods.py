@@ -93,24 +93,25 @@ _GUIDANCE_DEFAULTS = MethodDefaults("up", 1 / 3, 0.25)
 #: latent-move's step, chosen with seeds apart from the evaluation's (40 trials per setting, the
 #: background kept): moved after step 3 of 15, 55% success; 4, 65%; 6, 78%; 7-10, 80-82%. Early
 #: on the layout is not settled and the run draws the object back where its noise put it. Step 9
-#: (0.6 of the run) on 80 trials: 79%. Re-swept on the fine-tuned decoder (40 trials, sweep.md):
-#: after step 3, 60%; 6, 78%; 9, 82%; 11, 85%, within the noise of 40 trials, so step 9 stands.
+#: (0.6 of the run) on 80 trials: 79%. Re-swept on the fine-tuned decoder (40 trials, an earlier
+#: sweep): after step 3, 60%; 6, 78%; 9, 82%; 11, 85%, within the noise of 40 trials, so step 9 stands.
 #: No UNet site is edited (sites "none"), gain is unused. On 100 sweep trials (seeds apart from the
 #: evaluation's; the failures were near misses short of the target along the move, and smears
 #: where the object was): holding the background up to the old mask drew the object back (78%
 #: success); not holding it, 86% at 21.0 dB background PSNR; freeing 2 cells around the old place
-#: only (``vacated_margin``), 85% at 22.8 dB; adding ``fit`` (the object scaled to a drawn
-#: target's area), 85%, IoU with the target 0.67 -> 0.75, 23.1 dB. Both are the editor's defaults.
-#: The 40-trial sweep under guidance 2 (sweep.md): 85% with both, 90% without ``fit`` (IoU 0.67,
-#: 1 dB less; 2 trials, within noise), 72% without the vacated ring (25.0 dB). The correction (the
-#: object found again 4 steps after the move and moved the rest of the way,
-#: :attr:`~ldm_scene.latent_move.LatentMoveEditor.correct_after`), on the same 40 trials: 88% and
-#: 1.0 px from the target, against 85% and 2.1 px without it, 82% and 1.7 px 2 steps after.
-#: The object's old place filled along rows (``fill``), only the cut cells freed (``vacated_margin``
-#: 1) and the unedited image pasted back outside the free cells
-#: (:meth:`~ldm_scene.intervention_methods.KeepBackground.paste_back`), re-swept on the same 40
-#: trials (sweep.md): 88% at 25.6 dB background PSNR, against 88% at 23.3 dB with the harmonic fill
-#: and 2 cells freed, 88% at 24.4 dB harmonic with 1, 85% at 24.7 dB rows with 2.
+#: (``vacated_margin``), 85% at 22.8 dB; adding ``fit`` (the object scaled to a drawn target's
+#: area), 85%, IoU with the target 0.67 -> 0.75, 23.1 dB. ``fit`` is the editor's default.
+#: An earlier 40-trial sweep under guidance 2 (before the row fill and the paste-back): 85% with
+#: both, 90% without ``fit`` (IoU 0.67, 1 dB less; 2 trials, within noise), 72% without the vacated
+#: ring (25.0 dB); the correction (the object found again 4 steps after the move and moved the rest
+#: of the way, :attr:`~ldm_scene.latent_move.LatentMoveEditor.correct_after`): 88% and 1.0 px from
+#: the target, against 85% and 2.1 px without it, 82% and 1.7 px 2 steps after; everything kept as
+#: it was, 88% at 23.0 dB. Then the object's old place filled along rows (``fill``), only the cut
+#: cells freed (``vacated_margin`` 1) and the unedited image pasted back outside the free cells
+#: (:meth:`~ldm_scene.intervention_methods.KeepBackground.paste_back`); the same 40 trials re-swept
+#: (sweep.md, the paste-back on in every row): 88% at 25.6 dB, 0.7 px; the harmonic fill with 2
+#: cells freed 88% at 23.3 dB; harmonic with 1, 88% at 24.4 dB; rows with 2, 85% at 24.7 dB; no
+#: correction 88% at 1.9 px; correcting 2 steps after 82% at 1.1 px.
 _MOVE_DEFAULTS = MethodDefaults("none", 0.6, 1.0, single_step=True)
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "steer": _STEER_DEFAULTS,

@@ -245,6 +245,9 @@ class KeepBackground:
             raise ValueError("KeepBackground needs a 2-D mask with some region free to change")
         if not self.reference:
             raise ValueError("KeepBackground needs the unedited run's latent at every step")
+        if self.image is not None and self.image.size != (free.shape[1], free.shape[0]):
+            raise ValueError(f"the unedited image is {self.image.size[0]}x{self.image.size[1]}, "
+                             f"the region to keep {free.shape[1]}x{free.shape[0]}: they must match")
 
     def cells(self, grid: tuple[int, int]) -> torch.Tensor:
         """``[1, 1, *grid]`` float: 1 on the latent cells the edit may change, 0 on those held."""
@@ -255,12 +258,13 @@ class KeepBackground:
 
     def alpha(self, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
         """``[H, W]`` float in 0..1 at the image ``size``: 1 on the free cells' pixels, falling linearly
-        to 0 over the ``2 * feather`` pixels beyond them (the edited image's share in :meth:`paste_back`)."""
+        to 0 over the ``2 * feather + 1`` pixels beyond them (the edited image's share in :meth:`paste_back`)."""
         cells = self.cells(grid)
         free = F.interpolate(cells, size=size, mode="nearest")
         r = max(1, size[0] // grid[0] // 2) if self.feather is None else int(self.feather)
         if r > 0:
-            # grown by r, then a box mean of the same radius: 1 up to the free cells' edge, 0 from 2r beyond
+            # grown by r, then a box mean of the same radius: 1 up to the free cells' edge, then falling by
+            # 1 / (2r + 1) a pixel, 0 from 2r + 1 beyond (the mean taken over the frame only at its edge)
             free = F.avg_pool2d(F.max_pool2d(free, 2 * r + 1, stride=1, padding=r), 2 * r + 1, stride=1, padding=r,
                                 count_include_pad=False)
         return free[0, 0].clamp(0, 1).numpy()

@@ -96,6 +96,17 @@ def test_row_fill_at_the_frame_edge_and_on_a_row_with_nothing_known():
     assert torch.equal(filled[..., 2, :3], x[..., 2, 3:4].expand(-1, -1, 3))
     assert torch.allclose(filled[..., 4, :], harmonic_fill(x, hole)[..., 4, :])
     assert ((filled[..., 4, :] > x[..., 3, :]) & (filled[..., 4, :] < x[..., 5, :])).all()  # between its neighbours
+    # a whole row left empty joins the row-filled rows around it: each cell the mean of its neighbours as filled
+    wide = torch.zeros(1, 1, 6, 8)
+    wide[..., 1:5, 2:6] = 1
+    wide[..., 3, :] = 1
+    x = torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(1))
+    filled = row_fill(x, wide)
+    rows = row_fill(x, torch.where(torch.arange(6)[:, None] == 3, 0.0, wide))  # the other rows alone
+    assert torch.allclose(filled[..., [1, 2, 4], :], rows[..., [1, 2, 4], :])
+    inner = filled[..., 3, 1:7]
+    around = (filled[..., 2, 1:7] + filled[..., 4, 1:7] + filled[..., 3, :6] + filled[..., 3, 2:]) / 4
+    assert torch.allclose(inner, around, atol=1e-3)
 
 
 def test_carry_fills_the_old_place_with_the_named_fill():
@@ -327,6 +338,8 @@ def test_paste_back_keeps_the_unedited_pixels_outside_the_free_cells_with_a_ramp
     assert np.asarray(KeepBackground([torch.zeros(1, 4, 16, 16)], free).paste_back(edited, (16, 16))).min() == 240
     with pytest.raises(ValueError, match="unedited image"):
         keep.paste_back(edited.resize((32, 32)), (16, 16))
+    with pytest.raises(ValueError, match="unedited image is 32x32, the region to keep 64x64"):
+        KeepBackground([torch.zeros(1, 4, 16, 16)], free, 0, image=unedited.resize((32, 32)))
 
 
 def test_on_the_tiny_model_the_final_image_is_the_unedited_one_outside_the_free_cells(tiny_model):

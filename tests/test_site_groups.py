@@ -167,6 +167,9 @@ def test_the_command_refuses_bad_steps_with_a_usage_message(capsys):
         with pytest.raises(SystemExit):
             main(["probes", "groups", "--model", "toy", "--n", "600", "--out", "o", "--train-fraction", bad])
         assert "--train-fraction must lie between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["probes", "groups", "--model", "toy", "--n", "5", "--out", "o", "--train-fraction", "0.2"])
+    assert "leaves 1 training, 0 validation and 4 test images" in capsys.readouterr().err
 
 
 def test_the_groups_page_claims_a_shipped_probe_only_where_its_file_is(tmp_path):

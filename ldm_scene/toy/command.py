@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     iv.add_argument("--methods", default=None, help="comma list (default: every method with its random control)")
     iv.add_argument("--fresh", action="store_true", help="start over instead of resuming the trials in --out")
     iv.add_argument("--keep-background", action=argparse.BooleanOptionalAction, default=True,
-                    help="every method keeps the unedited run's latents outside the old mask and the target")
+                    help="every method keeps the unedited run's latents outside the old mask and the target "
+                         "and pastes the unedited image back there")
     sw = sub.add_parser("intervene-sweep", help="each method's success per (sites, steps, gain) on seeds apart from the evaluation's")
     sw.add_argument("--model", default="weights/toy-scenes")
     sw.add_argument("--n", type=int, default=24)

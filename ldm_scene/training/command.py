@@ -38,6 +38,13 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--n must be at least 5 (the images split into train, validation and test)"
     if not 0 < args.train_fraction < 1:
         return f"--train-fraction must lie between 0 and 1 (the rest of the images test the probes), got {args.train_fraction}"
+    from .config import RunConfig
+    from .dataset import split_counts
+
+    counts = split_counts(args.n, args.train_fraction, RunConfig.val_fraction)
+    if min(counts) < 1:
+        return (f"--n {args.n} with --train-fraction {args.train_fraction} leaves {counts[0]} training, {counts[1]} "
+                f"validation and {counts[2]} test images: each part needs at least one")
     try:
         parse_steps(args.at, args.steps)
         parse_groups(args.groups)
