@@ -159,7 +159,7 @@ def _whole_picture(page, selector: str) -> dict:
     return box
 
 
-def _toast(page, text: str, timeout: float = 30_000) -> None:
+def _toast(page, text: "str | re.Pattern", timeout: float = 30_000) -> None:
     page.get_by_text(text).filter(visible=True).first.wait_for(timeout=timeout)
 
 
@@ -371,7 +371,8 @@ def _walk(page, served) -> None:
     assert not page.query_selector_all("#iv-gallery img"), "the previous intervention's result is still shown"
     page.get_by_label("shift its mask").check()
     page.click("#intervene-btn")
-    _toast(page, "before it had an image")  # refused, with why: the run was stopped
+    # refused, with why: the run was stopped (the toast's own words: the summary already says "before it had an image")
+    _toast(page, re.compile(r"stopped at step \d+ of 50, before it had an image"))
     assert re.search(r"stopped at step \d+ of 50", page.inner_text("body"))
     assert "Error" not in _text(page, "#iv-live") and "Intervening" not in _text(page, "#iv-summary")
     _close_toasts(page)
