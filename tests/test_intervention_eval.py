@@ -327,6 +327,7 @@ def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     assert summary["move_correct_after"] is None  # no move among the methods
     # a move's settings are those its trials' editors recorded; its rows say what it corrected
     from ldm_scene.latent_move import LatentMoveEditor
+    from ldm_scene.seeds import TRIAL_SEED0
 
     moved = run_trials(TOY_MODEL_DIR, 1, tmp_path / "move", methods=("latent-move",))
     assert (moved["move_correct_after"], moved["move_vacated_margin"], moved["move_keep_margin"], moved["move_fill"]) == (
@@ -334,11 +335,20 @@ def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     readme = (tmp_path / "move" / "README.md").read_text()
     assert "filled the object's old place in the x0 prediction along rows" in readme
     assert moved["paste_back"] and "took the unedited image's pixels outside those cells" in readme
-    # a rerun with other move settings does not reuse these trials: the editor's defaults are part of the resume key
-    run = json.loads((tmp_path / "move" / "run.json").read_text())
-    assert run["move_defaults"]["fill"] == "rows" and run["move_defaults"]["vacated_margin"] == LatentMoveEditor.vacated_margin
     row = json.loads((tmp_path / "move" / "trials.jsonl").read_text().splitlines()[0])["latent-move"]
     assert isinstance(row["corrected_px"], list) and isinstance(row["background_psnr_beyond_cell"], float)
+    # a rerun reuses its trials only under the same settings: the move editor's defaults are part of the resume key
+    header, log = tmp_path / "move" / "run.json", tmp_path / "move" / "trials.jsonl"
+    run = json.loads(header.read_text())
+    assert run["move_defaults"]["fill"] == "rows" and run["move_defaults"]["vacated_margin"] == LatentMoveEditor.vacated_margin
+    marker = json.dumps({"seed": TRIAL_SEED0 + 1, "skipped": "a trial kept from before"})
+    log.write_text(log.read_text() + marker + "\n")
+    run_trials(TOY_MODEL_DIR, 2, tmp_path / "move", methods=("latent-move",))  # same settings: both trials reused
+    assert marker in log.read_text().splitlines()
+    header.write_text(json.dumps({**run, "move_defaults": {**run["move_defaults"], "fill": "harmonic"}}))
+    run_trials(TOY_MODEL_DIR, 1, tmp_path / "move", methods=("latent-move",))  # other settings: started over
+    assert marker not in log.read_text() and len(log.read_text().splitlines()) == 1
+    assert json.loads(header.read_text()) == run
     for m in methods:
         rows = [t[m] for t in done]
         s = summary["methods"][m]
