@@ -109,7 +109,7 @@ _GUIDANCE_DEFAULTS = MethodDefaults("up", 1 / 3, 0.25)
 #: it was, 88% at 23.0 dB. Then the object's old place filled along rows (``fill``), only the cut
 #: cells freed (``vacated_margin`` 1) and the unedited image pasted back outside the free cells
 #: (:meth:`~ldm_scene.intervention_methods.KeepBackground.paste_back`); the same 40 trials re-swept
-#: (sweep.md, the paste-back on in every row): 88% at 25.6 dB, 0.7 px; the harmonic fill with 2
+#: (sweep.md, the paste-back on in every row): 88% at 25.5 dB, 0.8 px; the harmonic fill with 2
 #: cells freed 88% at 23.3 dB; harmonic with 1, 88% at 24.4 dB; rows with 2, 85% at 24.7 dB; no
 #: correction 88% at 1.9 px; correcting 2 steps after 82% at 1.1 px.
 _MOVE_DEFAULTS = MethodDefaults("none", 0.6, 1.0, single_step=True)
