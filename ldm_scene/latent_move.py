@@ -276,6 +276,8 @@ def carry(latent: torch.Tensor, x0: torch.Tensor, mask: np.ndarray, displacement
     size; grown by ``dilate`` cells) cut out of x0, the hole filled (``fill``, a name in
     :data:`FILLS`), and the content (x0 and its noise) scaled by ``scale`` about ``centroid`` and
     moved by ``displacement`` (pixels)."""
+    if fill not in FILLS:  # an editor's fill set after construction skips its own check
+        raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
     h, w = latent.shape[-2:]
     cell_x, cell_y = mask.shape[1] / w, mask.shape[0] / h
     dx, dy = displacement[0] / cell_x, displacement[1] / cell_y

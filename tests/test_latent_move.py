@@ -120,6 +120,8 @@ def test_carry_fills_the_old_place_with_the_named_fill():
         assert torch.allclose((out - noise)[..., 3:6, 2:5], fn(x0, hole)[..., 3:6, 2:5], atol=1e-4)
     with pytest.raises(ValueError, match="fill"):
         LatentMoveEditor(mask, np.roll(mask, 8, axis=1), at=3, fill="nearest")
+    with pytest.raises(ValueError, match="fill must be one of"):
+        carry(x0 + noise, x0, mask, (32.0, 0.0), 1.0, (14.0, 18.0), fill="nearest")
 
 
 def _scene(h=16, w=16):
