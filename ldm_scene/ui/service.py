@@ -48,7 +48,6 @@ from .views import Comparison, InterventionView, Run, StepView, centroid  # noqa
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "examples"
-#: The site choice that reads, at each step, the site that scored best at that step (metrics.json).
 #: The UI's limits (the library allows more; a public app should not run 200 steps per click).
 MAX_UI_STEPS = 50
 

@@ -13,6 +13,7 @@ from ..readout import SiteChoice
 from .inputs import ServiceError
 from .probe_set import best_per_step, group_test_dice, shipped_emergence, task_metrics
 
+#: The site choice that reads, at each step, the site that scored best at that step (metrics.json).
 BEST_PER_STEP = "best site at each step"
 
 
