@@ -127,6 +127,12 @@ def row_fill(x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
 FILLS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"rows": row_fill, "harmonic": harmonic_fill}
 
 
+def check_fill(fill: str) -> None:
+    """Refuse a fill that is not one of :data:`FILLS` by name."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
+
+
 #: The most ``fit`` scales the object by (and 1 / it, the least).
 MAX_FIT_SCALE = 2.0
 
@@ -202,8 +208,7 @@ class LatentMoveEditor:
             raise ValueError(f"the object's mask is {source.shape} and the target {target.shape}: they must match")
         if self.vacated_margin < 0:
             raise ValueError(f"vacated_margin must be >= 0, got {self.vacated_margin}")
-        if self.fill not in FILLS:
-            raise ValueError(f"fill must be one of {sorted(FILLS)}, got {self.fill!r}")
+        check_fill(self.fill)
         if self.correct_after < 1:
             raise ValueError(f"correct_after must be >= 1 step, got {self.correct_after}")
         self.source, self.target = source, target
@@ -276,8 +281,7 @@ def carry(latent: torch.Tensor, x0: torch.Tensor, mask: np.ndarray, displacement
     size; grown by ``dilate`` cells) cut out of x0, the hole filled (``fill``, a name in
     :data:`FILLS`), and the content (x0 and its noise) scaled by ``scale`` about ``centroid`` and
     moved by ``displacement`` (pixels)."""
-    if fill not in FILLS:  # an editor's fill set after construction skips its own check
-        raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
+    check_fill(fill)  # again: an editor's fill set after construction skipped its own check
     h, w = latent.shape[-2:]
     cell_x, cell_y = mask.shape[1] / w, mask.shape[0] / h
     dx, dy = displacement[0] / cell_x, displacement[1] / cell_y
