@@ -308,7 +308,7 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
     rows = [done[TRIAL_SEED0 + i] for i in range(n)]
     summary = summarise(rows, methods)
     summary.update(scheduler=world.model.scheduler_name, steps=steps, guidance=run["guidance"],
-                   defaults={m: vars(METHOD_DEFAULTS[m]) for m in methods}, keep_background=keep, paste_back=keep,
+                   defaults=run["defaults"], keep_background=keep, paste_back=keep,
                    keep_margin=KEEP_MARGIN if keep else None, **_move_settings(rows, methods))
     (out / "intervention.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
     (out / "README.md").write_text(render_table(summary))
