@@ -259,6 +259,7 @@ def test_a_group_that_does_not_match_the_foreground_bank_is_left_out_with_a_note
         "only steps": _with_training(group, steps=(1, 2)),  # a probe for some steps would leave others blank
         "labeler": _with_training(group, labeler="another labeler"),  # left behind when the probes were refit
         "seeds": _with_training(group, seeds={"first": 5, "count": 10}),
+        "n train": _with_training(group, n_train=672),  # the same images split otherwise (--train-fraction)
         "foreground.safetensors": group,  # no foreground bank beside it
     }
     for needle, probe in cases.items():

@@ -69,8 +69,9 @@ def shipped_emergence(metrics: Mapping[str, Any]) -> dict[str, tuple[str, list[f
 
 
 #: What a group probe and the foreground bank beside it must share to be read as one probe set: the
-#: images (first seed and count), the labels and the guidance schedule they were fit under.
-_SHARED_FIT = ("seeds", "labeler", "guidance_schedule")
+#: images (first seed and count) and how they were split (training and validation counts), the labels
+#: and the guidance schedule they were fit under.
+_SHARED_FIT = ("seeds", "n_train", "n_val", "labeler", "guidance_schedule")
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -81,8 +82,8 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 def group_mismatch(group: GroupProbe, bank: ProbeBank | None) -> str | None:
     """Why ``group`` should not be read beside the foreground ``bank`` (None when it may): no bank,
-    another schedule length, steps the bank reads that the group does not, or a fit on other images,
-    labels or guidance (a group file left behind when the probes were fit again)."""
+    another schedule length, steps the bank reads that the group does not, or a fit on other images
+    (or another split of them), labels or guidance (a group file left behind when the probes were fit again)."""
     if bank is None:
         return "it needs foreground.safetensors beside it"
     if bank.meta.num_steps != group.meta.num_steps:
