@@ -341,6 +341,10 @@ def test_two_trials_write_json_table_and_figure_and_resume(tmp_path):
     header, log = tmp_path / "move" / "run.json", tmp_path / "move" / "trials.jsonl"
     run = json.loads(header.read_text())
     assert run["move_defaults"]["fill"] == "rows" and run["move_defaults"]["vacated_margin"] == LatentMoveEditor.vacated_margin
+    # so are the margins kept around the free regions and the paste-back's ramp, set outside the editors
+    from ldm_scene.intervention import KEEP_MARGIN, MOVE_KEEP_MARGIN
+
+    assert (run["keep_margin"], run["move_keep_margin"], run["paste_back_feather"]) == (KEEP_MARGIN, MOVE_KEEP_MARGIN, None)
     marker = json.dumps({"seed": TRIAL_SEED0 + 1, "skipped": "a trial kept from before"})
     log.write_text(log.read_text() + marker + "\n")
     run_trials(TOY_MODEL_DIR, 2, tmp_path / "move", methods=("latent-move",))  # same settings: both trials reused
@@ -428,3 +432,22 @@ def test_sweep_table_names_the_step_a_move_happens_after():
     lines = [x for x in render_sweep(rows, steps=15).splitlines() if x.startswith("| latent-move")]
     assert lines[0].startswith("| latent-move * | none | after step 9 | 1 |")
     assert lines[1].startswith("| latent-move | none | after step 3 | 1 |")
+
+
+def test_a_settings_option_goes_through_the_editors_own_checks(banks):
+    """A sweep row's options build the editor anew: a bad one is refused when the editor is built, not
+    when the move is made, and a good one keeps the rest of the editor (its masks, its step)."""
+    from ldm_scene.toy.intervention_eval import Setting, build_editor
+
+    source, target = _box(), _disc(cx=44.0, cy=40.0)
+    plain = build_editor(Setting("latent-move", "none"), banks, target, STEPS, 0, source)
+    harmonic = build_editor(Setting("latent-move", "none", options=(("fill", "harmonic"),)), banks, target, STEPS, 0, source)
+    assert (plain.fill, harmonic.fill) == ("rows", "harmonic")
+    assert harmonic.at == plain.at and harmonic.displacement == plain.displacement
+    assert np.array_equal(harmonic.source, source) and np.array_equal(harmonic.target, target)
+    with pytest.raises(ValueError, match="fill"):
+        build_editor(Setting("latent-move", "none", options=(("fill", "smear"),)), banks, target, STEPS, 0, source)
+    with pytest.raises(ValueError, match="vacated_margin"):
+        build_editor(Setting("latent-move", "none", options=(("vacated_margin", -1),)), banks, target, STEPS, 0, source)
+    with pytest.raises(ValueError, match="no setting 'colour'"):
+        build_editor(Setting("latent-move", "none", options=(("colour", 1),)), banks, target, STEPS, 0, source)

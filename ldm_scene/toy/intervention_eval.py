@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from .. import bundle, metrics
 from ..intervention import (
-    KEEP_MARGIN, METHOD_DEFAULTS, NEEDS_SOURCE, keep_background, labeler_locator,
+    KEEP_MARGIN, METHOD_DEFAULTS, MOVE_KEEP_MARGIN, NEEDS_SOURCE, keep_background, labeler_locator,
     load_intervention_banks, make_editor, mask_image,
 )
-from ..intervention_methods import guided_sample
+from ..intervention_methods import KeepBackground, guided_sample
 from ..latent_move import LatentMoveEditor
 from ..intervention_targets import (  # noqa: F401  (re-exported: the evaluation's targets)
     DRAWN_AREA, MIN_SHIFT, NUDGE_FRACTION, SCALE_RANGE, TARGET_KINDS, bounding_box, drawn_target, ellipse_mask,
@@ -209,9 +209,13 @@ def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, 
                 break
     if setting.outside is not None and hasattr(editor, "outside"):
         editor.outside = setting.outside
-    for name, value in setting.options:
+    options = dict(setting.options)
+    for name in options:
         if not hasattr(editor, name):
             raise ValueError(f"{setting.method} has no setting {name!r}")
+    if options and is_dataclass(editor):
+        return replace(editor, **options)  # built anew, so the editor's own checks see the options
+    for name, value in options.items():
         setattr(editor, name, value)
     return editor
 
@@ -283,7 +287,8 @@ def run_trials(model_dir: Path, n: int, out: Path, methods: Sequence[str] = EVAL
            "seed0": TRIAL_SEED0, "keep_background": keep,
            "guidance": config_for(world.model, "a", 0, steps).guidance_text,
            "defaults": {m: vars(METHOD_DEFAULTS[m]) for m in methods},
-           "move_defaults": editor_defaults(LatentMoveEditor)}
+           "move_defaults": editor_defaults(LatentMoveEditor), "keep_margin": KEEP_MARGIN,
+           "move_keep_margin": MOVE_KEEP_MARGIN, "paste_back_feather": KeepBackground.feather}
     log, header = out / "trials.jsonl", out / "run.json"
     done: dict[int, dict] = {}
     if resume and log.exists() and header.exists() and json.loads(header.read_text()) == run:
