@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -202,22 +202,21 @@ def build_editor(setting: Setting, banks: dict, target: np.ndarray, steps: int, 
         bank = next(iter(banks.values()))
         sites = tuple(s for s in sites if s in bank.meta.sites)
     editor = make_editor(setting.method, banks, target, sites, edit_steps, 1.0, seed, source, locate)
+    overrides: dict[str, Any] = {}
     if setting.gain is not None:
-        for attr in ("strength", "gain", "iterations"):  # steer, readout-guidance, probe-gradient
-            if hasattr(editor, attr):
-                setattr(editor, attr, type(getattr(editor, attr))(setting.gain))
-                break
+        # steer and latent-move, readout-guidance, probe-gradient
+        attr = next((a for a in ("strength", "gain", "iterations") if hasattr(editor, a)), None)
+        if attr is not None:
+            overrides[attr] = type(getattr(editor, attr))(setting.gain)
     if setting.outside is not None and hasattr(editor, "outside"):
-        editor.outside = setting.outside
-    options = dict(setting.options)
-    for name in options:
+        overrides["outside"] = setting.outside
+    for name, value in setting.options:
         if not hasattr(editor, name):
             raise ValueError(f"{setting.method} has no setting {name!r}")
-    if options and is_dataclass(editor):
-        return replace(editor, **options)  # built anew, so the editor's own checks see the options
-    for name, value in options.items():
-        setattr(editor, name, value)
-    return editor
+        overrides[name] = value
+    # Every editor is a dataclass: built anew, its own checks and what it derives (a move's
+    # displacement from its strength) see the setting.
+    return replace(editor, **overrides) if overrides else editor
 
 
 class _World:
